@@ -1,0 +1,68 @@
+"""ggml's own quantizers through ctypes, as the reference for tests and benchmarks.
+
+Loads ``libggml-base`` from the installed llama-cpp-python (which bundles the
+llama.cpp we compare against) and calls ``ggml_quantize_chunk``. Not used by the
+converter itself.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from . import row_nbytes
+
+
+def _lib_dir() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llama-cpp-python is not installed; the ggml reference needs its shared libraries")
+    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    d = _lib_dir()
+    cands = sorted(glob.glob(os.path.join(d, "libggml-base.*"))) or sorted(glob.glob(os.path.join(d, "libggml.*")))
+    if not cands:
+        raise RuntimeError(f"no libggml-base in {d}")
+    lib = ctypes.CDLL(cands[0], mode=ctypes.RTLD_GLOBAL)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    try:
+        _lib()
+        return True
+    except (RuntimeError, OSError):
+        return False
+
+
+def quantize(qtype: GGMLQuantizationType, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
+    """ggml_quantize_chunk over float32 rows [n, k] -> uint8 [n, row_nbytes]."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, k = rows.shape
+    out = np.empty((n, row_nbytes(qtype, k)), dtype=np.uint8)
+    imp = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        assert imatrix.shape == (k,)
+        imp = imatrix.ctypes.data
+    lib = _lib()
+    lib.ggml_quantize_init(int(qtype))
+    written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n, k, imp)
+    assert written == out.nbytes, (written, out.nbytes)
+    return out
