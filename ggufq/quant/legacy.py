@@ -9,18 +9,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
+from .common import fp16_bytes, roundf
 
 QK8_0 = 32
-
-
-def roundf(x: np.ndarray) -> np.ndarray:
-    """C's roundf: halves away from zero (np.round rounds halves to even)."""
-    return np.copysign(np.floor(np.abs(x) + np.float32(0.5)), x)
-
-
-def fp16_bytes(d: np.ndarray) -> np.ndarray:
-    """float32 [n] -> uint8 [n, 2] little-endian fp16."""
-    return d.astype(np.float16).reshape(-1, 1).view(np.uint8)
 
 
 @register(T.Q8_0)
@@ -32,7 +23,6 @@ def encode_q8_0(rows: np.ndarray, imatrix=None) -> np.ndarray:
     d = amax / np.float32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    # a - floor(a) then floor(2*frac) is how gguf-py reproduces roundf exactly; same result as roundf here
     q = roundf(blocks * inv[:, None]).astype(np.int8)
     out = np.empty((blocks.shape[0], 2 + QK8_0), dtype=np.uint8)
     out[:, :2] = fp16_bytes(d)
