@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Optional
 
 import gguf
+from gguf import GGMLQuantizationType as T
 
 from . import GgufqError, arch as archs, plan as plans, vocab as vocabs
+from .imatrix import load as load_imatrix
 from .source import Model, open_model
 from .write import Job, write_gguf
+
+
+UNQUANTIZED = (T.F32, T.F16, T.BF16)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Result:
 def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftype: str = "F16", *,
             jobs: int = 1, force: bool = False, progress: bool = True, name: Optional[str] = None,
             split_max_tensors: int = 0, split_max_size: int = 0,
+            imatrix: Optional[os.PathLike | str] = None,
             plan_kw: Optional[dict] = None) -> Result:
     t0 = time.monotonic()
     p = prepare(model_dir)
@@ -106,6 +112,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     path = resolve_output(p, plan, out, name)
     if path.exists() and not force:
         raise GgufqError(f"{path} exists; pass --force to overwrite")
+    im = load_imatrix(imatrix) if imatrix is not None else None
     vocab = vocabs.load(p.model.path, p.model.config)
     md = metadata_for(p, name)
     by_name = {e.name: e for e in plan.entries}
@@ -117,9 +124,16 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         w.add_file_type(int(plan.file_type))
         p.arch.write_arch_extras(w)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if im is not None:
+            for key, val in im.metadata():
+                (w.add_string if isinstance(val, str) else w.add_int32)(key, val)
         vocab.write(w)
 
-    job_list = [Job(t, by_name[t.name].qtype) for t in p.tensors]
+    job_list = []
+    for t in p.tensors:
+        qtype = by_name[t.name].qtype
+        weights = im.for_tensor(t.name, t.row_len) if im is not None and qtype not in UNQUANTIZED else None
+        job_list.append(Job(t, qtype, weights))
     with p.model:
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, n_jobs=jobs, force=force,
                            split_max_tensors=split_max_tensors, split_max_size=split_max_size,

@@ -24,10 +24,12 @@ def _default_jobs() -> int:
               help="Target type or preset: F32, F16, BF16, Q8_0.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Encoder processes (default: all cores).")
+@click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="llama.cpp importance matrix (GGUF imatrix or legacy .dat) for the weighted quantizers.")
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, jobs, name, force, quiet):
+def command(model_dir, out, ftype, jobs, imatrix, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
@@ -37,7 +39,7 @@ def command(model_dir, out, ftype, jobs, name, force, quiet):
 
     progress = not quiet and sys.stderr.isatty()
     res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
-                  progress=progress, name=name)
+                  progress=progress, name=name, imatrix=imatrix)
     if not quiet:
         where = ", ".join(str(p) for p in res.paths)
         click.echo(f"wrote {where}: {fmt_bytes(res.nbytes)}, {res.plan.bits_per_weight:.4f} bits/weight, "
