@@ -60,3 +60,22 @@ def load(model_dir: Path, config: dict) -> Vocab:
         from . import bpe
         return bpe.load(model_dir, vocab_size)
     raise GgufqError(f"{model_dir}: no tokenizer.model or tokenizer.json")
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens that llama.cpp's converter marks CONTROL even when not flagged special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def read_json(path: Path) -> Optional[dict]:
+    import json
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise GgufqError(f"{path}: not valid JSON ({e})") from None
