@@ -43,10 +43,12 @@ def _default_jobs() -> int:
               help="Split into shards of at most SIZE of tensor data (e.g. 2G), as llama-gguf-split.")
 @click.option("--split-max-tensors", type=click.IntRange(min=1), default=None, metavar="N",
               help="Split into shards of at most N tensors.")
+@click.option("--vocab-pre", default=None, metavar="NAME",
+              help="Override llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for an unrecognised BPE tokenizer.")
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tensors, name, force, quiet):
+def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
@@ -56,7 +58,7 @@ def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tens
 
     progress = not quiet and sys.stderr.isatty()
     res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
-                  progress=progress, name=name, imatrix=imatrix,
+                  progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre,
                   split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   split_max_tensors=split_max_tensors or 0)
     if not quiet:
