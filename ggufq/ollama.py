@@ -337,16 +337,21 @@ def _quote_param(text: str) -> Optional[str]:
     return _quote_block(text)
 
 
-def modelfile(gguf_name: str, chat_template: Optional[str], *, bos: str = "", eos: str = "",
+def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: str = "",
               add_bos: bool = True, eos_texts: Sequence[str] = (), license_text: Optional[str] = None,
               header: Optional[str] = None) -> tuple[str, list[str]]:
-    """(Modelfile text, notes). ``eos_texts``: texts of every end-of-generation token
-    (``eos`` and the generation_config's eos ids)."""
+    """(Modelfile text, notes). ``gguf_name``: the file name relative to the Modelfile, or the
+    list of a split's shards (one FROM line each: ``ollama create`` sends every FROM file and
+    joins llama.cpp split shards itself, server/create.go). ``eos_texts``: texts of every
+    end-of-generation token (``eos`` and the generation_config's eos ids)."""
     notes: list[str] = []
     lines = []
     if header:
         lines += [f"# {h}" if h else "#" for h in header.splitlines()]
-    lines.append(f"FROM ./{gguf_name}")
+    names = [gguf_name] if isinstance(gguf_name, (str, Path)) else list(gguf_name)
+    for n in names:
+        n = str(n)
+        lines.append(f"FROM {n if Path(n).is_absolute() else './' + n}")
     match = recognise(chat_template, bos, eos, add_bos)
     stops = []
     if match is None:
@@ -440,31 +445,97 @@ class GgufInfo:
     tokens: list = field(default_factory=list)
 
 
+_ADD_BOS_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _read_header(path: Path, keep: Iterable[str]) -> tuple[dict, list[int]]:
+    """The GGUF key/values named in ``keep`` and the tensor type ids, reading only the header.
+
+    (gguf.GGUFReader builds Python objects for every array element -- seconds for a 50k
+    vocabulary with merges; this walks the header once and keeps only what is asked for.)
+    """
+    import mmap
+    import struct
+
+    keep = set(keep)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old")
+        pos = 24
+
+        def string():
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", mm, pos)
+            b = mm[pos + 8:pos + 8 + n]
+            pos += 8 + n
+            return b.decode("utf-8", errors="replace")
+
+        def value(vtype, want):
+            nonlocal pos
+            if vtype in _SCALAR:
+                fmt = _SCALAR[vtype]
+                (v,) = struct.unpack_from(fmt, mm, pos)
+                pos += struct.calcsize(fmt)
+                return v
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, n = struct.unpack_from("<IQ", mm, pos)
+                pos += 12
+                if etype in _SCALAR and not want:
+                    pos += n * struct.calcsize(_SCALAR[etype])
+                    return None
+                items = [value(etype, want) for _ in range(n)]
+                return items if want else None
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        kv = {}
+        for _ in range(n_kv):
+            key = string()
+            (vtype,) = struct.unpack_from("<I", mm, pos)
+            pos += 4
+            v = value(vtype, key in keep)
+            if key in keep:
+                kv[key] = v
+        types = []
+        for _ in range(n_tensors):
+            string()
+            (n_dims,) = struct.unpack_from("<I", mm, pos)
+            pos += 4 + 8 * n_dims
+            (ttype,) = struct.unpack_from("<I", mm, pos)
+            pos += 4 + 8
+            types.append(ttype)
+    return kv, types
+
+
+_KEYS = ("general.architecture", "tokenizer.chat_template", "tokenizer.ggml.tokens", "tokenizer.ggml.model",
+         "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id",
+         "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
 def read_gguf(paths: Sequence[Path]) -> GgufInfo:
     """Architecture, tensor types and chat metadata from a GGUF (all shards of a split)."""
-    import gguf
-
-    def field_value(r, key, default=None):
-        f = r.fields.get(key)
-        return default if f is None else f.contents()
-
-    r0 = gguf.GGUFReader(str(paths[0]))
-    info = GgufInfo(arch=field_value(r0, "general.architecture", ""))
-    info.chat_template = field_value(r0, "tokenizer.chat_template")
-    tokens = field_value(r0, "tokenizer.ggml.tokens", []) or []
-    info.tokens = tokens
-    bos_id = field_value(r0, "tokenizer.ggml.bos_token_id")
-    eos_id = field_value(r0, "tokenizer.ggml.eos_token_id")
-    eot_id = field_value(r0, "tokenizer.ggml.eot_token_id")
-    eom_id = field_value(r0, "tokenizer.ggml.eom_token_id")
-    info.add_bos = bool(field_value(r0, "tokenizer.ggml.add_bos_token", False))
+    kv, types = _read_header(paths[0], _KEYS)
+    for p in paths[1:]:
+        types += _read_header(p, ())[1]
+    tokens = kv.get("tokenizer.ggml.tokens") or []
+    info = GgufInfo(arch=kv.get("general.architecture", ""), chat_template=kv.get("tokenizer.chat_template"),
+                    tokens=tokens, tensor_types={_type_name(t) for t in set(types)})
+    add_bos = kv.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:      # llama.cpp's default (llama-vocab.cpp): SentencePiece and Llama-3-style BPE add BOS
+        add_bos = kv.get("tokenizer.ggml.model") == "llama" or kv.get("tokenizer.ggml.pre") in _ADD_BOS_PRE
+    info.add_bos = bool(add_bos)
     text = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else ""
-    info.bos = text(bos_id)
-    info.eos = text(eos_id)
-    info.eos_ids = [i for i in (eos_id, eot_id, eom_id) if i is not None]
-    for p in paths:
-        r = r0 if p == paths[0] else gguf.GGUFReader(str(p))
-        info.tensor_types |= {t.tensor_type.name for t in r.tensors}
+    info.bos = text(kv.get("tokenizer.ggml.bos_token_id"))
+    info.eos = text(kv.get("tokenizer.ggml.eos_token_id"))
+    info.eos_ids = [kv[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                    "tokenizer.ggml.eom_token_id") if kv.get(k) is not None]
     return info
 
 
@@ -489,7 +560,7 @@ def modelfile_path_for(gguf_path: Path) -> Path:
 def write_modelfile(out_gguf_path, model_dir: Path, modelfile_path: Optional[Path] = None) -> list[str]:
     """Write an Ollama Modelfile for a converted GGUF; returns notes and warnings for the user.
 
-    ``out_gguf_path``: the written file, or the list of a split's shards (FROM names the first).
+    ``out_gguf_path``: the written file, or the list of a split's shards (one FROM line each).
     Chat template, BOS/EOS texts, architecture and tensor types are read back from the GGUF,
     the licence and generation_config.json eos ids from ``model_dir``.
     """
@@ -500,13 +571,12 @@ def write_modelfile(out_gguf_path, model_dir: Path, modelfile_path: Optional[Pat
     eos_ids = info.eos_ids + _generation_eos_ids(model_dir)
     eos_texts = [info.tokens[i] for i in eos_ids if 0 <= i < len(info.tokens)]
     target = Path(modelfile_path) if modelfile_path else modelfile_path_for(paths[0])
-    rel = paths[0].name if target.parent.resolve() == paths[0].parent.resolve() else str(paths[0].resolve())
+    here = target.parent.resolve()
+    names = [p.name if p.parent.resolve() == here else str(p.resolve()) for p in paths]
     header = (f"Ollama Modelfile written by ggufq {__version__} for {paths[0].name}\n"
               f"ollama create NAME -f {target.name}")
-    text, notes = modelfile(rel, info.chat_template, bos=info.bos, eos=info.eos, add_bos=info.add_bos,
+    text, notes = modelfile(names, info.chat_template, bos=info.bos, eos=info.eos, add_bos=info.add_bos,
                             eos_texts=eos_texts, license_text=license_text(model_dir), header=header)
-    if not (target.parent.resolve() == paths[0].parent.resolve()):
-        text = text.replace(f"FROM ./{rel}", f"FROM {rel}")
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)

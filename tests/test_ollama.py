@@ -167,11 +167,18 @@ def test_trimming_templates_are_noted(name, trims):
     assert any("strips whitespace" in n for n in notes) == trims
 
 
-def test_real_smollm2_gguf_template_is_the_fixture():
+def test_real_smollm2_gguf_template_is_the_fixture_and_header_reads():
     if not SMOL_GGUF.is_file():
         pytest.skip(f"{SMOL_GGUF} absent")
     r = gguf.GGUFReader(str(SMOL_GGUF))
     assert r.fields["tokenizer.chat_template"].contents() == template("smollm2-135m-instruct")
+    # ggufq.ollama's own header reader agrees with gguf-py's
+    info = ollama.read_gguf([SMOL_GGUF])
+    assert info.chat_template == template("smollm2-135m-instruct")
+    assert info.arch == r.fields["general.architecture"].contents()
+    assert info.tensor_types == {t.tensor_type.name for t in r.tensors} == {"F32", "Q4_1", "Q8_0"}
+    assert info.tokens == r.fields["tokenizer.ggml.tokens"].contents()
+    assert (info.bos, info.eos, info.add_bos, info.eos_ids) == ("<|im_start|>", "<|im_end|>", False, [2])
 
 
 # ---------------------------------------------------------------- what Ollama loads
@@ -236,3 +243,96 @@ def test_write_modelfile_real_gguf(tmp_path):
     assert cmds["system"] == ["You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
     assert cmds["stop"] == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]   # eos ids 2 and 0
     assert cmds["license"] == ["apache-2.0"]
+
+
+def test_write_modelfile_split_conversion(tmp_path, tiny):
+    """A real split conversion of the tiny model (no chat template): one FROM per shard."""
+    from conftest import run_cli
+    out = tmp_path / "tiny-F16.gguf"
+    r = run_cli("convert", tiny, "-o", out, "--type", "F16", "--split-max-tensors", "30", "-q")
+    assert r.returncode == 0, r.stderr
+    shards = sorted(tmp_path.glob("tiny-F16-*-of-*.gguf"))
+    assert len(shards) >= 2
+    notes = ollama.write_modelfile(shards, tiny)
+    mf = tmp_path / "tiny-F16.Modelfile"
+    assert notes[0] == f"wrote {mf}"
+    assert any("no chat template" in n for n in notes)
+    assert not any(n.startswith("Ollama:") for n in notes), notes
+    cmds = commands(mf.read_text())
+    assert cmds["model"] == [f"./{p.name}" for p in shards]
+    assert "template" not in cmds and "system" not in cmds
+    info = ollama.read_gguf(shards)
+    assert info.tensor_types == {"F16", "F32"}
+    assert cmds["stop"] == [info.eos] and info.eos == "</s>"
+
+
+# ---------------------------------------------------------------- the real text/template, where Go is installed
+
+_GO_RENDER = r"""
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type job struct {
+	Template string         `json:"template"`
+	Data     map[string]any `json:"data"`
+}
+
+func main() {
+	var jobs []job
+	if err := json.NewDecoder(os.Stdin).Decode(&jobs); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, j := range jobs {
+		// as Ollama's template.Parse: missingkey=zero
+		t := template.Must(template.New("").Option("missingkey=zero").Parse(j.Template))
+		var b strings.Builder
+		if err := t.Execute(&b, j.Data); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+def test_go_text_template_agrees(tmp_path):
+    """Go's own text/template renders our TEMPLATEs exactly as tests/gotmpl.py and the Jinja do."""
+    import json
+    import shutil
+    import subprocess
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain (apt-get install golang-go) to run text/template")
+    convs = [SYSTEM_TWO_TURNS, SYSTEM_TWO_TURNS[1:], SYSTEM_TWO_TURNS[1:2],
+             SYSTEM_TWO_TURNS + [{"role": "assistant", "content": "Rome."}, {"role": "user", "content": "Thanks"}]]
+    jobs, wants = [], []
+    for name, (bos, eos, add_bos, family, _) in MODELS.items():
+        if family is None:
+            continue
+        cmds = commands(build(name)[0])
+        system = cmds.get("system", [None])[0]
+        for msgs in convs:
+            if name.startswith("mistral-7b") and msgs[0]["role"] == "system":
+                continue
+            data = ollama_values(msgs, system)
+            jobs.append({"template": cmds["template"][0], "data": data})
+            wants.append((gotmpl.render(cmds["template"][0], data),
+                          ollama.prompt_after_bos(template(name), msgs, bos, eos, add_bos)))
+    src = tmp_path / "render.go"
+    src.write_text(_GO_RENDER)
+    env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GO111MODULE="off", GOFLAGS="")
+    r = subprocess.run([go, "run", str(src)], input=json.dumps(jobs), capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert len(got) == len(wants) > 10
+    for g, (mine, jinja) in zip(got, wants):
+        assert g == mine == jinja
