@@ -394,7 +394,8 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
         else:
             lines.append(f"PARAMETER stop {q}")
     if license_text:
-        q = _quote_block(license_text.strip("\n"))
+        lic = license_text.strip("\n")
+        q = _quote_block(lic + "\n" if lic.endswith('"') else lic)   # a closing quote would merge with """
         if q is None:
             notes.append("the licence text cannot be quoted in a Modelfile: no LICENSE written")
         else:

@@ -336,3 +336,17 @@ def test_go_text_template_agrees(tmp_path):
     assert len(got) == len(wants) > 10
     for g, (mine, jinja) in zip(got, wants):
         assert g == mine == jinja
+
+
+def test_quoting_round_trips_through_ollamas_parser():
+    lic = 'MIT License\n\n  "Software" is "AS IS".\n# not a comment\n\tTabbed "quote"'
+    text, notes = ollama.modelfile("a b.gguf", template("smollm2-135m-instruct"), bos="<|im_start|>",
+                                   eos="<|im_end|>", add_bos=False, eos_texts=["<|im_end|>", 'say "stop" now', 'ends "q"'],
+                                   license_text=lic)
+    cmds = commands(text)
+    assert cmds["model"] == ["./a b.gguf"]
+    assert cmds["license"] == [lic + "\n"]
+    assert cmds["stop"] == ["<|im_start|>", "<|im_end|>", 'say "stop" now']
+    assert any("""stop 'ends "q"' cannot be quoted""" in n for n in notes)
+    text, notes = ollama.modelfile("x.gguf", None, license_text='has """ inside')
+    assert "license" not in commands(text) and any("cannot be quoted" in n for n in notes)
