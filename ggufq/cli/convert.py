@@ -45,10 +45,12 @@ def _default_jobs() -> int:
               help="Split into shards of at most N tensors.")
 @click.option("--vocab-pre", default=None, metavar="NAME",
               help="Override llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for an unrecognised BPE tokenizer.")
+@click.option("--ollama", is_flag=True,
+              help="Also write an Ollama Modelfile (chat TEMPLATE, stop tokens, SYSTEM, LICENSE) next to the GGUF.")
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, name, force, quiet):
+def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
@@ -61,7 +63,13 @@ def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tens
                   progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre,
                   split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   split_max_tensors=split_max_tensors or 0)
+    notes = []
+    if ollama:
+        from ..ollama import write_modelfile
+        notes = write_modelfile(res.paths if len(res.paths) > 1 else res.paths[0], model_dir)
     if not quiet:
+        for line in notes:
+            click.echo(line, err=True)
         where = ", ".join(str(p) for p in res.paths)
         click.echo(f"wrote {where}: {fmt_bytes(res.nbytes)}, {res.plan.bits_per_weight:.4f} bits/weight, "
                    f"{res.plan.ftype}, {len(res.plan.entries)} tensors in {fmt_secs(res.seconds)}", err=True)
