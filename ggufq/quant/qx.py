@@ -1,0 +1,316 @@
+"""ggml's symmetric scale searches, vectorised over many groups at once.
+
+NumPy counterparts of ``make_qx_quants``, ``make_qp_quants`` and
+``make_q3_quants`` in ggml-quants.c. Every function takes ``x`` as float32
+``[n_groups, group_size]`` (plus optional weights of the same shape) and returns
+``(scale float32 [n_groups], L [n_groups, group_size])`` with the codes exactly
+as the C function leaves them in its ``L`` buffer.
+
+Precision: arithmetic is float32 in the same operation order as the C code
+(ggml-base is built without FMA contraction), and sums run sequentially over
+the group: internally groups are laid out ``[group_size, n]`` so that NumPy's
+reduction over axis 0 adds element after element, exactly like the C loop.
+Groups are processed in chunks so that the working set stays in cache.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+_MAGIC = F32(12582912.0)
+# groups per internal chunk: [16, 16384] float32 = 1 MiB per temporary
+CHUNK_GROUPS = 16384
+
+
+def nearest_int_exact(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int bit for bit (the 12582912.f trick), int32.
+
+    Equals round-half-to-even for |v| <= 4194303 and reproduces C's wrapped
+    result beyond that (ggml builds without asserts), where an unbounded ratio
+    such as ``x*sl2/slx`` can land.
+    """
+    s = (np.asarray(v, dtype=F32) + _MAGIC).view(np.int32)
+    return (s & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0, element after element (C's ``for`` loop order)."""
+    return np.add.reduce(a, axis=0)
+
+
+def _chunked(fn, arrays, n_groups):
+    """Run ``fn`` on transposed chunks [group_size, c] and stitch (scale, L)."""
+    out_s = np.empty(n_groups, dtype=F32)
+    out_l = None
+    for lo in range(0, n_groups, CHUNK_GROUPS):
+        hi = min(lo + CHUNK_GROUPS, n_groups)
+        parts = [None if a is None else np.ascontiguousarray(a[lo:hi].T, dtype=F32) for a in arrays]
+        s, LT = fn(*parts)
+        if out_l is None:
+            out_l = np.empty((n_groups, LT.shape[0]), dtype=LT.dtype)
+        out_s[lo:hi] = s
+        out_l[lo:hi] = LT.T
+    if out_l is None:
+        out_l = np.empty((0, arrays[0].shape[1]), dtype=np.int8)
+    return out_s, out_l
+
+
+def _check(x, w):
+    x = np.asarray(x, dtype=F32)
+    if x.ndim != 2:
+        raise ValueError(f"groups must be 2-D [n_groups, group_size], got {x.shape}")
+    if w is not None:
+        w = np.asarray(w, dtype=F32)
+        if w.shape != x.shape:
+            w = np.broadcast_to(w, x.shape)
+    return x, w
+
+
+def _absmax_signed(xT: np.ndarray):
+    """(amax, signed value of the first element with the largest |x|) per column."""
+    ax = np.abs(xT)
+    idx = np.argmax(ax, axis=0)
+    cols = np.arange(xT.shape[1])
+    return ax[idx, cols], xT[idx, cols]
+
+
+# ---------------------------------------------------------------- make_qx_quants
+
+def _rmse_weights(xT: np.ndarray, rmse_type: int) -> np.ndarray:
+    if rmse_type == 1:
+        return xT * xT
+    if rmse_type == 2:
+        return np.ones_like(xT)
+    if rmse_type == 3:
+        return np.abs(xT)
+    return np.sqrt(np.abs(xT))
+
+
+def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional[np.ndarray] = None):
+    """make_qx_quants on transposed groups ``xT [group_size, n]``; returns (scale [n], L int8 [group_size, n])."""
+    n = xT.shape[1]
+    amax, mx = _absmax_signed(xT)
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    fnmax = F32(nmax)
+    lo, hi = F32(-nmax), F32(nmax - 1)
+    iscale0 = (-fnmax) / mx
+
+    def codes(isc):
+        t = xT * isc
+        np.rint(t, out=t)
+        return np.clip(t, lo, hi, out=t)
+
+    if rmse_type == 0:
+        L = codes(iscale0) + fnmax
+        scale = F32(1) / iscale0
+    else:
+        return_early = rmse_type < 0
+        w = wT if wT is not None else _rmse_weights(xT, abs(rmse_type))
+        wx = w * xT
+
+        def sums(isc):
+            l = codes(isc)
+            slx = _seq_sum(wx * l)
+            l2 = w * l
+            l2 *= l
+            return slx, _seq_sum(l2)
+
+        sumlx, suml2 = sums(iscale0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        if return_early:
+            scale = np.where(suml2 > 0, F32(0.5) * (scale + F32(1) / iscale0), F32(1) / iscale0).astype(F32)
+            best_isc = iscale0
+        else:
+            best = scale * sumlx
+            best_isc = iscale0
+            for i_s in range(-9, 10):
+                if i_s == 0:
+                    continue
+                isc = -(fnmax + F32(0.1) * F32(i_s)) / mx
+                slx, sl2 = sums(isc)
+                upd = (sl2 > 0) & (slx * slx > best * sl2)
+                if upd.any():
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        new_scale = slx / sl2
+                    scale = np.where(upd, new_scale, scale)
+                    best = np.where(upd, new_scale * slx, best)
+                    best_isc = np.where(upd, isc, best_isc)
+        L = codes(best_isc) + fnmax
+    L = L.astype(np.int8)
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L
+
+
+def make_qx_quants(x: np.ndarray, nmax: int, rmse_type: int = 1, qw: Optional[np.ndarray] = None):
+    """ggml's make_qx_quants over groups ``x [n_groups, group_size]``.
+
+    ``qw``: optional weights ``[n_groups, group_size]`` (broadcastable); without
+    them ``rmse_type`` picks the weights (1: x², 2: 1, 3: |x|, else sqrt|x|;
+    0: plain absmax rounding; negative: one refinement step, then return).
+    Returns ``(scale float32 [n_groups], L int8 [n_groups, group_size])`` with
+    ``L = l + nmax`` in ``[0, 2*nmax-1]`` (0 for all-zero groups).
+    """
+    x, qw = _check(x, qw)
+    return _chunked(lambda xt, wt: make_qx_quants_T(xt, nmax, rmse_type, wt), [x, qw], x.shape[0])
+
+
+# ---------------------------------------------------------------- make_q3_quants
+
+def make_q3_quants_T(xT: np.ndarray, nmax: int, do_rmse: bool = True):
+    """make_q3_quants on transposed groups ``xT [group_size, n]``; returns (scale [n], L int8 [group_size, n])."""
+    gs, n = xT.shape
+    amax, mx = _absmax_signed(xT)
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    fnmax = F32(nmax)
+    lo, hi = F32(-nmax), F32(nmax - 1)
+    iscale = (-fnmax) / mx
+    L = xT * iscale
+    np.rint(L, out=L)
+    np.clip(L, lo, hi, out=L)
+    if not do_rmse:
+        scale = F32(1) / iscale
+    else:
+        w = xT * xT
+        wx = w * xT
+        sumlx = _seq_sum(wx * L)
+        l2 = w * L
+        l2 *= L
+        suml2 = _seq_sum(l2)
+        active = np.arange(n)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for _ in range(5):
+                # only groups that changed in the previous pass can change again
+                if active.size == 0:
+                    break
+                if active.size < n:
+                    sub = lambda a: a[:, active]  # noqa: E731
+                else:
+                    sub = lambda a: a  # noqa: E731
+                xa, wa, wxa, La = sub(xT), sub(w), sub(wx), sub(L)
+                sx, s2 = sumlx[active], suml2[active]
+                changed = np.zeros(active.size, dtype=bool)
+                for i in range(gs):
+                    wxi, wi, xi, Li = wxa[i], wa[i], xa[i], La[i]
+                    slx = sx - wxi * Li
+                    sl2 = s2 - (wi * Li) * Li
+                    new_l = np.clip(nearest_int_exact((xi * sl2) / slx), -nmax, nmax - 1).astype(F32)
+                    slx_n = slx + wxi * new_l
+                    sl2_n = sl2 + (wi * new_l) * new_l
+                    acc = (slx > 0) & (new_l != Li) & (sl2_n > 0) & ((slx_n * slx_n) * s2 > (sx * sx) * sl2_n)
+                    if acc.any():
+                        La[i] = np.where(acc, new_l, Li)
+                        sx = np.where(acc, slx_n, sx)
+                        s2 = np.where(acc, sl2_n, s2)
+                        changed |= acc
+                if active.size < n:
+                    L[:, active] = La
+                sumlx[active] = sx
+                suml2[active] = s2
+                active = active[changed]
+            scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = (L + fnmax).astype(np.int8)
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L
+
+
+def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True):
+    """ggml's make_q3_quants over groups ``x [n_groups, group_size]``.
+
+    Returns ``(scale float32 [n_groups], L int8 [n_groups, group_size])``,
+    ``L = l + nmax`` (0 for all-zero groups).
+    """
+    x, _ = _check(x, None)
+    return _chunked(lambda xt: make_q3_quants_T(xt, nmax, do_rmse), [x], x.shape[0])
+
+
+# ---------------------------------------------------------------- make_qp_quants
+
+def make_qp_quants_T(xT: np.ndarray, nmax: int, wT: np.ndarray):
+    """make_qp_quants on transposed groups ``xT [group_size, n]``; returns (scale [n], L uint8 [group_size, n])."""
+    gs, n = xT.shape
+    mx = np.maximum(_seq_max0(xT), F32(0))
+    zero = mx < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    fnmax = F32(nmax)
+    iscale = fnmax / mx
+    # first pass stores nearest_int in a uint8 buffer without clamping
+    L0 = nearest_int_exact(xT * iscale) & 0xFF
+    scale = F32(1) / iscale
+    d = xT - scale * L0.astype(F32)
+    best_mse = _seq_sum((wT * d) * d)
+    for i_s in range(-4, 5):
+        if i_s == 0:
+            continue
+        isc = (F32(0.1) * F32(i_s) + fnmax) / mx
+        sc = F32(1) / isc
+        l = np.minimum(nearest_int_exact(xT * isc), nmax).astype(F32)
+        d = xT - sc * l
+        mse = _seq_sum((wT * d) * d)
+        upd = mse < best_mse
+        best_mse = np.where(upd, mse, best_mse)
+        iscale = np.where(upd, isc, iscale)
+    li = np.minimum(nearest_int_exact(xT * iscale), nmax)
+    lf = li.astype(F32)
+    wx = wT * xT
+    sumlx = _seq_sum(wx * lf)
+    suml2 = _seq_sum((wT * lf) * lf)
+    Lu = (li & 0xFF).astype(F32)  # what the uint8 buffer holds
+    active = np.arange(n)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            if active.size == 0:
+                break
+            full = active.size == n
+            xa = xT if full else xT[:, active]
+            wa = wT if full else wT[:, active]
+            wxa = wx if full else wx[:, active]
+            La = Lu if full else Lu[:, active]
+            sx, s2 = sumlx[active], suml2[active]
+            changed = np.zeros(active.size, dtype=bool)
+            for i in range(gs):
+                wi, xi, wxi, Li = wa[i], xa[i], wxa[i], La[i]
+                slx = sx - wxi * Li
+                sl2 = s2 - (wi * Li) * Li
+                new_l = np.minimum(nearest_int_exact((xi * sl2) / slx), nmax).astype(F32)
+                slx_n = slx + wxi * new_l
+                sl2_n = sl2 + (wi * new_l) * new_l
+                acc = (slx > 0) & (sl2 > 0) & (new_l != Li) & ((slx_n * slx_n) * s2 > (sx * sx) * sl2_n)
+                if acc.any():
+                    La[i] = np.where(acc, new_l.astype(np.int32) & 0xFF, Li)
+                    sx = np.where(acc, slx_n, sx)
+                    s2 = np.where(acc, sl2_n, s2)
+                    changed |= acc
+            if not full:
+                Lu[:, active] = La
+            sumlx[active] = sx
+            suml2[active] = s2
+            active = active[changed]
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = Lu.astype(np.uint8)
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L
+
+
+def _seq_max0(xT):
+    return np.max(xT, axis=0)
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray):
+    """ggml's make_qp_quants (non-negative values, weighted) over groups ``x [n_groups, group_size]``.
+
+    ``qw``: weights ``[n_groups, group_size]`` (required, as in ggml).
+    Returns ``(scale float32 [n_groups], L uint8 [n_groups, group_size])``, L in ``[0, nmax]``.
+    """
+    if qw is None:
+        raise ValueError("make_qp_quants needs weights")
+    x, qw = _check(x, qw)
+    return _chunked(lambda xt, wt: make_qp_quants_T(xt, nmax, wt), [x, qw], x.shape[0])
