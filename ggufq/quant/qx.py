@@ -37,7 +37,12 @@ def nearest_int_exact(v: np.ndarray) -> np.ndarray:
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0, element after element (C's ``for`` loop order)."""
+    """Sum over axis 0, element after element (C's ``for`` loop order).
+
+    Only for C-contiguous ``a``: on a transposed view NumPy reorders the loops
+    and sums pairwise.
+    """
+    assert a.flags.c_contiguous
     return np.add.reduce(a, axis=0)
 
 
