@@ -75,11 +75,111 @@ def _check(x, w):
 
 
 def _absmax_signed(xT: np.ndarray):
-    """(amax, signed value of the first element with the largest |x|) per column."""
-    ax = np.abs(xT)
-    idx = np.argmax(ax, axis=0)
-    cols = np.arange(xT.shape[1])
-    return ax[idx, cols], xT[idx, cols]
+    """(amax, signed value of the first element with the largest |x|) per column.
+
+    Column-wise argmax is slow in NumPy; the sign is found from max/min and
+    only columns holding both +amax and -amax look up which comes first.
+    """
+    hi = xT.max(axis=0)
+    lo = xT.min(axis=0)
+    amax = np.maximum(hi, -lo)
+    mx = np.where(hi >= amax, hi, lo)
+    both = np.flatnonzero((hi == amax) & (lo == -amax) & (amax > 0))
+    if both.size:
+        sub = np.take(xT, both, axis=1)
+        first = np.argmax(np.abs(sub), axis=0)
+        mx[both] = sub[first, np.arange(both.size)]
+    return amax, mx
+
+
+# ---------------------------------------------------------------- coordinate search
+
+def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None) -> None:
+    """ggml's ``for itry < 5: for i < n: try new_l = nearest_int(x[i]*sl2/slx)`` loop, in place.
+
+    ``L`` float32 [gs, n] holds the codes (for make_qp_quants: the uint8 buffer's
+    value), ``sumlx``/``suml2`` [n] the running sums; all are updated in place.
+    ``p1``/``p2``: optional ``wx*L`` and ``w*L*L`` for the starting codes.
+
+    The C loop is sequential within a group, but the state only changes when a
+    move is accepted, and few are. So each round evaluates every remaining
+    position of every running group against the current state at once, applies
+    the first accepted move per group (exactly what the sequential loop would
+    do next) and resumes those groups after it; a pass ends for a group when no
+    later position accepts. Groups that changed nothing in a pass stop, as in C.
+    Only the few positions whose rounded code differs are carried past the
+    first few array operations.
+    """
+    gs, n = xT.shape
+    rows = np.arange(gs, dtype=np.int32)[:, None]
+    Li = L.astype(np.int32)
+    todo = np.arange(n)                         # groups running the current pass
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            if todo.size == 0:
+                break
+            pos = np.zeros(todo.size, dtype=np.int32)       # next position to try
+            changed = np.zeros(todo.size, dtype=bool)
+            cur = np.arange(todo.size)                       # indices into todo still in this pass (ascending)
+            while cur.size:
+                g = todo[cur]
+                sx, s2 = sumlx[g], suml2[g]
+                if g.size == n:
+                    x, w, wx, Lg, Lig = xT, wT, wxT, L, Li
+                else:
+                    x, w, wx, Lg, Lig = (np.take(a, g, axis=1) for a in (xT, wT, wxT, L, Li))
+                if p1 is not None:
+                    slx = sx - p1
+                    sl2 = s2 - p2
+                    p1 = p2 = None
+                else:
+                    slx = sx - wx * Lg
+                    t = w * Lg
+                    t *= Lg
+                    sl2 = s2 - t
+                t = x * sl2
+                t /= slx
+                nl = nearest_int_exact(t)
+                if qp:
+                    np.minimum(nl, nmax, out=nl)
+                else:
+                    np.clip(nl, -nmax, nmax - 1, out=nl)
+                cand = nl != Lig
+                cand &= slx > 0
+                if qp:
+                    cand &= sl2 > 0
+                if pos.any():
+                    cand &= rows >= pos[cur]
+                r, c = np.divmod(np.flatnonzero(cand), g.size)   # row-major: sorted by position
+                if r.size:
+                    nlc = nl[r, c]
+                    nlf = nlc.astype(F32)
+                    wc = w[r, c]
+                    slx_n = slx[r, c] + wx[r, c] * nlf
+                    sl2_n = sl2[r, c] + (wc * nlf) * nlf
+                    sxc = sx[c]
+                    acc = (slx_n * slx_n) * s2[c] > (sxc * sxc) * sl2_n
+                    if not qp:
+                        acc &= sl2_n > 0
+                    r, c, nlc, slx_n, sl2_n = r[acc], c[acc], nlc[acc], slx_n[acc], sl2_n[acc]
+                if r.size == 0:
+                    break
+                first = np.full(g.size, gs, dtype=np.int64)
+                np.minimum.at(first, c, r)                   # first accepted position per group
+                sel = r == first[c]
+                rr, gh = r[sel], g[c[sel]]
+                nlc = nlc[sel]
+                if qp:
+                    nlc = nlc & 0xFF                         # stored in a uint8 buffer
+                Li[rr, gh] = nlc
+                L[rr, gh] = nlc.astype(F32)
+                sumlx[gh] = slx_n[sel]
+                suml2[gh] = sl2_n[sel]
+                hit = first < gs
+                changed[cur[hit]] = True
+                pos[cur[hit]] = first[hit] + 1
+                cur = cur[hit & (first + 1 < gs)]
+            todo = todo[changed]
 
 
 # ---------------------------------------------------------------- make_qx_quants
@@ -184,41 +284,13 @@ def make_q3_quants_T(xT: np.ndarray, nmax: int, do_rmse: bool = True):
     else:
         w = xT * xT
         wx = w * xT
-        sumlx = _seq_sum(wx * L)
-        l2 = w * L
-        l2 *= L
-        suml2 = _seq_sum(l2)
-        active = np.arange(n)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            for _ in range(5):
-                # only groups that changed in the previous pass can change again
-                if active.size == 0:
-                    break
-                if active.size < n:
-                    sub = lambda a: a[:, active]  # noqa: E731
-                else:
-                    sub = lambda a: a  # noqa: E731
-                xa, wa, wxa, La = sub(xT), sub(w), sub(wx), sub(L)
-                sx, s2 = sumlx[active], suml2[active]
-                changed = np.zeros(active.size, dtype=bool)
-                for i in range(gs):
-                    wxi, wi, xi, Li = wxa[i], wa[i], xa[i], La[i]
-                    slx = sx - wxi * Li
-                    sl2 = s2 - (wi * Li) * Li
-                    new_l = np.clip(nearest_int_exact((xi * sl2) / slx), -nmax, nmax - 1).astype(F32)
-                    slx_n = slx + wxi * new_l
-                    sl2_n = sl2 + (wi * new_l) * new_l
-                    acc = (slx > 0) & (new_l != Li) & (sl2_n > 0) & ((slx_n * slx_n) * s2 > (sx * sx) * sl2_n)
-                    if acc.any():
-                        La[i] = np.where(acc, new_l, Li)
-                        sx = np.where(acc, slx_n, sx)
-                        s2 = np.where(acc, sl2_n, s2)
-                        changed |= acc
-                if active.size < n:
-                    L[:, active] = La
-                sumlx[active] = sx
-                suml2[active] = s2
-                active = active[changed]
+        p1 = wx * L
+        sumlx = _seq_sum(p1)
+        p2 = w * L
+        p2 *= L
+        suml2 = _seq_sum(p2)
+        _refine(xT, w, wx, L, sumlx, suml2, nmax, qp=False, p1=p1, p2=p2)
+        with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
     L = (L + fnmax).astype(np.int8)
     L[:, zero] = 0
@@ -268,36 +340,8 @@ def make_qp_quants_T(xT: np.ndarray, nmax: int, wT: np.ndarray):
     sumlx = _seq_sum(wx * lf)
     suml2 = _seq_sum((wT * lf) * lf)
     Lu = (li & 0xFF).astype(F32)  # what the uint8 buffer holds
-    active = np.arange(n)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for _ in range(5):
-            if active.size == 0:
-                break
-            full = active.size == n
-            xa = xT if full else xT[:, active]
-            wa = wT if full else wT[:, active]
-            wxa = wx if full else wx[:, active]
-            La = Lu if full else Lu[:, active]
-            sx, s2 = sumlx[active], suml2[active]
-            changed = np.zeros(active.size, dtype=bool)
-            for i in range(gs):
-                wi, xi, wxi, Li = wa[i], xa[i], wxa[i], La[i]
-                slx = sx - wxi * Li
-                sl2 = s2 - (wi * Li) * Li
-                new_l = np.minimum(nearest_int_exact((xi * sl2) / slx), nmax).astype(F32)
-                slx_n = slx + wxi * new_l
-                sl2_n = sl2 + (wi * new_l) * new_l
-                acc = (slx > 0) & (sl2 > 0) & (new_l != Li) & ((slx_n * slx_n) * s2 > (sx * sx) * sl2_n)
-                if acc.any():
-                    La[i] = np.where(acc, new_l.astype(np.int32) & 0xFF, Li)
-                    sx = np.where(acc, slx_n, sx)
-                    s2 = np.where(acc, sl2_n, s2)
-                    changed |= acc
-            if not full:
-                Lu[:, active] = La
-            sumlx[active] = sx
-            suml2[active] = s2
-            active = active[changed]
+    _refine(xT, wT, wx, Lu, sumlx, suml2, nmax, qp=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
     L = Lu.astype(np.uint8)
     L[:, zero] = 0
