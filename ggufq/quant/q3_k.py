@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import register
 from .common import fp16_bytes, fp16_round
-from .q6_k import _chunk_imatrix, group_T
+from .q6_k import _chunk_imatrix, group_T, requantize
 from .qx import CHUNK_GROUPS, F32, make_q3_quants_T, make_qx_quants_T, nearest_int_exact
 
 QK_K = 256
@@ -63,12 +63,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
 
     # requantize with the stored scales; groups whose scale is 0 keep the search codes
     sc = (ls - 32).astype(F32)
-    dq = (fp16_round(d)[:, None] * sc).reshape(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        l = np.clip(nearest_int_exact(xT / dq), -4, 3) + 4
-    LT = np.where(dq != 0, l.astype(np.int8), LT)
-
-    L = LT.T.reshape(nblk, QK_K).astype(np.uint8)
+    L = requantize(xb, fp16_round(d)[:, None] * sc, LT, 4)
     high = L > 3
     L = L - (high.astype(np.uint8) << 2)
     hb = high.reshape(nblk, 8, 32).astype(np.uint8)      # bit b of hmask[m] <- L[32*b + m] > 3

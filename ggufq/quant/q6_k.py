@@ -35,6 +35,24 @@ def group_T(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(-1, 16).T)
 
 
+def requantize(xb: np.ndarray, dq: np.ndarray, LT: np.ndarray, nmax: int) -> np.ndarray:
+    """Codes ``clamp(nearest_int(x/dq), -nmax, nmax-1) + nmax`` as uint8 [n_blocks, 256].
+
+    ``dq`` [n_blocks, 16] are the effective group scales; where one is 0, the
+    group keeps its codes from the search, ``LT`` [16, n_groups].
+    """
+    nblk = xb.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = nearest_int_exact(xb.reshape(nblk, 16, 16) / dq[:, :, None])
+    np.clip(q, -nmax, nmax - 1, out=q)
+    q += nmax
+    L = q.astype(np.uint8).reshape(-1, 16)
+    keep = np.flatnonzero(dq.reshape(-1) == 0)
+    if keep.size:
+        L[keep] = np.take(LT, keep, axis=1).T.astype(np.uint8)
+    return L.reshape(nblk, QK_K)
+
+
 def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     nblk = xb.shape[0]
     xT = group_T(xb)
@@ -51,13 +69,11 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     d = F32(1) / iscale
     sc = np.minimum(127, nearest_int_exact(iscale[:, None] * scales)).astype(np.int8)
 
-    # requantize with the stored (fp16) scales; groups whose scale is 0 keep the search codes
-    dq = (fp16_round(d)[:, None] * sc.astype(F32)).reshape(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        l = np.clip(nearest_int_exact(xT / dq), -32, 31) + 32
-    LT = np.where(dq != 0, l.astype(np.int8), LT)
-
-    L = LT.T.reshape(nblk, 2, 4, 32).astype(np.uint8)   # [block, half, quarter, l]
+    # requantize with the stored (fp16) scales, in block layout (no transpose of the codes);
+    # groups whose scale is 0 keep the search codes
+    dq = fp16_round(d)[:, None] * sc.astype(F32)
+    L = requantize(xb, dq, LT, 32)
+    L = L.reshape(nblk, 2, 4, 32)                        # [block, half, quarter, l]
     lo4 = L & 0xF
     ql = lo4[:, :, 0:2] | (lo4[:, :, 2:4] << 4)          # ql[h*64 + q*32 + l] = L[q] | L[q+2] << 4
     hi2 = L >> 4
