@@ -142,3 +142,9 @@ def test_accuracy_parity_on_tinyllama(qtype, with_imatrix, model_weights):
     assert ratios.max() <= 1.01
     assert ratios.mean() <= 1.00
     assert same / total >= 0.99
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_empty_chunk(qtype):
+    for im in (None, np.ones(512, dtype=np.float32)):
+        assert encode(qtype, np.zeros((0, 512), dtype=np.float32), im).shape == (0, row_nbytes(qtype, 512))

@@ -90,4 +90,4 @@ def encode_q3_k(rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.nd
     for lo in range(0, blocks.shape[0], step):
         hi = min(lo + step, blocks.shape[0])
         out[lo:hi] = _encode_blocks(blocks[lo:hi], _chunk_imatrix(imatrix, k, lo, hi))
-    return out.reshape(n, -1)
+    return out.reshape(n, k // QK_K * BLOCK_BYTES)
