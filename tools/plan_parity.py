@@ -25,7 +25,7 @@ from gguf import GGUFReader, GGMLQuantizationType as T
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from ggufq.plan import FTYPES, ModelInfo, TensorSpec, make_plan  # noqa: E402
+from ggufq.plan import make_plan, specs_from_gguf  # noqa: E402
 
 LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", "/work/dl/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 DEFAULT_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", "/work/dl/llama-build/bin"))
@@ -70,26 +70,6 @@ def quantize(llama_bin: Path, src: Path, dst: Path, ftype: str, threads: int = 2
     if r.returncode:
         raise RuntimeError(f"llama-quantize {ftype} failed:\n{(r.stdout + r.stderr)[-2000:]}")
     return dst
-
-
-def _kv(reader: GGUFReader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def specs_from_gguf(path: Path) -> tuple[list[TensorSpec], ModelInfo]:
-    """Tensor names/shapes (numpy order) in file order and the hyperparameters the plan needs."""
-    r = GGUFReader(path)
-    arch = _kv(r, "general.architecture")
-    specs = [TensorSpec(t.name, tuple(int(d) for d in reversed(t.shape))) for t in r.tensors]
-    info = ModelInfo(arch=arch, n_layer=int(_kv(r, f"{arch}.block_count")),
-                     n_embd=int(_kv(r, f"{arch}.embedding_length")),
-                     n_head=int(_kv(r, f"{arch}.attention.head_count")),
-                     n_head_kv=int(_kv(r, f"{arch}.attention.head_count_kv", _kv(r, f"{arch}.attention.head_count"))),
-                     n_expert=int(_kv(r, f"{arch}.expert_count", 0)))
-    return specs, info
 
 
 def gguf_types(path: Path) -> dict[str, tuple[T, int]]:

@@ -127,7 +127,8 @@ def _unquantized(spec: TensorSpec, why: str, default: T) -> PlanEntry:
         t = T.BF16
     else:
         t = T.F16          # the converter's F16 intermediate, which llama-quantize copies
-    return PlanEntry(spec.name, spec.shape, t, f"{why} {t.name}")
+    how = "" if t == T.F32 else " as converted"
+    return PlanEntry(spec.name, spec.shape, t, f"{why}: not quantized, {t.name}{how}")
 
 
 def _llama_types(tensors: Sequence[TensorSpec], info: ModelInfo, key: str, default: T,
@@ -153,7 +154,7 @@ def _llama_types(tensors: Sequence[TensorSpec], info: ModelInfo, key: str, defau
             continue
         spec, cat = tensors[i], cats[i]
         if cat == R.TOKEN_EMBD and tied:
-            cat, tie_note = R.OUTPUT, "tied embeddings, token_embd as "
+            cat, tie_note = R.OUTPUT, "token_embd tied to output: "
         else:
             tie_note = ""
         i_layer = 0
@@ -169,7 +170,7 @@ def _llama_types(tensors: Sequence[TensorSpec], info: ModelInfo, key: str, defau
         qtype, why = default, f"default {default.name}"
         for rule in R.PRESET_RULES.get(cat, ()):
             if rule.applies(c):
-                qtype, why = rule.then, tie_note + rule.why.format(**c._asdict())
+                qtype, why = rule.then, tie_note + rule.why.format(**c._asdict(), bs=R.block_size(default))
                 why += f" -> {qtype.name}"
                 break
         for bump in R.BUMPS.get(cat, ()):
@@ -230,7 +231,7 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
     used: set[int] = set()
     for i, spec in enumerate(tensors):
         if not allowed[i]:
-            plan.entries.append(_unquantized(spec, why_not[i] + ", not quantized:", default))
+            plan.entries.append(_unquantized(spec, why_not[i], default))
             continue
         hit = next((r for r in user if r.matches(spec.name)), None) or \
             next((r for r in (p.rules if p else ()) if r.matches(spec.name)), None)
@@ -250,3 +251,29 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
             plan.warnings.append(f"{r.describe()} matched no quantizable tensor")
     return plan
 
+
+
+def specs_from_gguf(path) -> tuple[list[TensorSpec], ModelInfo]:
+    """Tensor names and shapes (numpy order, file order) of a GGUF file and the hyperparameters
+    the plan needs: what llama-quantize would see reading it."""
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise GgufqError(f"cannot read GGUF {path}: {e}") from None
+
+    def kv(key, default=None):
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = kv("general.architecture")
+    if arch is None:
+        raise GgufqError(f"{path}: no general.architecture")
+    n_head = int(kv(f"{arch}.attention.head_count", 0) or 0)
+    specs = [TensorSpec(t.name, tuple(int(d) for d in reversed(t.shape))) for t in r.tensors]
+    info = ModelInfo(arch=arch, n_layer=int(kv(f"{arch}.block_count", 0)),
+                     n_embd=int(kv(f"{arch}.embedding_length", 0)), n_head=n_head,
+                     n_head_kv=int(kv(f"{arch}.attention.head_count_kv", n_head) or 0),
+                     n_expert=int(kv(f"{arch}.expert_count", 0) or 0))
+    return specs, info

@@ -157,14 +157,14 @@ def ggml_n_dims(shape: tuple[int, ...]) -> int:
 def unquantized_reason(name: str, shape: tuple[int, ...]) -> Optional[str]:
     """Why llama-quantize leaves this tensor as it is, or None when it quantizes it."""
     if ggml_n_dims(shape) < 2:
-        return "1-D tensor kept"
+        return "1-D"
     if not name.endswith("weight"):
-        return "not a weight, kept"
+        return "not a weight"
     for s in NOT_QUANTIZED:
         if s in name:
-            return f"{s.strip('._')} kept"
+            return "norm" if s == "_norm.weight" else s.strip("._").removesuffix(".weight")
     if name in NOT_QUANTIZED_EXACT:
-        return f"{name} kept"
+        return name.removesuffix(".weight")
     return None
 
 
@@ -261,7 +261,7 @@ PRESET_RULES: dict[str, tuple[Rule, ...]] = {
     # output.weight, and token_embd.weight when there is no output.weight (tied embeddings)
     OUTPUT: (
         R("*",      lambda c: c.falcon,                          T.Q8_0, "falcon output"),
-        R("*",      lambda c: c.nx % block_size(c.default) != 0, T.Q8_0, "output row {nx} not a multiple of the {default.name} block"),
+        R("*",      lambda c: c.nx % block_size(c.default) != 0, T.Q8_0, "output row {nx} not a multiple of {bs} ({default.name})"),
         R("*",      lambda c: c.default != T.Q8_0,               T.Q6_K, "output"),
     ),
     TOKEN_EMBD: (),
