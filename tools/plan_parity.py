@@ -20,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from gguf import GGUFReader, GGMLQuantizationType as T
+import math
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from ggufq.plan import make_plan, specs_from_gguf  # noqa: E402
+from ggufq.plan.gguf_header import read_header  # noqa: E402
 
 LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", "/work/dl/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 DEFAULT_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", "/work/dl/llama-build/bin"))
@@ -62,19 +65,26 @@ def make_f16(model_dir: Path, out: Path, converter: str = "llama.cpp") -> Path:
 
 
 def quantize(llama_bin: Path, src: Path, dst: Path, ftype: str, threads: int = 2) -> Path:
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
-        return dst
+    exe = quantize_tool(llama_bin)
+    if dst.exists() and dst.stat().st_mtime >= max(src.stat().st_mtime, exe.stat().st_mtime):
+        return dst                      # cached: llama-quantize's output only changes with its input or binary
     env = {**os.environ, "LD_LIBRARY_PATH": f"{llama_bin}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    r = subprocess.run([str(quantize_tool(llama_bin)), str(src), str(dst), ftype, str(threads)],
+    tmp = dst.with_suffix(".tmp.gguf")
+    r = subprocess.run([str(exe), str(src), str(tmp), ftype, str(threads)],
                        capture_output=True, text=True, env=env)
     if r.returncode:
         raise RuntimeError(f"llama-quantize {ftype} failed:\n{(r.stdout + r.stderr)[-2000:]}")
+    tmp.rename(dst)
     return dst
 
 
 def gguf_types(path: Path) -> dict[str, tuple[T, int]]:
     """name -> (type, bytes) of every tensor in a GGUF file."""
-    return {t.name: (T(t.tensor_type), int(t.n_bytes)) for t in GGUFReader(path).tensors}
+    out = {}
+    for name, shape, qtype in read_header(path)[1]:
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        out[name] = (qtype, math.prod(shape) // bs * ts)
+    return out
 
 
 def compare(plan, path: Path) -> tuple[list[str], int]:

@@ -139,8 +139,7 @@ def _llama_types(tensors: Sequence[TensorSpec], info: ModelInfo, key: str, defau
     cats = [R.category(n) for n in names]
     n_wv = sum(c in R.ATTN_V_LIKE for c in cats)
     n_gqa = info.n_head // info.n_head_kv if info.n_head_kv else 0
-    n70, needs_gqa = R.TYPE_70B.get(info.arch, (-1, False))
-    is_70b = info.n_layer == n70 and (not needs_gqa or info.n_head != info.n_head_kv)
+    is_70b = R.TYPE_70B.get(info.arch, lambda *a: False)(info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
     counters = {"wv": 0, R.FFN_DOWN: 0, R.FFN_GATE: 0, R.FFN_UP: 0}
 
     # llama-quantize visits tensors sorted by layer number (none: -1), then by name
@@ -256,24 +255,19 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
 def specs_from_gguf(path) -> tuple[list[TensorSpec], ModelInfo]:
     """Tensor names and shapes (numpy order, file order) of a GGUF file and the hyperparameters
     the plan needs: what llama-quantize would see reading it."""
-    from gguf import GGUFReader
+    from .gguf_header import read_header
 
     try:
-        r = GGUFReader(path)
+        kv, tensors = read_header(path)
     except (ValueError, OSError) as e:
         raise GgufqError(f"cannot read GGUF {path}: {e}") from None
-
-    def kv(key, default=None):
-        f = r.fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = kv("general.architecture")
+    arch = kv.get("general.architecture")
     if arch is None:
         raise GgufqError(f"{path}: no general.architecture")
-    n_head = int(kv(f"{arch}.attention.head_count", 0) or 0)
-    specs = [TensorSpec(t.name, tuple(int(d) for d in reversed(t.shape))) for t in r.tensors]
-    info = ModelInfo(arch=arch, n_layer=int(kv(f"{arch}.block_count", 0)),
-                     n_embd=int(kv(f"{arch}.embedding_length", 0)), n_head=n_head,
-                     n_head_kv=int(kv(f"{arch}.attention.head_count_kv", n_head) or 0),
-                     n_expert=int(kv(f"{arch}.expert_count", 0) or 0))
+    n_head = int(kv.get(f"{arch}.attention.head_count", 0))
+    specs = [TensorSpec(name, shape) for name, shape, _ in tensors]
+    info = ModelInfo(arch=arch, n_layer=int(kv.get(f"{arch}.block_count", 0)),
+                     n_embd=int(kv.get(f"{arch}.embedding_length", 0)), n_head=n_head,
+                     n_head_kv=int(kv.get(f"{arch}.attention.head_count_kv", n_head)),
+                     n_expert=int(kv.get(f"{arch}.expert_count", 0)))
     return specs, info

@@ -60,6 +60,10 @@ _SYMS = {
 }
 
 
+_LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_QUIET = _LOG_CB(lambda level, text, user: None)   # llama-quantize's fallback warnings would flood stderr
+
+
 @lru_cache(maxsize=1)
 def _libs():
     d = _lib_dir()
@@ -74,6 +78,8 @@ def _libs():
                              ctypes.POINTER(ctypes.c_int), ctypes.c_size_t]
     llama.llama_model_quantize_default_params.restype = _QParams
     llama.llama_model_free.argtypes = [ctypes.c_void_p]
+    llama.llama_log_set(_QUIET, None)
+    base.ggml_log_set(_QUIET, None)
     llama.llama_backend_init()
     base.ggml_init.restype, base.ggml_init.argtypes = ctypes.c_void_p, [_InitParams]
     base.ggml_free.argtypes = [ctypes.c_void_p]

@@ -205,13 +205,13 @@ def category(name: str) -> str:
     return OTHER
 
 
-# model types whose attn_v gets the 70B bump: arch -> (n_layer, needs GQA)     [llm_type == LLM_TYPE_70B]
-TYPE_70B: dict[str, tuple[int, bool]] = {
-    "llama": (80, True),
-    "qwen2": (80, False),
-    "deci":  (80, False),
-    "olmo":  (80, False),
-    "jais2": (68, False),
+# architectures whose loader sets LLM_TYPE_70B (their attn_v gets the 70B bump)   [src/models/<arch>.cpp]
+TYPE_70B: dict[str, Callable[[int, int, int, int], bool]] = {   # (n_layer, n_head, n_head_kv, n_expert)
+    "llama": lambda n_layer, n_head, n_head_kv, n_expert: n_layer == 80 and n_head != n_head_kv and n_expert != 8,
+    "qwen2": lambda n_layer, n_head, n_head_kv, n_expert: n_layer == 80,
+    "deci":  lambda n_layer, n_head, n_head_kv, n_expert: n_layer == 80,
+    "olmo":  lambda n_layer, n_head, n_head_kv, n_expert: n_layer == 80,
+    "jais2": lambda n_layer, n_head, n_head_kv, n_expert: n_layer == 68,
 }
 
 
