@@ -39,31 +39,18 @@ ALL_TYPES = QUANT_TYPES + ["F16", "BF16", "F32"]
 
 # ---------------------------------------------------------------------------
 # tensor lists of real architectures, as their GGUF files name and shape them (numpy order)
-def llama_like(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, tied=False, rope_freqs=False,
-               arch="llama"):
-    hd = n_embd // n_head
-    t = [TensorSpec("token_embd.weight", (n_vocab, n_embd))]
-    if rope_freqs:
-        t.append(TensorSpec("rope_freqs.weight", (hd // 2,)))
-    t.append(TensorSpec("output_norm.weight", (n_embd,)))
-    if not tied:
-        t.append(TensorSpec("output.weight", (n_vocab, n_embd)))
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        t += [TensorSpec(b + "attn_norm.weight", (n_embd,)),
-              TensorSpec(b + "attn_q.weight", (n_head * hd, n_embd)),
-              TensorSpec(b + "attn_k.weight", (n_head_kv * hd, n_embd)),
-              TensorSpec(b + "attn_v.weight", (n_head_kv * hd, n_embd)),
-              TensorSpec(b + "attn_output.weight", (n_embd, n_head * hd)),
-              TensorSpec(b + "ffn_norm.weight", (n_embd,)),
-              TensorSpec(b + "ffn_gate.weight", (n_ff, n_embd)),
-              TensorSpec(b + "ffn_up.weight", (n_ff, n_embd)),
-              TensorSpec(b + "ffn_down.weight", (n_embd, n_ff))]
-    return t, ModelInfo(arch, n_layer, n_embd, n_head, n_head_kv)
+def _parity_tool():
+    spec = importlib.util.spec_from_file_location("plan_parity", ROOT / "tools/plan_parity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def llama3_8b():
-    return llama_like(128256, 4096, 32, 32, 8, 14336, rope_freqs=True)
+TOOL = _parity_tool()
+llama_like = TOOL.llama_like
+
+
+llama3_8b = TOOL.llama31_8b
 
 
 def mixtral_8x7b():
@@ -133,9 +120,7 @@ MODELS = {
 
 # ---------------------------------------------------------------------------
 # 1. published figures: tools/quantize/README.md, Llama-3.1-8B, bits/weight
-PUBLISHED_BPW = {"Q2_K": 3.1593, "Q3_K_S": 3.6429, "Q3_K_M": 3.9960, "Q3_K_L": 4.2979, "Q4_K_S": 4.6672,
-                 "Q4_K_M": 4.8944, "Q5_K_S": 5.5704, "Q5_K_M": 5.7036, "Q6_K": 6.5633, "Q8_0": 8.5008,
-                 "F16": 16.0005}
+PUBLISHED_BPW = TOOL.PUBLISHED_BPW
 
 
 @pytest.mark.parametrize("ftype", list(PUBLISHED_BPW))
@@ -258,13 +243,6 @@ def _need_llama_quantize():
         pytest.skip(f"llama-quantize not built in {LLAMA_BIN}")
 
 
-def _parity_tool():
-    spec = importlib.util.spec_from_file_location("plan_parity", ROOT / "tools/plan_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _f16(request, model_dir: Path, tool) -> Path:
     if importlib.util.find_spec("torch") is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py needs torch")
@@ -281,7 +259,7 @@ def test_types_match_llama_quantize_output(request, model_dir, types):
     _need_llama_quantize()
     if not model_dir.exists():
         pytest.skip(f"{model_dir} is not built")
-    tool = _parity_tool()
+    tool = TOOL
     f16 = _f16(request, model_dir, tool)
     specs, info = specs_from_gguf(f16)
     if model_dir == TINYLLAMA:   # the quick header reader agrees with gguf-py's

@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from ggufq.plan import make_plan, specs_from_gguf  # noqa: E402
+from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf  # noqa: E402
 from ggufq.plan.gguf_header import read_header  # noqa: E402
 
 LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", "/work/dl/llama_cpp_python-0.3.36/vendor/llama.cpp"))
@@ -36,6 +36,55 @@ DEFAULT_MODELS = [Path("/work/shared/models/tinyllama-spm-10m"),
                   Path.home() / ".cache/ggufq/smollm2-135m-dither"]
 ALL_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
              "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"]
+
+
+# llama.cpp's tools/quantize/README.md, Meta-Llama-3.1-8B, "bits/weight"
+PUBLISHED_BPW = {"Q2_K": 3.1593, "Q3_K_S": 3.6429, "Q3_K_M": 3.9960, "Q3_K_L": 4.2979, "Q4_K_S": 4.6672,
+                 "Q4_K_M": 4.8944, "Q5_K_S": 5.5704, "Q5_K_M": 5.7036, "Q6_K": 6.5633, "Q8_0": 8.5008,
+                 "F16": 16.0005}
+
+
+def llama_like(n_vocab, n_embd, n_layer, n_head, n_head_kv, n_ff, tied=False, rope_freqs=False, arch="llama"):
+    """The GGUF tensor list (numpy-order shapes) of a Llama-shaped model."""
+    hd = n_embd // n_head
+    t = [TensorSpec("token_embd.weight", (n_vocab, n_embd))]
+    if rope_freqs:
+        t.append(TensorSpec("rope_freqs.weight", (hd // 2,)))
+    t.append(TensorSpec("output_norm.weight", (n_embd,)))
+    if not tied:
+        t.append(TensorSpec("output.weight", (n_vocab, n_embd)))
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        t += [TensorSpec(b + "attn_norm.weight", (n_embd,)),
+              TensorSpec(b + "attn_q.weight", (n_head * hd, n_embd)),
+              TensorSpec(b + "attn_k.weight", (n_head_kv * hd, n_embd)),
+              TensorSpec(b + "attn_v.weight", (n_head_kv * hd, n_embd)),
+              TensorSpec(b + "attn_output.weight", (n_embd, n_head * hd)),
+              TensorSpec(b + "ffn_norm.weight", (n_embd,)),
+              TensorSpec(b + "ffn_gate.weight", (n_ff, n_embd)),
+              TensorSpec(b + "ffn_up.weight", (n_ff, n_embd)),
+              TensorSpec(b + "ffn_down.weight", (n_embd, n_ff))]
+    return t, ModelInfo(arch, n_layer, n_embd, n_head, n_head_kv)
+
+
+def llama31_8b():
+    return llama_like(128256, 4096, 32, 32, 8, 14336, rope_freqs=True)
+
+
+def published_table() -> int:
+    """Our plan's bits per weight for Llama-3.1-8B's tensors next to llama.cpp's published figures."""
+    specs, info = llama31_8b()
+    print(f"Llama-3.1-8B tensor list ({sum(math.prod(s.shape) for s in specs):,} weights): "
+          "bits per weight, plan vs llama.cpp tools/quantize/README.md")
+    print(f"{'type':<7} {'plan':>8} {'README':>8} {'GiB':>6}")
+    bad = 0
+    for ft, want in PUBLISHED_BPW.items():
+        p = make_plan(specs, info, ft)
+        ok = round(p.bits_per_weight, 4) == want
+        bad += not ok
+        print(f"{ft:<7} {p.bits_per_weight:>8.4f} {want:>8.4f} {p.total_bytes / 2**30:>6.2f}{'' if ok else '  MISMATCH'}")
+    print()
+    return bad
 
 
 def quantize_tool(llama_bin: Path) -> Path:
@@ -113,7 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--specs", choices=["gguf", "ggufq"], default="gguf",
                     help="tensor list for the plan: from the F16 GGUF, or ggufq.convert.tensor_specs(model_dir)")
     ap.add_argument("-v", "--verbose", action="store_true", help="list every mismatch")
+    ap.add_argument("--no-published", action="store_true", help="skip the Llama-3.1-8B bits-per-weight table")
     a = ap.parse_args(argv)
+    total_bad = 0 if a.no_published else published_table()
     try:
         quantize_tool(a.llama_bin)
     except FileNotFoundError as e:
@@ -122,7 +173,6 @@ def main(argv=None) -> int:
     models = a.models or [m for m in DEFAULT_MODELS if m.exists()]
     print(f"{'model':<28} {'type':<7} {'tensors':>7} {'mismatch':>8} {'fallback':>8} "
           f"{'plan bytes':>12} {'file bytes':>12} {'bpw':>7} {'s':>5}")
-    total_bad = 0
     for m in models:
         f16 = make_f16(m, a.scratch / f"{m.name}.{a.converter}.f16.gguf", a.converter)
         if a.specs == "gguf":
