@@ -460,3 +460,37 @@ def test_plan_command_on_a_gguf_file(tmp_path):
     r = CliRunner().invoke(main, ["plan", str(path), "--type", "Q4_K_M", "--map", str(f)])
     assert r.exit_code == 1
     assert "ggufq: error: map.toml: rule 1: unknown type 'Q9'" in r.output
+
+
+@pytest.mark.parametrize("model_dir", [TINYLLAMA, SMOLLM2])
+def test_plan_command_on_a_model_folder(request, model_dir):
+    """ggufq plan MODEL_DIR (tensor list from ggufq.convert) plans what llama-quantize writes."""
+    from click.testing import CliRunner
+
+    if not model_dir.exists():
+        pytest.skip(f"{model_dir} is not built")
+    main = _plan_command()
+    r = CliRunner().invoke(main, ["plan", str(model_dir), "--type", "Q4_K_M", "--json"])
+    assert r.exit_code == 0, r.output
+    got = {t["name"]: t["type"] for t in json.loads(r.output)["tensors"]}
+    _need_llama_quantize()
+    f16 = _f16(request, model_dir, TOOL)
+    out = TOOL.quantize(LLAMA_BIN, f16, f16.with_name(f"{model_dir.name}.Q4_K_M.gguf"), "Q4_K_M")
+    assert got == {n: t.name for n, (t, _) in TOOL.gguf_types(out).items()}
+
+
+def test_check_encoders_names_the_types_ggufq_cannot_write_yet():
+    from ggufq import quant
+
+    specs, info = MODELS["smollm2-135m"]()
+    have = set(quant.encoders())
+    for ftype in ALL_TYPES:
+        plan = make_plan(specs, info, ftype)
+        missing = sorted({e.qtype.name for e in plan.entries if e.qtype not in have})
+        if missing:
+            with pytest.raises(GgufqError, match=f"--type {ftype} needs {missing[0]}"):
+                plan.check_encoders()
+        else:
+            plan.check_encoders()
+    assert T.Q8_0 in have
+    make_plan(specs, info, "Q8_0").check_encoders()

@@ -100,6 +100,19 @@ class Plan:
     def n_fallback(self) -> int:
         return sum(e.fallback for e in self.entries)
 
+    def check_encoders(self) -> None:
+        """GgufqError unless ggufq.quant has an encoder for every planned type (call before writing)."""
+        from .. import quant
+
+        missing: dict[str, int] = {}
+        for e in self.entries:
+            if not quant.can_encode(e.qtype, e.shape[-1]):
+                missing[e.qtype.name] = missing.get(e.qtype.name, 0) + 1
+        if missing:
+            have = ", ".join(t.name for t in sorted(quant.encoders(), key=int))
+            need = ", ".join(f"{k} ({n} tensors)" for k, n in missing.items())
+            raise GgufqError(f"--type {self.ftype} needs {need}, which this ggufq cannot encode yet (it has {have})")
+
     def type_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries:
