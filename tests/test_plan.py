@@ -5,8 +5,9 @@ Parity is checked three ways:
   (tools/quantize/README.md);
 * per-tensor types against llama.cpp's own ``llama_quant_compute_types`` (ctypes into the
   libllama of llama-cpp-python) for synthetic models covering GQA, 70B, MoE, Falcon, odd rows;
-* per-tensor types against files llama-quantize writes from real F16 GGUFs
-  (tinyllama-spm-10m, smollm2-135m-dither when built). All types: tools/plan_parity.py.
+* per-tensor types against files llama-quantize writes from real F16 GGUFs made by
+  ``ggufq convert`` (tinyllama-spm-10m, smollm2-135m-dither when built). All types, and F16
+  GGUFs from llama.cpp's convert_hf_to_gguf.py: tools/plan_parity.py.
 """
 from __future__ import annotations
 
@@ -244,10 +245,19 @@ def _need_llama_quantize():
 
 
 def _f16(request, model_dir: Path, tool) -> Path:
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py needs torch")
+    """An F16 GGUF of model_dir made by ggufq's own converter, cached in .pytest_cache under a
+    stamp of ggufq's sources (so a converter change makes a new one; older ones are removed)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted((ROOT / "ggufq").rglob("*.py")):
+        h.update(f.read_bytes())
     cache = Path(request.config.cache.mkdir("ggufq-plan"))
-    return tool.make_f16(model_dir, cache / f"{model_dir.name}.llama.cpp.f16.gguf")
+    path = cache / f"{model_dir.name}.ggufq-{h.hexdigest()[:12]}.f16.gguf"
+    if not path.exists():
+        for old in cache.glob(f"{model_dir.name}.*"):
+            old.unlink()
+    return tool.make_f16(model_dir, path, "ggufq")
 
 
 @pytest.mark.slow
@@ -268,7 +278,7 @@ def test_types_match_llama_quantize_output(request, model_dir, types):
         assert [(s.name, s.shape) for s in specs] == [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in r.tensors]
         assert (info.arch, info.n_layer, info.n_embd, info.n_head, info.n_head_kv) == ("llama", 8, 256, 4, 2)
     for ftype in types:
-        out = tool.quantize(LLAMA_BIN, f16, f16.with_name(f"{model_dir.name}.{ftype}.gguf"), ftype)  # cached
+        out = tool.quantize(LLAMA_BIN, f16, f16.with_suffix(f".{ftype}.gguf"), ftype)  # cached with its F16
         plan = make_plan(specs, info, ftype)
         bad, file_bytes = tool.compare(plan, out)
         assert bad == [], f"{model_dir.name} {ftype}: {bad[:5]}"
@@ -475,7 +485,7 @@ def test_plan_command_on_a_model_folder(request, model_dir):
     got = {t["name"]: t["type"] for t in json.loads(r.output)["tensors"]}
     _need_llama_quantize()
     f16 = _f16(request, model_dir, TOOL)
-    out = TOOL.quantize(LLAMA_BIN, f16, f16.with_name(f"{model_dir.name}.Q4_K_M.gguf"), "Q4_K_M")
+    out = TOOL.quantize(LLAMA_BIN, f16, f16.with_suffix(".Q4_K_M.gguf"), "Q4_K_M")
     assert got == {n: t.name for n, (t, _) in TOOL.gguf_types(out).items()}
 
 
