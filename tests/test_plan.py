@@ -15,16 +15,13 @@ import importlib.util
 import json
 import os
 import random
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
 from ggufq import GgufqError
-from ggufq.plan import (FTYPES, ModelInfo, TensorSpec, load_map, make_plan, parse_map,
-                        specs_from_gguf)
+from ggufq.plan import ModelInfo, TensorSpec, load_map, make_plan, parse_map, specs_from_gguf
 from ggufq.plan import rules as R
 from ggufq.plan.report import format_table, to_json
 
@@ -206,6 +203,12 @@ def test_special_rules_fire_where_llama_cpp_says():
     assert p["blk.3.attn_output.weight"].qtype == T.Q5_K
     assert p["blk.0.ffn_down_exps.weight"].qtype == T.Q6_K                   # layer 0 from the name
     assert p["blk.3.ffn_gate_inp.weight"].qtype == T.F32                     # router: never quantized
+    # with an importance matrix, Q4_0/Q5_0 guard the first eighth of ffn_down (llama_tensor_get_type_impl)
+    specs, info = llama3_8b()
+    for ft, up in (("Q4_0", T.Q4_1), ("Q5_0", T.Q5_1)):
+        plain, im = make_plan(specs, info, ft), make_plan(specs, info, ft, has_imatrix=True)
+        assert [i for i in range(32) if im[f"blk.{i}.ffn_down.weight"].qtype == up] == [0, 1, 2, 3]
+        assert all(plain[f"blk.{i}.ffn_down.weight"].qtype == T[ft] for i in range(32))
     specs, info = falcon_7b()
     p = make_plan(specs, info, "Q4_K_M")
     e = p["output.weight"]

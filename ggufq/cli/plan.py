@@ -33,7 +33,8 @@ def tensor_list(model: Path):
               help="built-in map over --type: " + "; ".join(f"{p.name}: {p.doc}" for p in PRESETS.values()))
 @click.option("--map", "-m", "map_file", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML layer map, [[rule]] pattern/layers/type; first match wins over --preset and --type")
-@click.option("--imatrix", is_flag=True, help="plan as llama-quantize does with an importance matrix")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="plan as llama-quantize does when given an importance matrix (as convert --imatrix)")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def command(model: Path, ftype, preset, map_file, imatrix, as_json) -> None:
     """Show the ggml type of every tensor of MODEL (HF folder or .gguf), the rule that chose it, and the totals."""
@@ -41,7 +42,7 @@ def command(model: Path, ftype, preset, map_file, imatrix, as_json) -> None:
         raise GgufqError("give --type (e.g. Q4_K_M) or --preset")
     rules = load_map(map_file) if map_file else None
     specs, info = tensor_list(model)
-    plan = make_plan(specs, info, ftype, rules=rules, preset=preset, has_imatrix=imatrix)
+    plan = make_plan(specs, info, ftype, rules=rules, preset=preset, has_imatrix=imatrix is not None)
     if as_json:
         click.echo(json.dumps(to_json(plan), indent=1))
     else:
