@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 F32 = np.float32
-CHUNK_GROUPS = 4096
+CHUNK_GROUPS = 8192
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
@@ -50,22 +50,25 @@ def make_qkx_T(xT: np.ndarray, wT: Optional[np.ndarray], nmax: int, rmin: float,
     diff = np.abs(diff) if use_mad else diff * diff
     best = _seq_sum(wT * diff)
     if nstep >= 1:
-        wx = wT * xT
         frmin, frdelta = F32(rmin), F32(rdelta)
+        la = np.empty_like(xT)
+        wl = np.empty_like(xT)
+        t = np.empty_like(xT)
         with np.errstate(divide="ignore", invalid="ignore"):
             for step in range(nstep + 1):
                 # ggml reads the running ``min`` here: once a candidate wins, later
                 # candidates scale from the new offset
                 isc = (frmin + frdelta * F32(step) + fnmax) / (mx - mn)
-                la = xT - mn
+                np.subtract(xT, mn, out=la)
                 la *= isc
                 np.rint(la, out=la)
-                np.minimum(la, fnmax, out=la)
-                np.maximum(la, F32(0), out=la)
-                wl = wT * la
+                np.clip(la, F32(0), fnmax, out=la)
+                np.multiply(wT, la, out=wl)
                 sum_l = _seq_sum(wl)
-                sum_l2 = _seq_sum(wl * la)
-                sum_xl = _seq_sum(wl * xT)
+                np.multiply(wl, la, out=t)
+                sum_l2 = _seq_sum(t)
+                np.multiply(wl, xT, out=t)
+                sum_xl = _seq_sum(t)
                 D = sum_w * sum_l2 - sum_l * sum_l
                 this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
                 this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -73,18 +76,21 @@ def make_qkx_T(xT: np.ndarray, wT: Optional[np.ndarray], nmax: int, rmin: float,
                 if pos.any():
                     this_min = np.where(pos, F32(0), this_min)
                     this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-                d = this_scale * la + this_min - xT
+                np.multiply(la, this_scale, out=t)
+                t += this_min
+                t -= xT
                 if use_mad:
-                    np.abs(d, out=d)
+                    np.abs(t, out=t)
                 else:
-                    np.multiply(d, d, out=d)
-                err = _seq_sum(wT * d)
+                    np.multiply(t, t, out=t)
+                t *= wT
+                err = _seq_sum(t)
                 better = (D > 0) & (err < best)
                 if better.any():
                     best = np.where(better, err, best)
                     scale = np.where(better, this_scale, scale)
                     mn = np.where(better, this_min, mn)
-                    L = np.where(better, la, L)
+                    np.copyto(L, la, where=better)
     scale = np.where(empty, F32(0), scale).astype(F32)
     L = np.where(empty, F32(0), L)
     return scale, (-mn).astype(F32), L.astype(np.uint8)
