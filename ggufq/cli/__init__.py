@@ -4,6 +4,7 @@ wires a stage of the package together; errors the user can act on
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -21,6 +22,11 @@ class _Group(click.Group):
         except GgufqError as e:
             click.echo(f"ggufq: error: {e}", err=True)
             sys.exit(1)
+        except BrokenPipeError:
+            # output piped into `head` and the like: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             click.echo(f"ggufq: error: {e.strerror or e}{where}", err=True)

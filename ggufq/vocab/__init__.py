@@ -49,7 +49,7 @@ class Vocab:
             self.special.add_to_gguf(w, quiet=True)
 
 
-def load(model_dir: Path, config: dict) -> Vocab:
+def load(model_dir: Path, config: dict, pre: Optional[str] = None) -> Vocab:
     """The folder's tokenizer as GGUF metadata; tokenizer.json (BPE) or tokenizer.model (SentencePiece)."""
     model_dir = Path(model_dir)
     vocab_size = config.get("vocab_size")
@@ -58,5 +58,24 @@ def load(model_dir: Path, config: dict) -> Vocab:
         return spm.load(model_dir, vocab_size)
     if (model_dir / "tokenizer.json").is_file():
         from . import bpe
-        return bpe.load(model_dir, vocab_size)
+        return bpe.load(model_dir, vocab_size, pre=pre)
     raise GgufqError(f"{model_dir}: no tokenizer.model or tokenizer.json")
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens that llama.cpp's converter marks CONTROL even when not flagged special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def read_json(path: Path) -> Optional[dict]:
+    import json
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise GgufqError(f"{path}: not valid JSON ({e})") from None

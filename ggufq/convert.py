@@ -1,0 +1,141 @@
+"""The one-pass pipeline: HF folder -> (arch, vocab, plan) -> streamed GGUF.
+
+``cli`` only parses options and calls :func:`convert`; everything here can be
+called from Python as well.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import gguf
+from gguf import GGMLQuantizationType as T
+
+from . import GgufqError, arch as archs, plan as plans, vocab as vocabs
+from .imatrix import load as load_imatrix
+from .source import Model, open_model
+from .write import Job, write_gguf
+
+
+UNQUANTIZED = (T.F32, T.F16, T.BF16)
+
+
+@dataclass
+class Prepared:
+    """Everything known before the first weight is read."""
+    model: Model
+    arch: object
+    tensors: list            # list[OutTensor]
+    info: plans.ModelInfo
+
+    @property
+    def specs(self) -> list[plans.TensorSpec]:
+        return [t.spec for t in self.tensors]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_rows * t.row_len for t in self.tensors)
+
+
+def prepare(model_dir: os.PathLike | str) -> Prepared:
+    model = open_model(model_dir)
+    a = archs.for_config(model.config)
+    tensors = a.tensors(model)
+    return Prepared(model, a, tensors, a.model_info())
+
+
+def tensor_specs(model_dir: os.PathLike | str) -> tuple[list[plans.TensorSpec], plans.ModelInfo]:
+    """Names and shapes of the GGUF tensors of a model folder, without reading weights."""
+    p = prepare(model_dir)
+    return p.specs, p.info
+
+
+def make_plan(p: Prepared, ftype: str, **kw) -> plans.Plan:
+    return plans.make_plan(p.specs, p.info, ftype, **kw)
+
+
+def output_type_label(plan: plans.Plan) -> str:
+    return plan.ftype
+
+
+def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
+    """general.* naming from the model card / folder, as llama.cpp's converter derives it."""
+    md = gguf.Metadata.load(None, p.model.path, name, p.n_params)
+    if md.name is None:
+        md.name = p.model.path.name
+    if md.size_label is None and p.n_params > 0:
+        md.size_label = gguf.size_label(p.n_params, p.n_params, 0, 0)
+    return md
+
+
+def default_output_name(p: Prepared, plan: plans.Plan, name: Optional[str] = None) -> str:
+    md = metadata_for(p, name)
+    return gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label,
+                                  output_type_label(plan)) + ".gguf"
+
+
+def resolve_output(p: Prepared, plan: plans.Plan, out: Optional[os.PathLike | str], name: Optional[str] = None) -> Path:
+    if out is None:
+        return Path.cwd() / default_output_name(p, plan, name)
+    out = Path(out)
+    if out.is_dir():
+        return out / default_output_name(p, plan, name)
+    if out.suffix != ".gguf":
+        raise GgufqError(f"{out}: the output name must end in .gguf (or be a directory)")
+    return out
+
+
+@dataclass
+class Result:
+    paths: list[Path]
+    plan: plans.Plan
+    seconds: float
+    nbytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.plan.bits_per_weight
+
+
+def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftype: str = "F16", *,
+            jobs: int = 1, force: bool = False, progress: bool = True, name: Optional[str] = None,
+            split_max_tensors: int = 0, split_max_size: int = 0,
+            imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
+            plan_kw: Optional[dict] = None) -> Result:
+    t0 = time.monotonic()
+    p = prepare(model_dir)
+    plan = make_plan(p, ftype, **(plan_kw or {}))
+    path = resolve_output(p, plan, out, name)
+    if path.exists() and not force:
+        raise GgufqError(f"{path} exists; pass --force to overwrite")
+    im = load_imatrix(imatrix) if imatrix is not None else None
+    vocab = vocabs.load(p.model.path, p.model.config, pre=vocab_pre)
+    md = metadata_for(p, name)
+    by_name = {e.name: e for e in plan.entries}
+
+    def add_metadata(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.MODEL)
+        md.set_gguf_meta_model(w)
+        p.arch.write_hparams(w)
+        w.add_file_type(int(plan.file_type))
+        p.arch.write_arch_extras(w)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if im is not None:
+            for key, val in im.metadata():
+                (w.add_string if isinstance(val, str) else w.add_int32)(key, val)
+        vocab.write(w)
+
+    job_list = []
+    for t in p.tensors:
+        qtype = by_name[t.name].qtype
+        weights = im.for_tensor(t.name, t.row_len) if im is not None and qtype not in UNQUANTIZED else None
+        job_list.append(Job(t, qtype, weights))
+    with p.model:
+        paths = write_gguf(path, p.arch.name, add_metadata, job_list, n_jobs=jobs, force=force,
+                           split_max_tensors=split_max_tensors, split_max_size=split_max_size,
+                           progress=progress, label=f"{plan.ftype}")
+    return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths))

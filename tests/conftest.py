@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
+SHARED = ROOT.parent / "shared"
+HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
+SMOLLM2 = Path(os.environ.get("GGUFQ_SMOLLM2", Path.home() / ".cache" / "ggufq" / "smollm2-135m-dither"))
+LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache" / "ggufq" / "llama-bin"))
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Path:
+    return TINY
+
+
+@pytest.fixture
+def tiny_copy(tmp_path) -> Path:
+    """A writable copy of the tiny model (shards symlinked unless a test replaces them)."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    for f in TINY.iterdir():
+        if f.suffix == ".safetensors":
+            os.symlink(f, d / f.name)
+        else:
+            shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "config.json").is_file():
+        pytest.skip(f"smollm2-135m-dither not built at {SMOLLM2} (python tools/build_smollm2.py)")
+    return SMOLLM2
+
+
+def run_cli(*args: str, cwd=None):
+    """Run the real CLI in a subprocess; returns CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "ggufq", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
