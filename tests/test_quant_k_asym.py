@@ -179,3 +179,12 @@ def test_llama_cpp_runs_our_k_quant_files_identical_to_ggml(tmp_path, monkeypatc
             lg_ref = run_tiny_gguf(tmp_path, mp, name, qt)
         assert (tmp_path / f"tiny-{name}.gguf").read_bytes() == ours
         assert np.array_equal(lg, lg_ref)
+
+
+@pytest.mark.parametrize("qt", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1] + KQ, ids=lambda t: t.name)
+def test_row_sizes_and_empty_chunks(qt):
+    from ggufq.quant import row_nbytes
+    for n in (0, 1, 3):
+        for im in (None, np.ones(768, np.float32)):
+            out = encode(qt, edge_rows(k=768, n=12)[:n], im)
+            assert out.shape == (n, row_nbytes(qt, 768)) and out.dtype == np.uint8

@@ -68,8 +68,10 @@ def _pack_qh(L: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
 
 
-def _assemble(n_rows: int, *cols: np.ndarray) -> np.ndarray:
-    return np.concatenate(cols, axis=1).reshape(n_rows, -1)
+def _assemble(rows: np.ndarray, *cols: np.ndarray) -> np.ndarray:
+    """Block columns [nb, ...] -> bytes [n_rows, row_nbytes] (also for zero rows)."""
+    blk = np.concatenate(cols, axis=1)
+    return blk.reshape(rows.shape[0], rows.shape[1] // QK * blk.shape[1])
 
 
 def _row_weights(rows: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
@@ -113,22 +115,22 @@ def _asymmetric(rows: np.ndarray, imatrix, nmax: int):
 @register(T.Q4_0)
 def encode_q4_0(rows: np.ndarray, imatrix=None) -> np.ndarray:
     d, L = _symmetric(rows, imatrix, 8)
-    return _assemble(rows.shape[0], fp16_bytes(d), _pack_nibbles(L))
+    return _assemble(rows, fp16_bytes(d), _pack_nibbles(L))
 
 
 @register(T.Q5_0)
 def encode_q5_0(rows: np.ndarray, imatrix=None) -> np.ndarray:
     d, L = _symmetric(rows, imatrix, 16)
-    return _assemble(rows.shape[0], fp16_bytes(d), _pack_qh(L), _pack_nibbles(L))
+    return _assemble(rows, fp16_bytes(d), _pack_qh(L), _pack_nibbles(L))
 
 
 @register(T.Q4_1)
 def encode_q4_1(rows: np.ndarray, imatrix=None) -> np.ndarray:
     d, m, L = _asymmetric(rows, imatrix, 15)
-    return _assemble(rows.shape[0], fp16_bytes(d), fp16_bytes(m), _pack_nibbles(L))
+    return _assemble(rows, fp16_bytes(d), fp16_bytes(m), _pack_nibbles(L))
 
 
 @register(T.Q5_1)
 def encode_q5_1(rows: np.ndarray, imatrix=None) -> np.ndarray:
     d, m, L = _asymmetric(rows, imatrix, 31)
-    return _assemble(rows.shape[0], fp16_bytes(d), fp16_bytes(m), _pack_qh(L), _pack_nibbles(L))
+    return _assemble(rows, fp16_bytes(d), fp16_bytes(m), _pack_qh(L), _pack_nibbles(L))

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import register
 from .common import fp16_bytes, fp16_round
-from .q4_k import QK_K, _seq_sum_last
+from .q4_k import QK_K, _rows_of, _seq_sum_last
 from .qkx import make_qkx2_quants, make_qkx3_quants
 
 F32 = np.float32
@@ -64,4 +64,4 @@ def encode_q2_k(rows: np.ndarray, imatrix=None) -> np.ndarray:
         scales = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
     L = _requantize(sub, L.reshape(nb, 16, 16), d, dmin, scales).reshape(nb, 2, 4, 32)
     qs = (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(nb, 64)
-    return np.concatenate([scales, qs, fp16_bytes(d), fp16_bytes(dmin)], axis=1).reshape(n, -1)
+    return _rows_of([scales, qs, fp16_bytes(d), fp16_bytes(dmin)], rows)

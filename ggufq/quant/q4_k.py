@@ -28,6 +28,12 @@ def _seq_sum_last(a: np.ndarray) -> np.ndarray:
     return np.add.reduce(t, axis=0)
 
 
+def _rows_of(cols, rows: np.ndarray) -> np.ndarray:
+    """Super-block columns [nb, ...] -> bytes [n_rows, row_nbytes] (also for zero rows)."""
+    blk = np.concatenate(cols, axis=1)
+    return blk.reshape(rows.shape[0], rows.shape[1] // QK_K * blk.shape[1])
+
+
 def pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """6-bit scales and mins [nb, 8] -> the 12 packed bytes [nb, 12] (inverse of get_scale_min_k4)."""
     ls = ls.astype(np.uint8)
@@ -134,7 +140,7 @@ def encode_q4_k(rows: np.ndarray, imatrix=None) -> np.ndarray:
     d, dmin, scales, L = _encode_k(rows, imatrix, 15, -1.0, 0.1, 20)
     L = L.reshape(-1, 4, 2, 32)                        # 64-weight chunks: low nibble first 32, high next 32
     qs = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(-1, 128)
-    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales, qs], axis=1).reshape(n, -1)
+    return _rows_of([fp16_bytes(d), fp16_bytes(dmin), scales, qs], rows)
 
 
 @register(T.Q5_K)
@@ -147,4 +153,4 @@ def encode_q5_k(rows: np.ndarray, imatrix=None) -> np.ndarray:
     hb = (L >> 4).astype(np.uint8)                     # [nb, 4, 2, 32]
     shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None]
     qh = np.bitwise_or.reduce((hb[:, :, 0, :] << shifts) | (hb[:, :, 1, :] << (shifts + 1)), axis=1)
-    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales, qh, qs], axis=1).reshape(n, -1)
+    return _rows_of([fp16_bytes(d), fp16_bytes(dmin), scales, qh, qs], rows)
