@@ -46,7 +46,7 @@ def _seq_sum(a: np.ndarray) -> np.ndarray:
     return np.add.reduce(a, axis=0)
 
 
-def _chunked(fn, arrays, n_groups):
+def _chunked(fn, arrays, n_groups, l_dtype=np.int8):
     """Run ``fn`` on transposed chunks [group_size, c] and stitch (scale, L)."""
     out_s = np.empty(n_groups, dtype=F32)
     out_l = None
@@ -59,7 +59,7 @@ def _chunked(fn, arrays, n_groups):
         out_s[lo:hi] = s
         out_l[lo:hi] = LT.T
     if out_l is None:
-        out_l = np.empty((0, arrays[0].shape[1]), dtype=np.int8)
+        out_l = np.empty((0, arrays[0].shape[1]), dtype=l_dtype)
     return out_s, out_l
 
 
@@ -362,4 +362,4 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray):
     if qw is None:
         raise ValueError("make_qp_quants needs weights")
     x, qw = _check(x, qw)
-    return _chunked(lambda xt, wt: make_qp_quants_T(xt, nmax, wt), [x, qw], x.shape[0])
+    return _chunked(lambda xt, wt: make_qp_quants_T(xt, nmax, wt), [x, qw], x.shape[0], np.uint8)
