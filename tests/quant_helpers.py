@@ -1,0 +1,58 @@
+"""Shared pieces of the encoder tests: data with edge cases, real tiny-model matrices, a tiny GGUF run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import LlamaFileType
+
+from conftest import TINY
+
+
+def edge_rows(k: int = 512, n: int = 48, seed: int = 0) -> np.ndarray:
+    """Gaussian rows plus blocks that hit the corner cases of the searches."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    x[0, :256] = 0                                   # all-zero blocks
+    x[1, :256] = 0.5                                 # constant positive (min clamps to 0)
+    x[2, :256] = -0.25                               # constant negative
+    x[3] = np.abs(x[3])                              # all positive
+    x[4] = -np.abs(x[4])                             # all negative
+    x[5, 7] = 3.0                                    # one outlier
+    x[6, :64] = np.float32(1e-30)                    # tiny values
+    x[7] = np.round(x[7] * 400) / 400                # many ties on a grid
+    x[8, 3] = -x[8].max() * 5                        # negative absmax
+    x[9, 0:32] = np.linspace(-1, 1, 32, dtype=np.float32)
+    return x
+
+
+def tiny_matrices(names=("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                         "model.layers.5.mlp.gate_proj.weight", "model.embed_tokens.weight")):
+    """A few real bf16 matrices of the tiny model as float32 (the embedding cut to 1024 rows)."""
+    from ggufq.quant.parity import model_matrices
+    if not TINY.is_dir():
+        pytest.skip(f"tiny model not at {TINY}")
+    out = {}
+    for name, m in model_matrices(str(TINY)):
+        if name in names:
+            out[name] = m[:1024]
+    assert set(out) == set(names)
+    return out
+
+
+def run_tiny_gguf(tmp_path, monkeypatch, ftype_name: str, qtype, imatrix=None):
+    """Convert the tiny model with every matrix in ``qtype`` (our encoders), load it in llama.cpp,
+    return the last-token logits for a fixed prompt."""
+    import llama_cpp
+
+    from ggufq import plan as plans
+    from ggufq.convert import convert
+    ft = getattr(LlamaFileType, "MOSTLY_" + ftype_name, LlamaFileType.GUESSED)
+    monkeypatch.setitem(plans.SIMPLE_TYPES, ftype_name, (ft, qtype))
+    p = tmp_path / f"tiny-{ftype_name}.gguf"
+    convert(TINY, p, ftype_name, jobs=1, force=True, progress=False, imatrix=imatrix)
+    llm = llama_cpp.Llama(str(p), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    toks = llm.tokenize(b"The word apple means a round fruit")
+    llm.eval(toks)
+    lg = np.array(llm.scores[len(toks) - 1], dtype=np.float64)
+    del llm
+    return lg

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Encoder speed: ggufq's NumPy encoders vs llama.cpp's C quantizers (ggml_quantize_chunk via ctypes).
+
+Weights per second for each type, on one core and on all cores: ours splits row
+ranges over a ProcessPoolExecutor, ggml's over threads (ctypes releases the GIL).
+Tensors: every matrix of MODEL_DIR (safetensors) and/or a random 4096x4096 one.
+Prints a markdown table.
+
+    PYTHONPATH=. python tools/bench_quant.py --model /work/shared/models/tinyllama-spm-10m --random 4096
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from ggufq.quant import encode, ggml_ref  # noqa: E402
+from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
+
+DEFAULT_TYPES = "Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q4_K,Q5_K"
+CHUNK = 1 << 18          # weights per encode call, as a streaming converter would feed
+
+
+def _ours(qt, m, im):
+    rows = max(1, CHUNK // m.shape[1])
+    for lo in range(0, m.shape[0], rows):
+        encode(qt, m[lo:lo + rows], im)
+
+
+def _ggml(qt, m, im):
+    ggml_ref.quantize(qt, m, im)
+
+
+def _split(m, parts):
+    step = -(-m.shape[0] // parts)
+    return [m[i:i + step] for i in range(0, m.shape[0], step)]
+
+
+def _ours_task(args):
+    qt, m, im = args
+    _ours(T(qt), m, im)
+    return m.size
+
+
+def timed(fn, mats, qt, ims, pool=None, kind="ours", jobs=1):
+    t0 = time.perf_counter()
+    n = 0
+    for m, im in zip(mats, ims):
+        if pool is None:
+            fn(qt, m, im)
+        elif kind == "ours":
+            list(pool.map(_ours_task, [(int(qt), part, im) for part in _split(m, jobs)]))
+        else:
+            list(pool.map(lambda part: _ggml(qt, part, im), _split(m, jobs)))
+        n += m.size
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder whose matrices to encode (default: none)")
+    ap.add_argument("--random", type=int, default=4096, help="also a random NxN matrix (0: none; default 4096)")
+    ap.add_argument("--types", default=DEFAULT_TYPES, help=f"comma-separated ggml types (default {DEFAULT_TYPES})")
+    ap.add_argument("--imatrix", choices=("none", "synthetic"), default="none", help="importance weights")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="cores for the all-core columns")
+    ap.add_argument("--repeat", type=int, default=2, help="best of this many runs (default 2)")
+    a = ap.parse_args(argv)
+    if not ggml_ref.available():
+        print("llama-cpp-python (libggml-base) is not installed: no reference to compare with", file=sys.stderr)
+        return 2
+    sets = []
+    if a.model:
+        sets.append((f"{Path(a.model).name} (all matrices)", [m for _, m in model_matrices(a.model)]))
+    if a.random:
+        rng = np.random.default_rng(0)
+        sets.append((f"random {a.random}x{a.random}",
+                     [rng.standard_normal((a.random, a.random), dtype=np.float32) * np.float32(0.02)]))
+    if not sets:
+        ap.error("nothing to encode: give --model and/or --random N")
+    types = [T[t.strip().upper()] for t in a.types.split(",") if t.strip()]
+    jobs = max(1, a.jobs)
+    with ProcessPoolExecutor(jobs) as procs, ThreadPoolExecutor(jobs) as threads:
+        list(procs.map(_ours_task, [(int(T.Q4_K), np.ones((1, 256), np.float32), None)] * jobs))   # warm workers
+        print(f"imatrix: {a.imatrix}; all cores = {jobs}; Mw/s = million weights per second, best of {a.repeat}\n")
+        print("| tensors | type | ours 1 core | ggml 1 core | ratio | ours all cores | ggml all cores | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label, mats in sets:
+            ims = [synthetic_imatrix(m.shape[1]) if a.imatrix == "synthetic" else None for m in mats]
+            for qt in types:
+                best = lambda *args, **kw: max(timed(*args, **kw) for _ in range(a.repeat))  # noqa: E731
+                o1 = best(_ours, mats, qt, ims)
+                g1 = best(_ggml, mats, qt, ims)
+                oj = best(_ours, mats, qt, ims, procs, "ours", jobs)
+                gj = best(_ggml, mats, qt, ims, threads, "ggml", jobs)
+                print(f"| {label} | {qt.name} | {o1 / 1e6:.2f} | {g1 / 1e6:.2f} | {o1 / g1:.2f} "
+                      f"| {oj / 1e6:.2f} | {gj / 1e6:.2f} | {oj / gj:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

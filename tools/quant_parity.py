@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Accuracy parity of ggufq's encoders with llama.cpp's own (ggml_quantize_chunk via ctypes).
+
+For every 2-D tensor of MODEL_DIR (safetensors, bf16/f16/f32) and every type:
+relative RMSE ||x - deq|| / ||x|| of ours and of ggml's, their ratio, and the
+share of blocks whose bytes are identical. Prints a markdown table.
+
+    PYTHONPATH=. python tools/quant_parity.py /work/shared/models/tinyllama-spm-10m --imatrix synthetic
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
+
+from ggufq.quant import can_encode  # noqa: E402
+from ggufq.quant.parity import compare, model_matrices, synthetic_imatrix  # noqa: E402
+
+DEFAULT_TYPES = "Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q4_K,Q5_K"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--types", default=DEFAULT_TYPES, help=f"comma-separated ggml types (default {DEFAULT_TYPES})")
+    ap.add_argument("--imatrix", choices=("none", "synthetic", "both"), default="both",
+                    help="importance weights: none, a synthetic positive imatrix per column, or both (default)")
+    ap.add_argument("--max-rows", type=int, default=0, help="use at most this many rows of each tensor (0: all)")
+    a = ap.parse_args(argv)
+    types = [T[t.strip().upper()] for t in a.types.split(",") if t.strip()]
+    modes = ["none", "synthetic"] if a.imatrix == "both" else [a.imatrix]
+    mats = [(n, m[: a.max_rows] if a.max_rows else m) for n, m in model_matrices(a.model_dir)]
+    print(f"{len(mats)} matrices, {sum(m.size for _, m in mats) / 1e6:.1f} M weights from {a.model_dir}\n")
+    print("| type | imatrix | tensors | mean ratio | max ratio (tensor) | ours rel-RMSE | ggml rel-RMSE | identical blocks |")
+    print("|---|---|---|---|---|---|---|---|")
+    worst = 0.0
+    for qt in types:
+        for mode in modes:
+            t0 = time.time()
+            ratios, ours, ref, same, nbl, argmax = [], [], [], 0.0, 0, ""
+            for name, m in mats:
+                if not can_encode(qt, m.shape[1]):
+                    continue
+                im = synthetic_imatrix(m.shape[1]) if mode == "synthetic" else None
+                p = compare(qt, m, im)
+                ratios.append(p.ratio)
+                ours.append(p.ours)
+                ref.append(p.ggml)
+                same += p.same_blocks * p.n_blocks
+                nbl += p.n_blocks
+                if p.ratio > max(ratios[:-1], default=-1.0):
+                    argmax = name
+            if not ratios:
+                continue
+            worst = max(worst, max(ratios))
+            print(f"| {qt.name} | {mode} | {len(ratios)} | {np.mean(ratios):.5f} | {max(ratios):.5f} ({argmax}) "
+                  f"| {np.mean(ours):.5f} | {np.mean(ref):.5f} | {100 * same / nbl:.3f}% |", flush=True)
+            print(f"{qt.name}/{mode}: {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
