@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import LlamaFileType
+from gguf import GGMLQuantizationType as T
 
 from conftest import TINY
 
@@ -44,12 +44,17 @@ def run_tiny_gguf(tmp_path, monkeypatch, ftype_name: str, qtype, imatrix=None):
     return the last-token logits for a fixed prompt."""
     import llama_cpp
 
-    from ggufq import plan as plans
     from ggufq.convert import convert
-    ft = getattr(LlamaFileType, "MOSTLY_" + ftype_name, LlamaFileType.GUESSED)
-    monkeypatch.setitem(plans.SIMPLE_TYPES, ftype_name, (ft, qtype))
+    from ggufq.plan import load_map
     p = tmp_path / f"tiny-{ftype_name}.gguf"
-    convert(TINY, p, ftype_name, jobs=1, force=True, progress=False, imatrix=imatrix)
+    if qtype in (T.F32, T.F16, T.BF16):
+        convert(TINY, p, qtype.name, jobs=1, force=True, progress=False, imatrix=imatrix)
+    else:
+        # every matrix in qtype (llama-quantize --pure), through a layer map
+        m = tmp_path / f"pure-{qtype.name}.toml"
+        m.write_text(f'[[rule]]\npattern = "*"\ntype = "{qtype.name}"\n')
+        convert(TINY, p, "F16", jobs=1, force=True, progress=False, imatrix=imatrix,
+                plan_kw={"rules": load_map(m)})
     llm = llama_cpp.Llama(str(p), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     toks = llm.tokenize(b"The word apple means a round fruit")
     llm.eval(toks)
