@@ -45,9 +45,29 @@ def test_make_synthetic_shapes_seed_and_logits(tmp_path):
     assert got.shape == (48, 9000) and rel.max() < 1e-3, rel.max()
 
 
-def test_compare_convert_tinyllama_f16_is_identical(tiny):
-    pytest.importorskip("torch")   # llama.cpp's converter needs it
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_convert.py"), str(tiny)],
+def _compare(model_dir, *extra):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_convert.py"), str(model_dir), *extra],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "75 identical byte for byte" in r.stdout and "0 unexplained difference(s)" in r.stdout
+    return r.stdout
+
+
+def test_compare_convert_tinyllama_f16_is_identical(tiny):
+    pytest.importorskip("torch")   # llama.cpp's converter needs it
+    out = _compare(tiny)
+    assert "75 identical byte for byte" in out and "0 unexplained difference(s)" in out
+
+
+@pytest.mark.parametrize("variant", ["llama3-padded-vocab-tied", "qwen2-bias-tied"])
+def test_compare_convert_synthetic_q8_0(variant, tmp_path):
+    pytest.importorskip("torch")
+    from synth import make_model
+    if variant.startswith("llama3"):
+        d = make_synthetic.write_model(tmp_path / variant, "0.25B", layers=1, vocab=9000,
+                                       shard_bytes=16 << 20, quiet=True)
+    else:
+        d = make_model(tmp_path / variant, arch="Qwen2ForCausalLM", bias=True, tied=True, hidden=128, ff=256)
+    out = _compare(d, "--type", "Q8_0")
+    assert "0 unexplained difference(s)" in out
+    n = int(out.split("tensors: ")[1].split(" ")[0])
+    assert f"{n - (1 if variant.startswith('llama3') else 0)} identical byte for byte" in out
