@@ -108,7 +108,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             plan_kw: Optional[dict] = None) -> Result:
     t0 = time.monotonic()
     p = prepare(model_dir)
-    plan = make_plan(p, ftype, **(plan_kw or {}))
+    plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
+    plan.check_encoders()
     path = resolve_output(p, plan, out, name)
     if path.exists() and not force:
         raise GgufqError(f"{path} exists; pass --force to overwrite")

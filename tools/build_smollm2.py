@@ -550,7 +550,11 @@ def verify_transformers(folder: Path, gguf_path: Path, wikitext: Path | None, re
 
 
 # ---------------------------------------------------------------- main
-README = """# smollm2-135m{suffix}
+README = """---
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+---
+# smollm2-135m{suffix}
 
 SmolLM2-135M-Instruct by Hugging Face (HuggingFaceTB), licence **Apache-2.0**,
 rebuilt as a Hugging Face folder (LlamaForCausalLM, {dtype} safetensors, {n_shards} shards)
