@@ -9,8 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
-SHARED = ROOT.parent / "shared"
+# the shared data folder sits next to the checkout (/work/main) or two up from a worktree (/work/wt/x)
+SHARED = Path(os.environ.get("GGUFQ_SHARED") or next(
+    (p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared"))
 HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SMOLLM2 = Path(os.environ.get("GGUFQ_SMOLLM2", Path.home() / ".cache" / "ggufq" / "smollm2-135m-dither"))
 LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache" / "ggufq" / "llama-bin"))
 

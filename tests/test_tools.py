@@ -1,0 +1,73 @@
+"""The benchmark/proof tools run and say what they claim: synthetic models convert and compute
+what the HF folder computes; llama.cpp's converter and ggufq write the same file."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "tools"))
+import make_synthetic  # noqa: E402
+
+
+def test_make_synthetic_shapes_seed_and_logits(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llama_worker import llama_logits
+    from reference import Reference
+
+    d = make_synthetic.write_model(tmp_path / "s", "0.25B", seed=1, layers=1, vocab=9000,
+                                   shard_bytes=16 << 20, quiet=True)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["tie_word_embeddings"] is True
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) == 4          # sharded at 16 MiB
+    # same seed -> same bytes; the 1B tensor list has Llama-3.2-1B's parameter count
+    d2 = make_synthetic.write_model(tmp_path / "s2", "0.25B", seed=1, layers=1, vocab=9000,
+                                    shard_bytes=16 << 20, quiet=True)
+    for f in idx["weight_map"].values():
+        assert (d / f).read_bytes() == (d2 / f).read_bytes()
+    n_1b = sum(int(np.prod(s)) for _, s, _ in make_synthetic.tensor_list(make_synthetic.SIZES["1B"], 128256))
+    assert n_1b == 1_235_814_400
+
+    out = tmp_path / "s.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "F32", "-j", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    ids = [1] + list(np.random.default_rng(0).integers(3, 8192, 47))
+    ref = Reference(d).logits(ids).astype(np.float64)
+    got = llama_logits(out, ids).astype(np.float64)
+    rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert got.shape == (48, 9000) and rel.max() < 1e-3, rel.max()
+
+
+def _compare(model_dir, *extra):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_convert.py"), str(model_dir), *extra],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_compare_convert_tinyllama_f16_is_identical(tiny):
+    pytest.importorskip("torch")   # llama.cpp's converter needs it
+    out = _compare(tiny)
+    assert "75 identical byte for byte" in out and "0 unexplained difference(s)" in out
+
+
+@pytest.mark.parametrize("variant", ["llama3-padded-vocab-tied", "qwen2-bias-tied"])
+def test_compare_convert_synthetic_q8_0(variant, tmp_path):
+    pytest.importorskip("torch")
+    from synth import make_model
+    if variant.startswith("llama3"):
+        d = make_synthetic.write_model(tmp_path / variant, "0.25B", layers=1, vocab=9000,
+                                       shard_bytes=16 << 20, quiet=True)
+    else:
+        d = make_model(tmp_path / variant, arch="Qwen2ForCausalLM", bias=True, tied=True, hidden=128, ff=256)
+    out = _compare(d, "--type", "Q8_0")
+    assert "0 unexplained difference(s)" in out
+    n = int(out.split("tensors: ")[1].split(" ")[0])
+    assert f"{n - (1 if variant.startswith('llama3') else 0)} identical byte for byte" in out
