@@ -151,6 +151,9 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             finals.append(dst)
         for src, dst in zip(names, finals):
             os.replace(src, dst)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            pool = None
         return finals
     except OSError as e:
         if e.errno == errno.ENOSPC:

@@ -605,11 +605,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers-check", action="store_true",
                     help="skip the optional transformers-vs-llama.cpp logits check")
     ap.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ap.add_argument("--if-missing", action="store_true",
+                    help="do nothing when the output folder already holds a model (for CI caching)")
     args = ap.parse_args(argv)
 
     dither = not args.no_dither and args.dither_scale != 0
     dither_scale = args.dither_scale if dither else 0.0
     out = (args.out or (DEFAULT_OUT if dither else DEFAULT_OUT.with_name("smollm2-135m-nodither"))).expanduser()
+    if args.if_missing and (out / "config.json").is_file():
+        print(f"{out} already built")
+        return 0
     if out.exists() and not args.force:
         sys.exit(f"error: {out} exists (use --force to replace it)")
 

@@ -58,6 +58,9 @@ class Llama:
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     permute_qk = True          # HF rotate-half -> llama.cpp interleaved rope layout
     writes_vocab_size = True   # llama.cpp's LlamaModel adds llama.vocab_size and rope.dimension_count
+    # llama.cpp reads the config through transformers, whose Llama/Mistral configs always carry
+    # head_dim (hidden/heads by default), so key/value lengths are written even when config.json lacks it
+    always_head_dim = True
 
     def __init__(self, config: dict):
         self.config = config
@@ -109,7 +112,7 @@ class Llama:
         self._write_rope(w)
         if c.get("rms_norm_eps") is not None:
             w.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
-        if c.get("head_dim") is not None:
+        if c.get("head_dim") is not None or self.always_head_dim:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
 

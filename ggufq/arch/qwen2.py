@@ -12,6 +12,7 @@ class Qwen2(Llama):
     gguf_arch = gguf.MODEL_ARCH.QWEN2
     permute_qk = False
     writes_vocab_size = False   # llama.cpp's Qwen2Model writes only TextModel's keys
+    always_head_dim = False     # transformers' Qwen2Config has no head_dim
 
     def layer_biases(self, p, b, q_rows, kv_rows, pq, pk):
         return [
