@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("GGUFQ_SHARED", ROOT.parent / "shared"))
 HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
 SMOLLM2 = Path(os.environ.get("GGUFQ_SMOLLM2", Path.home() / ".cache" / "ggufq" / "smollm2-135m-dither"))
 LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache" / "ggufq" / "llama-bin"))

@@ -297,6 +297,8 @@ def evaluate(model: PathLike, ref: Optional[PathLike] = None, text: Optional[Pat
     s = acc.summary()
     ngl, ntot = info["gpu_layers"], info["gpu_layers_total"]
     device = f"GPU ({ngl}/{ntot} layers offloaded)" if ngl else "CPU"
+    if not info["gpu_offload_supported"] and gpu_layers not in (None, 0):
+        device += " (this llama-cpp-python build has no GPU offload)"
     return EvalResult(
         model=str(mpath), ref=str(rpath) if rpath else None, text=str(text) if text is not None else None,
         n_ctx=ctx, n_chunks=n_chunk, n_chunks_max=n_max, n_text_tokens=int(tokens.size),
