@@ -33,8 +33,13 @@ def _default_jobs() -> int:
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=True, path_type=str), default=None,
               help="Output .gguf file or directory (default: GGUF naming convention, in the current directory).")
-@click.option("-t", "--type", "ftype", default="F16", show_default=True,
-              help="Target type or preset: F32, F16, BF16, Q8_0.")
+@click.option("-t", "--type", "ftype", default=None,
+              help="Target type or llama-quantize mixture: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+                   "Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K (default F16, or the preset's base type).")
+@click.option("-p", "--preset", default=None, metavar="NAME",
+              help="Built-in layer map over --type, e.g. attn8-mlp4 (attention Q8_0, MLP Q4_K).")
+@click.option("-m", "--map", "map_file", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="TOML layer map: [[rule]] pattern/layers/type, first match wins over --preset and --type.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Encoder processes (default: all cores).")
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -43,23 +48,38 @@ def _default_jobs() -> int:
               help="Split into shards of at most SIZE of tensor data (e.g. 2G), as llama-gguf-split.")
 @click.option("--split-max-tensors", type=click.IntRange(min=1), default=None, metavar="N",
               help="Split into shards of at most N tensors.")
+@click.option("--vocab-pre", default=None, metavar="NAME",
+              help="Override llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for an unrecognised BPE tokenizer.")
+@click.option("--ollama", is_flag=True,
+              help="Also write an Ollama Modelfile (chat TEMPLATE, stop tokens, SYSTEM, LICENSE) next to the GGUF.")
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, jobs, imatrix, split_max_size, split_max_tensors, name, force, quiet):
+def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
     is written unless the whole conversion succeeds.
     """
     from ..convert import convert
+    from ..plan import load_map
+
+    if ftype is None and preset is None:
+        ftype = "F16"
+    plan_kw = {"preset": preset, "rules": load_map(map_file) if map_file else None}
 
     progress = not quiet and sys.stderr.isatty()
     res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
-                  progress=progress, name=name, imatrix=imatrix,
+                  progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw,
                   split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   split_max_tensors=split_max_tensors or 0)
+    notes = []
+    if ollama:
+        from ..ollama import write_modelfile
+        notes = write_modelfile(res.paths if len(res.paths) > 1 else res.paths[0], model_dir)
     if not quiet:
+        for line in notes:
+            click.echo(line, err=True)
         where = ", ".join(str(p) for p in res.paths)
         click.echo(f"wrote {where}: {fmt_bytes(res.nbytes)}, {res.plan.bits_per_weight:.4f} bits/weight, "
                    f"{res.plan.ftype}, {len(res.plan.entries)} tensors in {fmt_secs(res.seconds)}", err=True)

@@ -1,9 +1,24 @@
 """Layer map: tensor name + shape -> ggml type, before any weight is read.
 
-``make_plan(tensors, info, ftype, rules=None)`` returns a :class:`Plan` whose
-entries say, for every tensor, the type chosen and the rule that chose it
-(what ``ggufq plan`` prints). Presets reproduce llama-quantize's mixtures
-(``llama_tensor_get_type`` in llama.cpp's ``src/llama-quant.cpp``).
+``make_plan(tensors, info, ftype, rules=None, preset=None)`` returns a
+:class:`Plan` whose entries say, for every tensor, the type chosen and the rule
+that chose it (what ``ggufq plan`` prints).
+
+Precedence for a tensor llama-quantize would quantize:
+
+1. the first matching rule of a user map (``rules``, see :mod:`.maps`),
+2. the first matching rule of a built-in ``preset`` (e.g. ``attn8-mlp4``),
+3. the ``--type`` mixture, exactly as llama-quantize picks it
+   (``llama_tensor_get_type``; tables in :mod:`.rules`),
+
+then llama.cpp's row-length fallback (Q4_K -> Q5_0, ...). The mixture of step 3
+is computed for every tensor first, so a map never shifts llama.cpp's layer
+counters (``use_more_bits``) for the tensors it leaves alone.
+
+Tensors llama-quantize never quantizes (1-D, norms, MoE routers, ...) keep the
+type convert_hf_to_gguf.py writes for them: F32 where it forces F32, else the
+F16 intermediate (BF16 / F32 for --type BF16 / F32). That is what a
+convert-to-F16-then-llama-quantize pipeline writes, tensor for tensor.
 """
 from __future__ import annotations
 
@@ -13,6 +28,8 @@ from typing import Optional, Sequence
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
 
 from .. import GgufqError
+from . import rules as R
+from .maps import PRESETS, MapRule, Preset, format_layers, layer_of, load_map, parse_map  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,7 @@ class PlanEntry:
     shape: tuple[int, ...]
     qtype: T
     reason: str
+    fallback: bool = False    # the row length forced a type other than the one the rule chose
 
     @property
     def n_elements(self) -> int:
@@ -56,6 +74,8 @@ class Plan:
     ftype: str                       # the --type asked for, e.g. "Q4_K_M"
     file_type: LlamaFileType         # general.file_type
     entries: list[PlanEntry] = field(default_factory=list)
+    preset: Optional[str] = None     # built-in preset applied over --type, e.g. "attn8-mlp4"
+    warnings: list[str] = field(default_factory=list)   # e.g. map rules that matched nothing
 
     def __getitem__(self, name: str) -> PlanEntry:
         for e in self.entries:
@@ -73,43 +93,193 @@ class Plan:
 
     @property
     def bits_per_weight(self) -> float:
+        """Bits over all tensors, norms included (how llama.cpp's quantize README counts)."""
         return self.total_bytes * 8 / max(1, self.n_elements)
 
+    @property
+    def n_fallback(self) -> int:
+        return sum(e.fallback for e in self.entries)
 
-# --type -> (general.file_type, default type of quantizable matrices)
-SIMPLE_TYPES: dict[str, tuple[LlamaFileType, T]] = {
-    "F32": (LlamaFileType.ALL_F32, T.F32),
-    "F16": (LlamaFileType.MOSTLY_F16, T.F16),
-    "BF16": (LlamaFileType.MOSTLY_BF16, T.BF16),
-    "Q8_0": (LlamaFileType.MOSTLY_Q8_0, T.Q8_0),
-}
+    def check_encoders(self) -> None:
+        """GgufqError unless ggufq.quant has an encoder for every planned type (call before writing)."""
+        from .. import quant
+
+        missing: dict[str, int] = {}
+        for e in self.entries:
+            if not quant.can_encode(e.qtype, e.shape[-1]):
+                missing[e.qtype.name] = missing.get(e.qtype.name, 0) + 1
+        if missing:
+            have = ", ".join(t.name for t in sorted(quant.encoders(), key=int))
+            need = ", ".join(f"{k} ({n} tensors)" for k, n in missing.items())
+            raise GgufqError(f"--type {self.ftype} needs {need}, which this ggufq cannot encode yet (it has {have})")
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entries:
+            out[e.qtype.name] = out.get(e.qtype.name, 0) + 1
+        return out
+
+
+# kept for callers of the first skeleton: --type -> (general.file_type, default matrix type)
+SIMPLE_TYPES = {k: v for k, v in R.FTYPES.items() if k in ("F32", "F16", "BF16", "Q8_0")}
+FTYPES = R.FTYPES
 
 
 def keeps_f32(spec: TensorSpec) -> Optional[str]:
     """Tensors llama.cpp's converter always writes as F32; returns the reason, or None."""
-    if len(spec.shape) <= 1:
-        return "1-D tensor kept F32"
-    if spec.name.endswith("_norm.weight"):
-        return "norm kept F32"
+    if R.convert_keeps_f32(spec.name, spec.shape):
+        return "1-D tensor kept F32" if len(spec.shape) <= 1 else "kept F32"
     return None
 
 
-def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: str,
-              rules: Optional[list] = None) -> Plan:
-    key = ftype.upper()
-    if key not in SIMPLE_TYPES:
-        raise GgufqError(f"unknown --type {ftype!r}; choose one of {', '.join(SIMPLE_TYPES)}")
-    file_type, default = SIMPLE_TYPES[key]
-    plan = Plan(ftype=key, file_type=file_type)
-    for spec in tensors:
-        why = keeps_f32(spec)
-        if why:
-            plan.entries.append(PlanEntry(spec.name, spec.shape, T.F32, why))
+def _unquantized(spec: TensorSpec, why: str, default: T) -> PlanEntry:
+    if default == T.F32 or R.convert_keeps_f32(spec.name, spec.shape):
+        t = T.F32
+    elif default == T.BF16:
+        t = T.BF16
+    else:
+        t = T.F16          # the converter's F16 intermediate, which llama-quantize copies
+    how = "" if t == T.F32 else " as converted"
+    return PlanEntry(spec.name, spec.shape, t, f"{why}: not quantized, {t.name}{how}")
+
+
+def _llama_types(tensors: Sequence[TensorSpec], info: ModelInfo, key: str, default: T,
+                 allowed: list[bool], has_imatrix: bool) -> dict[int, tuple[T, str]]:
+    """llama_tensor_get_type_impl for every quantizable tensor: index -> (type, reason), before fallback."""
+    names = [s.name for s in tensors]
+    tied = "output.weight" not in names
+    cats = [R.category(n) for n in names]
+    n_wv = sum(c in R.ATTN_V_LIKE for c in cats)
+    n_gqa = info.n_head // info.n_head_kv if info.n_head_kv else 0
+    is_70b = R.TYPE_70B.get(info.arch, lambda *a: False)(info.n_layer, info.n_head, info.n_head_kv, info.n_expert)
+    counters = {"wv": 0, R.FFN_DOWN: 0, R.FFN_GATE: 0, R.FFN_UP: 0}
+
+    # llama-quantize visits tensors sorted by layer number (none: -1), then by name
+    def visit_key(i: int):
+        layer = layer_of(names[i])
+        return (-1 if layer is None else layer, names[i].encode())
+
+    out: dict[int, tuple[T, str]] = {}
+    for i in sorted(range(len(tensors)), key=visit_key):
+        if not allowed[i]:
             continue
-        qtype, reason = default, f"--type {key}"
-        bs = GGML_QUANT_SIZES[qtype][0]
-        if spec.shape[-1] % bs:
-            # as convert_hf_to_gguf.py: rows Q8_0 can't take are written F16
-            qtype, reason = T.F16, f"row length {spec.shape[-1]} not a multiple of {bs}: F16"
-        plan.entries.append(PlanEntry(spec.name, spec.shape, qtype, reason))
+        spec, cat = tensors[i], cats[i]
+        if cat == R.TOKEN_EMBD and tied:
+            cat, tie_note = R.OUTPUT, "token_embd tied to output: "
+        else:
+            tie_note = ""
+        i_layer = 0
+        if cat in (R.FFN_DOWN, R.FFN_GATE, R.FFN_UP):
+            i_layer = counters[cat]
+            if max(1, info.n_expert) > 1:
+                i_layer = layer_of(spec.name)
+                if i_layer is None or not 0 <= i_layer < info.n_layer:
+                    raise GgufqError(f"cannot tell the layer (0..{info.n_layer - 1}) of {spec.name}")
+        c = R.Ctx(arch=info.arch, ftype=key, default=default, nx=spec.shape[-1], i_layer=i_layer,
+                  n_layer=info.n_layer, i_wv=counters["wv"], n_wv=n_wv, n_gqa=n_gqa,
+                  n_expert=info.n_expert, is_70b=is_70b, has_imatrix=has_imatrix)
+        qtype, why = default, f"default {default.name}"
+        for rule in R.PRESET_RULES.get(cat, ()):
+            if rule.applies(c):
+                qtype, why = rule.then, tie_note + rule.why.format(**c._asdict(), bs=R.block_size(default))
+                why += f" -> {qtype.name}"
+                break
+        for bump in R.BUMPS.get(cat, ()):
+            if bump.when(c, qtype):
+                qtype, why = bump.then, f"{why}; {bump.why} -> {bump.then.name}"
+        if cat in R.ATTN_V_LIKE:
+            counters["wv"] += 1
+        elif cat in counters:
+            counters[cat] += 1
+        out[i] = (qtype, f"{key}: {why}")
+    return out
+
+
+def _resolve(ftype: Optional[str], preset: Optional[str]) -> tuple[str, Optional[Preset]]:
+    p = None
+    if preset is not None:
+        p = PRESETS.get(preset.lower())
+        if p is None:
+            raise GgufqError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if ftype is None:
+        if p is None:
+            raise GgufqError("no --type given")
+        ftype = p.base
+    if ftype.lower() in PRESETS:           # --type attn8-mlp4 means --preset attn8-mlp4 on its base type
+        if p is not None and p.name != ftype.lower():
+            raise GgufqError(f"--type {ftype} is a preset and --preset {preset} is another; give one")
+        p = PRESETS[ftype.lower()]
+        ftype = p.base
+    key = ftype.upper()
+    if key not in R.FTYPES:
+        raise GgufqError(f"unknown --type {ftype!r}; choose one of {', '.join(R.FTYPES)} "
+                         f"(or a preset: {', '.join(PRESETS)})")
+    return key, p
+
+
+def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[str] = None,
+              rules: Optional[Sequence[MapRule]] = None, preset: Optional[str] = None,
+              has_imatrix: bool = False) -> Plan:
+    """Plan every tensor.
+
+    ``ftype``: a llama-quantize --type (``FTYPES``: Q4_K_M, Q8_0, F16, ...) or a preset name;
+    ``preset``: a built-in map (``PRESETS``) applied over ``ftype`` (which then defaults to the
+    preset's base, Q4_K_M for attn8-mlp4); ``rules``: a user map (:func:`load_map`), first match
+    wins over preset and --type; ``has_imatrix``: as llama-quantize with --imatrix (only changes
+    Q4_0/Q5_0's first ffn_down layers). general.file_type is the --type's.
+    """
+    key, p = _resolve(ftype, preset)
+    file_type, default = R.FTYPES[key]
+    plan = Plan(ftype=key, file_type=file_type, preset=p.name if p else None)
+    user = list(rules or ())
+    for r in user:
+        if r.layers is not None and max(r.layers) >= info.n_layer:
+            raise GgufqError(f"{r.source}: layers {format_layers(r.layers)} outside the model's 0-{info.n_layer - 1}")
+
+    why_not = [R.unquantized_reason(s.name, s.shape) for s in tensors]
+    allowed = [w is None for w in why_not]
+    llama = _llama_types(tensors, info, key, default, allowed, has_imatrix) if default not in R.FLOAT_TYPES else {}
+    used: set[int] = set()
+    for i, spec in enumerate(tensors):
+        if not allowed[i]:
+            plan.entries.append(_unquantized(spec, why_not[i], default))
+            continue
+        hit = next((r for r in user if r.matches(spec.name)), None) or \
+            next((r for r in (p.rules if p else ()) if r.matches(spec.name)), None)
+        if hit is not None:
+            used.add(id(hit))
+            qtype, why = hit.qtype, f"{hit.describe()} -> {hit.qtype.name}"
+        elif i in llama:
+            qtype, why = llama[i]
+        else:
+            qtype, why = default, f"--type {key}"
+        final, note = R.fallback(qtype, spec.shape[-1])
+        if note:
+            why = f"{why}; {note}"
+        plan.entries.append(PlanEntry(spec.name, spec.shape, final, why, fallback=note is not None))
+    for r in user:
+        if id(r) not in used:
+            plan.warnings.append(f"{r.describe()} matched no quantizable tensor")
     return plan
+
+
+
+def specs_from_gguf(path) -> tuple[list[TensorSpec], ModelInfo]:
+    """Tensor names and shapes (numpy order, file order) of a GGUF file and the hyperparameters
+    the plan needs: what llama-quantize would see reading it."""
+    from .gguf_header import read_header
+
+    try:
+        kv, tensors = read_header(path)
+    except (ValueError, OSError) as e:
+        raise GgufqError(f"cannot read GGUF {path}: {e}") from None
+    arch = kv.get("general.architecture")
+    if arch is None:
+        raise GgufqError(f"{path}: no general.architecture")
+    n_head = int(kv.get(f"{arch}.attention.head_count", 0))
+    specs = [TensorSpec(name, shape) for name, shape, _ in tensors]
+    info = ModelInfo(arch=arch, n_layer=int(kv.get(f"{arch}.block_count", 0)),
+                     n_embd=int(kv.get(f"{arch}.embedding_length", 0)), n_head=n_head,
+                     n_head_kv=int(kv.get(f"{arch}.attention.head_count_kv", n_head)),
+                     n_expert=int(kv.get(f"{arch}.expert_count", 0)))
+    return specs, info

@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 Encoder = Callable[[np.ndarray, Optional[np.ndarray]], np.ndarray]
 
 # one module per block family
-_MODULES = ("floats", "legacy")
+_MODULES = ("floats", "legacy", "q3_k", "q6_k")
 _ENCODERS: dict[GGMLQuantizationType, Encoder] = {}
 _loaded = False
 

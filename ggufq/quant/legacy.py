@@ -27,4 +27,4 @@ def encode_q8_0(rows: np.ndarray, imatrix=None) -> np.ndarray:
     out = np.empty((blocks.shape[0], 2 + QK8_0), dtype=np.uint8)
     out[:, :2] = fp16_bytes(d)
     out[:, 2:] = q.view(np.uint8)
-    return out.reshape(n, -1)
+    return out.reshape(n, k // QK8_0 * (2 + QK8_0))

@@ -1,0 +1,49 @@
+"""``ggufq plan MODEL --type X [--preset P] [--map FILE] [--json]``: the type of every
+tensor and why, with size and bits per weight, before reading any weight."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import GgufqError
+from ..plan import FTYPES, PRESETS, load_map, make_plan, specs_from_gguf
+from ..plan.report import format_table, to_json
+
+
+def tensor_list(model: Path):
+    """(specs, info) of an HF model folder (through ggufq's converter) or of a GGUF file."""
+    if model.is_file() and model.suffix == ".gguf":
+        return specs_from_gguf(model)
+    if not model.is_dir():
+        raise GgufqError(f"{model}: not a model folder or a .gguf file")
+    try:
+        from ..convert import tensor_specs
+    except ImportError:
+        raise GgufqError("this ggufq has no converter (ggufq.convert.tensor_specs); pass a .gguf file") from None
+    return tensor_specs(model)
+
+
+@click.command("plan")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--type", "-t", "ftype", metavar="TYPE",
+              help=f"llama-quantize mixture: {', '.join(FTYPES)} (default: the preset's base type)")
+@click.option("--preset", "-p", type=click.Choice(sorted(PRESETS), case_sensitive=False),
+              help="built-in map over --type: " + "; ".join(f"{p.name}: {p.doc}" for p in PRESETS.values()))
+@click.option("--map", "-m", "map_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML layer map, [[rule]] pattern/layers/type; first match wins over --preset and --type")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="plan as llama-quantize does when given an importance matrix (as convert --imatrix)")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def command(model: Path, ftype, preset, map_file, imatrix, as_json) -> None:
+    """Show the ggml type of every tensor of MODEL (HF folder or .gguf), the rule that chose it, and the totals."""
+    if ftype is None and preset is None:
+        raise GgufqError("give --type (e.g. Q4_K_M) or --preset")
+    rules = load_map(map_file) if map_file else None
+    specs, info = tensor_list(model)
+    plan = make_plan(specs, info, ftype, rules=rules, preset=preset, has_imatrix=imatrix is not None)
+    if as_json:
+        click.echo(json.dumps(to_json(plan), indent=1))
+    else:
+        click.echo(format_table(plan))
