@@ -140,13 +140,19 @@ def anytext(tmp_path):
     return p
 
 
-def _llama_perplexity(*args) -> str:
+def _llama_perplexity(*args, expect: str = "") -> str:
     exe = LLAMA_BIN / "llama-perplexity"
     if not exe.exists():
         pytest.skip(f"llama-perplexity not built in {LLAMA_BIN} (tools/build_llama_tools.sh)")
-    r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout + r.stderr
+    # its log is written by a background thread; now and then (under load, into a pipe) the last
+    # lines are lost although it exits 0, so a run whose report is cut short is repeated
+    for _ in range(3):
+        r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = r.stdout + r.stderr
+        if expect in out:
+            break
+    return out
 
 
 def test_ppl_equals_llama_perplexity(ggufs, text):
@@ -154,7 +160,8 @@ def test_ppl_equals_llama_perplexity(ggufs, text):
     assert r.n_chunks == CHUNKS and r.n_scored == CHUNKS * (CTX - 1 - CTX // 2)
     assert r.device == "CPU" or r.device.startswith("GPU")
     assert 2.0 < r.ppl < 50.0 and r.ppl_err > 0
-    out = _llama_perplexity("-m", ggufs["F16"], "-f", text, "-c", CTX, "-b", CTX, "--chunks", CHUNKS, "-t", 2)
+    out = _llama_perplexity("-m", ggufs["F16"], "-f", text, "-c", CTX, "-b", CTX, "--chunks", CHUNKS, "-t", 2,
+                            expect="Final estimate")
     m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", out)
     assert m, out[-2000:]
     assert r.ppl == pytest.approx(float(m.group(1)), rel=1e-3)
@@ -171,7 +178,7 @@ def test_kld_equals_llama_perplexity(ggufs, text, tmp_path):
     # across the two layouts is about half of Q8_0's own KLD at ctx 128)
     common = ("-f", text, "-c", CTX, "-b", CTX, "--chunks", CHUNKS, "-t", 2, "--kl-divergence-base", base)
     _llama_perplexity("-m", ggufs["F16"], *common)
-    out = _llama_perplexity("-m", ggufs["Q8_0"], *common, "--kl-divergence")
+    out = _llama_perplexity("-m", ggufs["Q8_0"], *common, "--kl-divergence", expect="Same top p")
     want = {
         "ppl": float(re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out).group(1)),
         "ppl_base": float(re.search(r"Mean PPL\(base\)\s*:\s*([\d.]+)", out).group(1)),
