@@ -178,7 +178,7 @@ def test_kld_equals_llama_perplexity(ggufs, text, tmp_path):
     # across the two layouts is about half of Q8_0's own KLD at ctx 128)
     common = ("-f", text, "-c", CTX, "-b", CTX, "--chunks", CHUNKS, "-t", 2, "--kl-divergence-base", base)
     _llama_perplexity("-m", ggufs["F16"], *common)
-    out = _llama_perplexity("-m", ggufs["Q8_0"], *common, "--kl-divergence", expect="Same top p")
+    out = _llama_perplexity("-m", ggufs["Q8_0"], *common, "--kl-divergence", expect="Same top p:")
     want = {
         "ppl": float(re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out).group(1)),
         "ppl_base": float(re.search(r"Mean PPL\(base\)\s*:\s*([\d.]+)", out).group(1)),
