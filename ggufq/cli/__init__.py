@@ -12,7 +12,7 @@ import click
 from .. import GgufqError, __version__
 
 # subcommand modules; each defines `command` (a click.Command)
-_COMMANDS = ("convert", "plan", "inspect")
+_COMMANDS = ("convert", "plan", "inspect", "eval")
 
 
 class _Group(click.Group):

@@ -1,0 +1,57 @@
+"""Frames between the evaluation process and its llama-cpp-python worker.
+
+A frame is an 8-byte little-endian length, a pickled ``(message, array_spec)``
+header and, when ``array_spec`` is ``(dtype, shape)``, the array's raw bytes,
+read straight into a preallocated array (logits of a chunk are tens of MB, so
+no pickling of the payload). Imports NumPy only: the parent never imports
+``llama_cpp`` through this module.
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any, BinaryIO, Optional
+
+import numpy as np
+
+
+class ProtocolEOF(EOFError):
+    """The other side closed the pipe (the worker died or exited)."""
+
+
+def send(f: BinaryIO, msg: Any, arr: Optional[np.ndarray] = None) -> None:
+    spec = None
+    if arr is not None:
+        arr = np.ascontiguousarray(arr)
+        spec = (arr.dtype.str, arr.shape)
+    head = pickle.dumps((msg, spec), protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(struct.pack("<Q", len(head)))
+    f.write(head)
+    if arr is not None and arr.size:
+        f.write(memoryview(arr).cast("B"))
+    f.flush()
+
+
+def _read_into(f: BinaryIO, buf: memoryview) -> None:
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise ProtocolEOF("pipe closed")
+        got += n
+
+
+def recv(f: BinaryIO) -> tuple[Any, Optional[np.ndarray]]:
+    hdr = bytearray(8)
+    _read_into(f, memoryview(hdr))
+    (n,) = struct.unpack("<Q", hdr)
+    head = bytearray(n)
+    _read_into(f, memoryview(head))
+    msg, spec = pickle.loads(head)
+    arr = None
+    if spec is not None:
+        dtype, shape = spec
+        arr = np.empty(shape, dtype=np.dtype(dtype))
+        if arr.size:
+            _read_into(f, memoryview(arr).cast("B"))
+    return msg, arr
