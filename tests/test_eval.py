@@ -276,3 +276,17 @@ def test_ref_with_other_vocab(ggufs, tmp_path, anytext):
 def test_evaluate_needs_text(ggufs):
     with pytest.raises(GgufqError, match="no evaluation text"):
         evaluate(ggufs["F16"])
+
+
+def test_convert_validate_prints_table_and_removes_reference(tmp_path):
+    from conftest import HELDOUT, TINY, run_cli
+    if not HELDOUT.exists():
+        pytest.skip("held-out text not found")
+    out = tmp_path / "q.gguf"
+    r = run_cli("convert", TINY, "-o", out, "--type", "Q8_0", "--validate", "--text", HELDOUT,
+                "--chunks", "3", "--ctx", "128")
+    assert r.returncode == 0, r.stderr
+    assert "KLD mean" in r.stdout and "same top" in r.stdout and "PPL(ref)" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf"]
+    r = run_cli("convert", TINY, "-o", tmp_path / "x.gguf", "--validate")
+    assert r.returncode == 2 and "--validate needs --text" in r.stderr

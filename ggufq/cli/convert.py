@@ -52,10 +52,20 @@ def _default_jobs() -> int:
               help="Override llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for an unrecognised BPE tokenizer.")
 @click.option("--ollama", is_flag=True,
               help="Also write an Ollama Modelfile (chat TEMPLATE, stop tokens, SYSTEM, LICENSE) next to the GGUF.")
+@click.option("--validate", is_flag=True,
+              help="After converting, measure PPL and KL divergence against a temporary F16 reference "
+                   "(llama-cpp-python) on --text, print the table, and remove the reference.")
+@click.option("--text", "val_text", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Evaluation text for --validate.")
+@click.option("--chunks", "val_chunks", type=int, default=40, show_default=True,
+              help="Chunks of --ctx tokens --validate evaluates (0: the whole text).")
+@click.option("--ctx", "val_ctx", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Context length for --validate.")
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, name, force, quiet):
+def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+            name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
@@ -66,6 +76,8 @@ def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_si
 
     if ftype is None and preset is None:
         ftype = "F16"
+    if validate and val_text is None:
+        raise click.UsageError("--validate needs --text FILE (the text to measure perplexity and KLD on)")
     plan_kw = {"preset": preset, "rules": load_map(map_file) if map_file else None}
 
     progress = not quiet and sys.stderr.isatty()
@@ -83,3 +95,25 @@ def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_si
         where = ", ".join(str(p) for p in res.paths)
         click.echo(f"wrote {where}: {fmt_bytes(res.nbytes)}, {res.plan.bits_per_weight:.4f} bits/weight, "
                    f"{res.plan.ftype}, {len(res.plan.entries)} tensors in {fmt_secs(res.seconds)}", err=True)
+    if validate:
+        _validate(model_dir, res, val_text, val_chunks, val_ctx, jobs or _default_jobs(), progress)
+
+
+def _validate(model_dir, res, text, chunks, ctx, jobs, progress) -> None:
+    """PPL/KLD of the new file against a temporary F16 reference written beside it."""
+    import tempfile
+    from pathlib import Path
+
+    from ..convert import convert
+    from ..eval import evaluate
+    from ..eval.report import format_result
+
+    out = res.paths[0]
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.validate-", dir=out.parent))
+    try:
+        ref = convert(model_dir, tmpdir / "reference-F16.gguf", "F16", jobs=jobs, progress=progress).paths[0]
+        r = evaluate(out, ref=ref, text=text, ctx=ctx, chunks=chunks, progress=progress, label="validate")
+        click.echo(format_result(r))
+    finally:
+        import shutil
+        shutil.rmtree(tmpdir, ignore_errors=True)
