@@ -56,7 +56,7 @@ def _default_jobs() -> int:
               help="After converting, measure PPL and KL divergence against a temporary F16 reference "
                    "(llama-cpp-python) on --text, print the table, and remove the reference.")
 @click.option("--text", "val_text", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Evaluation text for --validate.")
+              help="Evaluation text for --validate (default: $GGUFQ_EVAL_TEXT).")
 @click.option("--chunks", "val_chunks", type=int, default=40, show_default=True,
               help="Chunks of --ctx tokens --validate evaluates (0: the whole text).")
 @click.option("--ctx", "val_ctx", type=click.IntRange(min=8), default=512, show_default=True,
@@ -77,7 +77,10 @@ def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_si
     if ftype is None and preset is None:
         ftype = "F16"
     if validate and val_text is None:
-        raise click.UsageError("--validate needs --text FILE (the text to measure perplexity and KLD on)")
+        val_text = os.environ.get("GGUFQ_EVAL_TEXT")
+        if not val_text:
+            raise click.UsageError("--validate needs --text FILE (or $GGUFQ_EVAL_TEXT), "
+                                   "the text to measure perplexity and KLD on")
     plan_kw = {"preset": preset, "rules": load_map(map_file) if map_file else None}
 
     progress = not quiet and sys.stderr.isatty()
