@@ -7,7 +7,6 @@ import struct
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import run_cli

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from ggufq.quant import encode, ggml_ref  # noqa: E402
 from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
 
-DEFAULT_TYPES = "Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q4_K,Q5_K"
+DEFAULT_TYPES = "Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K"
 CHUNK = 1 << 18          # weights per encode call, as a streaming converter would feed
 
 

@@ -634,7 +634,7 @@ def main(argv=None) -> int:
     if out.exists() and not args.force:
         sys.exit(f"error: {out} exists (use --force to replace it)")
 
-    with tempfile.TemporaryDirectory(prefix="smollm2-dl-") as dl:
+    with tempfile.TemporaryDirectory(prefix="smollm2-dl-"):
         gguf_path = args.gguf or original_gguf()
         sha = sha256_file(gguf_path)
         log(f"GGUF {gguf_path} ({gguf_path.stat().st_size / 1e6:.1f} MB) sha256 {sha[:16]}..."

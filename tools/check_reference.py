@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     ref = Reference(a.model_dir).logits(ids).astype(np.float64)
     rel = np.linalg.norm(ref - hf, axis=1) / np.linalg.norm(hf, axis=1)
     top1 = float(np.mean(ref.argmax(1) == hf.argmax(1)))
-    print(f"| model | tokens | max rel err | mean rel err | top-1 agreement |")
-    print(f"|---|---|---|---|---|")
+    print("| model | tokens | max rel err | mean rel err | top-1 agreement |")
+    print("|---|---|---|---|---|")
     print(f"| {Path(a.model_dir).name} | {len(ids)} | {rel.max():.2e} | {rel.mean():.2e} | {top1:.4f} |")
     return 0 if rel.max() < a.tol else 1
 

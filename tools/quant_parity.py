@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from ggufq.quant import can_encode  # noqa: E402
 from ggufq.quant.parity import compare, model_matrices, synthetic_imatrix  # noqa: E402
