@@ -136,7 +136,6 @@ def _encode_k(rows: np.ndarray, imatrix, nmax: int, rmin: float, rdelta: float, 
 
 @register(T.Q4_K)
 def encode_q4_k(rows: np.ndarray, imatrix=None) -> np.ndarray:
-    rows.shape[0]
     d, dmin, scales, L = _encode_k(rows, imatrix, 15, -1.0, 0.1, 20)
     L = L.reshape(-1, 4, 2, 32)                        # 64-weight chunks: low nibble first 32, high next 32
     qs = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(-1, 128)
@@ -145,7 +144,6 @@ def encode_q4_k(rows: np.ndarray, imatrix=None) -> np.ndarray:
 
 @register(T.Q5_K)
 def encode_q5_k(rows: np.ndarray, imatrix=None) -> np.ndarray:
-    rows.shape[0]
     d, dmin, scales, L = _encode_k(rows, imatrix, 31, -0.5, 0.1, 15)
     L = L.reshape(-1, 4, 2, 32)
     lo = L & 0xF

@@ -196,7 +196,6 @@ def _rmse_weights(xT: np.ndarray, rmse_type: int) -> np.ndarray:
 
 def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional[np.ndarray] = None):
     """make_qx_quants on transposed groups ``xT [group_size, n]``; returns (scale [n], L int8 [group_size, n])."""
-    xT.shape[1]
     amax, mx = _absmax_signed(xT)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
