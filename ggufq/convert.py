@@ -104,7 +104,7 @@ class Result:
 def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftype: str = "F16", *,
             jobs: int = 1, force: bool = False, progress: bool = True, name: Optional[str] = None,
             split_max_tensors: int = 0, split_max_size: int = 0,
-            imatrix: Optional[os.PathLike | str] = None,
+            imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
             plan_kw: Optional[dict] = None) -> Result:
     t0 = time.monotonic()
     p = prepare(model_dir)
@@ -113,7 +113,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     if path.exists() and not force:
         raise GgufqError(f"{path} exists; pass --force to overwrite")
     im = load_imatrix(imatrix) if imatrix is not None else None
-    vocab = vocabs.load(p.model.path, p.model.config)
+    vocab = vocabs.load(p.model.path, p.model.config, pre=vocab_pre)
     md = metadata_for(p, name)
     by_name = {e.name: e for e in plan.entries}
 

@@ -49,7 +49,7 @@ class Vocab:
             self.special.add_to_gguf(w, quiet=True)
 
 
-def load(model_dir: Path, config: dict) -> Vocab:
+def load(model_dir: Path, config: dict, pre: Optional[str] = None) -> Vocab:
     """The folder's tokenizer as GGUF metadata; tokenizer.json (BPE) or tokenizer.model (SentencePiece)."""
     model_dir = Path(model_dir)
     vocab_size = config.get("vocab_size")
@@ -58,7 +58,7 @@ def load(model_dir: Path, config: dict) -> Vocab:
         return spm.load(model_dir, vocab_size)
     if (model_dir / "tokenizer.json").is_file():
         from . import bpe
-        return bpe.load(model_dir, vocab_size)
+        return bpe.load(model_dir, vocab_size, pre=pre)
     raise GgufqError(f"{model_dir}: no tokenizer.model or tokenizer.json")
 
 
