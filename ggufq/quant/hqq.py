@@ -203,6 +203,18 @@ def hqq_fields(qtype: T, x: np.ndarray, w: Optional[np.ndarray], prm: HqqParams 
 
 # --- encoders (module-level, picklable: write_gguf(encoder=...)) ----------------
 
+def _passthrough(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]):
+    """Types HQQ does not handle (F32, F16, BF16, IQ*): the default path."""
+    if qtype in TRAITS:
+        return None
+    from . import encoders
+    if qtype in encoders():
+        from . import encode
+        return encode(qtype, rows, imatrix)
+    from . import ggml_ref
+    return ggml_ref.quantize(qtype, rows, imatrix)
+
+
 def _blocks(qtype, rows, imatrix):
     tr = TRAITS[qtype]
     rows = np.ascontiguousarray(rows, np.float32)
@@ -213,6 +225,8 @@ def encode_hqq_plain(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] =
                      prm: HqqParams = DEFAULT) -> np.ndarray:
     """Faithful HQQ (p=0.7, beta=10, kappa=1.01, 20 iterations, early stop), unweighted
     (the imatrix is ignored, as HQQ is calibration-free), written as ``qtype`` blocks."""
+    if (done := _passthrough(qtype, rows, imatrix)) is not None:
+        return done
     rows, x, _ = _blocks(qtype, rows, imatrix)
     f = hqq_fields(qtype, x, None, prm)
     return layout.pack(f).reshape(rows.shape[0], -1)
@@ -223,6 +237,8 @@ SCALED = HqqParams(beta_scale=1.0)
 
 def encode_hqq_scaled(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """HQQ with beta scaled to the group's error (beta = e0^(p-2)), importance-weighted zero."""
+    if (done := _passthrough(qtype, rows, imatrix)) is not None:
+        return done
     rows, x, w = _blocks(qtype, rows, imatrix)
     f = hqq_fields(qtype, x, w if imatrix is not None else None, SCALED)
     return layout.pack(f).reshape(rows.shape[0], -1)
@@ -243,6 +259,8 @@ def encode_hqq(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None)
     encoder's bytes and the HQQ solution -- each refined against the importance
     (data-free gamma^2 proxies or an imatrix, passed in as ``imatrix``); per block the
     lower weighted error wins."""
+    if (done := _passthrough(qtype, rows, imatrix)) is not None:
+        return done
     rows, x, w = _blocks(qtype, rows, imatrix)
     tr = TRAITS[qtype]
     f0 = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w)
@@ -255,6 +273,8 @@ def encode_hqq(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None)
 
 def encode_refined(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """The k-quant encoder's bytes, refined (one start only)."""
+    if (done := _passthrough(qtype, rows, imatrix)) is not None:
+        return done
     rows, x, w = _blocks(qtype, rows, imatrix)
     f = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w)
     return layout.pack(f).reshape(rows.shape[0], -1)
