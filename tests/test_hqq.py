@@ -104,7 +104,8 @@ def test_silu_moment_matches_monte_carlo():
 
 
 def test_llama_cpp_runs_an_hqq_gguf(prepared, tmp_path):
-    """A whole tiny model written with encode_hqq (Q4_K matrices, data-free importance) loads and predicts."""
+    """A whole tiny model written with encode_hqq (Q4_K layer matrices, Q6_K output, F16 token_embd,
+    data-free importance, two worker processes) loads in llama.cpp and predicts like the F32 model."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from ggufq import vocab as vocabs
     from ggufq.convert import metadata_for
@@ -125,11 +126,15 @@ def test_llama_cpp_runs_an_hqq_gguf(prepared, tmp_path):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.write(w)
     paths = {}
-    for label, enc, qt in (("hqq", hqq.encode_hqq, T.Q4_K), ("f32", hqq.encode_hqq, T.F32)):
-        jobs = [Job(t, qt if len(t.shape) == 2 else T.F32, imp.get(t.name)) for t in p.tensors]
+    def qtype(t, label):
+        if len(t.shape) < 2 or label == "f32":
+            return T.F32
+        return {"token_embd.weight": T.F16, "output.weight": T.Q6_K}.get(t.name, T.Q4_K)
+    for label in ("hqq", "f32"):
+        jobs = [Job(t, qtype(t, label), imp.get(t.name)) for t in p.tensors]
         paths[label] = tmp_path / f"{label}.gguf"
         with p.model:
-            write_gguf(paths[label], p.arch.name, add, jobs, encoder=enc, n_jobs=2, progress=False)
+            write_gguf(paths[label], p.arch.name, add, jobs, encoder=hqq.encode_hqq, n_jobs=2, progress=False)
     logits = {}
     for label, path in paths.items():
         llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)

@@ -55,9 +55,8 @@ def shrink_lp(e: np.ndarray, beta, p: float) -> np.ndarray:
     """HQQ's generalised soft-thresholding for the lp (quasi-)norm."""
     a = np.abs(e)
     if p == 1:
-        return np.sign(e) * np.maximum(a - 1.0 / beta, 0)
-    with np.errstate(divide="ignore"):
-        t = np.where(a > 0, np.power(np.maximum(a, 1e-30), p - 1), 0) / beta
+        return np.sign(e) * np.maximum(a - 1 / beta, 0)
+    t = np.power(np.maximum(a, np.float32(1e-30)), np.float32(p - 1)) / beta
     return np.sign(e) * np.maximum(a - t, 0)
 
 
@@ -70,8 +69,8 @@ def _wmean(v, w):
 
 def _beta0(e0: np.ndarray, prm: HqqParams) -> np.ndarray:
     if prm.beta_scale is None:
-        return np.full(e0.shape, prm.beta, np.float64)
-    return prm.beta_scale * np.power(np.maximum(e0, 1e-12), prm.p - 2)
+        return np.full(e0.shape, prm.beta, np.float32)
+    return (prm.beta_scale * np.power(np.maximum(e0, 1e-12), prm.p - 2)).astype(np.float32)
 
 
 def solve_affine(W: np.ndarray, nbits: int, weights: Optional[np.ndarray] = None,
@@ -80,11 +79,11 @@ def solve_affine(W: np.ndarray, nbits: int, weights: Optional[np.ndarray] = None
 
     Returns also a dict with the per-iteration mean objective (for tests/tools).
     """
-    W = W.astype(np.float64)
+    W = W.astype(np.float32)
     qmax = (1 << nbits) - 1
     lo, hi = W.min(-1), W.max(-1)
     rng = hi - lo
-    s = np.where(rng > 0, qmax / np.where(rng > 0, rng, 1), 1.0)
+    s = np.where(rng > 0, qmax / np.where(rng > 0, rng, 1), 1).astype(np.float32)
     z = -lo * s
     best_err = np.full(W.shape[0], np.inf)
     best_z = z.copy()
@@ -115,7 +114,7 @@ def solve_affine(W: np.ndarray, nbits: int, weights: Optional[np.ndarray] = None
 def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional[np.ndarray] = None,
                     prm: HqqParams = DEFAULT) -> tuple[np.ndarray, dict]:
     """Groups W [G, L] -> step a [G] with Wq = clip(round(W / a), lo, hi), Wr = a Wq (scale-only HQQ)."""
-    W = W.astype(np.float64)
+    W = W.astype(np.float32)
     idx = np.abs(W).argmax(-1)
     amax = np.take_along_axis(W, idx[:, None], -1)[:, 0]
     # ggml's convention: the largest magnitude lands on the long end of the code range
