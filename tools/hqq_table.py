@@ -160,6 +160,7 @@ def main():
                 enc, ims = {
                     "hqq": (hqq.encode_hqq, free),
                     "hqq-plain": (hqq.encode_hqq_plain, {}),
+                    "hqq-fast": (hqq.encode_hqq_fast, free),
                     "hqq-scaled": (hqq.encode_hqq_scaled, {}),
                     "refine": (hqq.encode_refined, {}),
                     "refine+gamma": (hqq.encode_refined, free),

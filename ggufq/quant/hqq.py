@@ -279,9 +279,20 @@ def encode_refined(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = N
     return layout.pack(f).reshape(rows.shape[0], -1)
 
 
+def encode_hqq_fast(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
+    """Cheaper ``hqq``: the k-quant start only, 2 refinement passes, separable +-1 integer search."""
+    if (done := _passthrough(qtype, rows, imatrix)) is not None:
+        return done
+    rows, x, w = _blocks(qtype, rows, imatrix)
+    f = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w,
+                              iters=2, radius=1, separable=True)
+    return layout.pack(f).reshape(rows.shape[0], -1)
+
+
 METHODS = {
     "kquant": None,                 # ggufq.quant.encode (the default path)
     "hqq": encode_hqq,
+    "hqq-fast": encode_hqq_fast,
     "hqq-plain": encode_hqq_plain,
     "hqq-scaled": encode_hqq_scaled,
     "refine": encode_refined,

@@ -120,8 +120,11 @@ def fit_super(f: Fields, xs: np.ndarray, ws: np.ndarray) -> Fields:
     return g
 
 
-def search_ints(f: Fields, xs: np.ndarray, ws: np.ndarray, radius: int = 2) -> Fields:
-    """Per sub-block: continuous WLS (scale, min) -> integer sc/mn candidates round(.)+-radius, best wins."""
+def search_ints(f: Fields, xs: np.ndarray, ws: np.ndarray, radius: int = 2, separable: bool = False) -> Fields:
+    """Per sub-block: continuous WLS (scale, min) -> integer sc/mn candidates round(.)+-radius, best wins.
+
+    ``separable``: search sc (mn at its rounded value), then mn given the best sc:
+    2(2r+1) candidates instead of (2r+1)^2."""
     tr = TRAITS[f.qtype]
     if f.sc is None:
         return f
@@ -150,10 +153,14 @@ def search_ints(f: Fields, xs: np.ndarray, ws: np.ndarray, radius: int = 2) -> F
     if mn0 is not None:
         mn0 = np.nan_to_num(mn0).astype(np.int64)
         mlo, mhi = _int_range(f.qtype, "mn")
-    for ds in deltas:
-        sc = np.clip(sc0 + ds, slo, shi)
+    if separable and mn0 is not None:
+        cands = [(ds, 0) for ds in deltas] + [(None, dmn) for dmn in deltas if dmn != 0]
+    else:
+        cands = [(ds, dmn) for ds in deltas for dmn in mdeltas]
+    for ds, dmn in cands:
+        sc = best_sc if ds is None else np.clip(sc0 + ds, slo, shi)
         A = d * sc.astype(np.float32)
-        for dmn in mdeltas:
+        if True:
             if mn0 is not None:
                 mn = np.clip(mn0 + dmn, mlo, mhi)
                 B = -dm * mn.astype(np.float32)
@@ -191,7 +198,8 @@ def _keep_better(cur: Fields, cur_err: np.ndarray, new: Fields, x, w):
     return out, np.where(sel, e, cur_err)
 
 
-def refine_fields(f: Fields, x: np.ndarray, w: np.ndarray, iters: int = 3, radius: int = 2) -> Fields:
+def refine_fields(f: Fields, x: np.ndarray, w: np.ndarray, iters: int = 3, radius: int = 2,
+                  separable: bool = False) -> Fields:
     """x, w: float32 [n_blocks, QK]. Returns fields with block_err <= that of f, block by block."""
     tr = TRAITS[f.qtype]
     xs = x.reshape(f.n, tr.n_sub, tr.sub_len)
@@ -199,9 +207,9 @@ def refine_fields(f: Fields, x: np.ndarray, w: np.ndarray, iters: int = 3, radiu
     cur, err = f, block_err(f, x, w)
     for _ in range(iters):
         g = cur.copy()
-        _recode(g, xs)                           # 1. codes given scales
+        _recode(g, xs)                           # 1. codes given scales (nearest: never worse)
         cur, err = _keep_better(cur, err, g, x, w)
-        g = search_ints(cur, xs, ws, radius)     # 2+3. sub-block WLS + integer search
+        g = search_ints(cur, xs, ws, radius, separable)   # 2+3. sub-block WLS + integer search
         cur, err = _keep_better(cur, err, g, x, w)
         g = fit_super(cur, xs, ws)               # 4. fp16 super-scales
         cur, err = _keep_better(cur, err, g, x, w)
