@@ -85,6 +85,10 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
     on = vec("output_norm.weight")
     if on is not None:
         put("output.weight", on * on)
+        if "output.weight" not in tensors:
+            # tied embeddings: token_embd is also the output projection (as a lookup
+            # every column weighs the same, so the output's importance is the one to keep)
+            put("token_embd.weight", on * on)
     return out
 
 
@@ -92,7 +96,7 @@ def importance_for(prepared, proxies: bool = True) -> dict[str, np.ndarray]:
     """Data-free importance for a ``convert.Prepared`` model: GGUF name -> float32 [row_len].
 
     Reads only the norm vectors and the V / gate / up matrices (in row chunks).
-    Tensors without a norm in front (token_embd, ...) get no entry.
+    token_embd gets the output's entry when the embeddings are tied, none otherwise.
     """
     info = prepared.info
     ts = {t.name: t for t in prepared.tensors}
