@@ -62,7 +62,7 @@ def test_default_beta_zeroes_every_error(weights):
 
 @pytest.mark.parametrize("qtype", layout.TYPES, ids=lambda q: q.name)
 def test_encoders_decode_with_gguf_and_beat_naive(qtype, weights):
-    for enc in (hqq.encode_hqq_plain, hqq.encode_hqq, hqq.encode_hqq_fast):
+    for enc in (hqq.encode_hqq_plain, hqq.encode_hqq, hqq.encode_hqq_fast, hqq.encode_hqq_max):
         b = enc(qtype, weights, None)
         assert b.dtype == np.uint8 and b.shape == (64, weights.shape[1] // layout.TRAITS[qtype].qk
                                                    * gguf.GGML_QUANT_SIZES[qtype][1])
@@ -72,8 +72,8 @@ def test_encoders_decode_with_gguf_and_beat_naive(qtype, weights):
     if ggml_ref.available():
         mse = lambda b: ((weights - gguf.quants.dequantize(b, qtype).reshape(weights.shape)) ** 2).sum()
         ref = mse(ggml_ref.quantize(qtype, weights))
-        assert mse(hqq.encode_hqq(qtype, weights, None)) < 0.99 * ref
-        assert mse(hqq.encode_hqq_fast(qtype, weights, None)) < ref
+        assert mse(hqq.encode_hqq_max(qtype, weights, None)) < 0.99 * ref
+        assert mse(hqq.encode_hqq(qtype, weights, None)) < 0.995 * ref
 
 
 def test_passthrough_types(weights):

@@ -33,7 +33,7 @@ def main():
     with p.model:
         ts = [t.read(0, t.n_rows) for t in p.tensors if t.name.startswith(f"blk.{a.layer}.") and len(t.shape) == 2]
     encs = {"ggml": ggml_ref.quantize, "hqq-plain": hqq.encode_hqq_plain, "hqq-scaled": hqq.encode_hqq_scaled,
-            "refine": hqq.encode_refined, "hqq-fast": hqq.encode_hqq_fast, "hqq": hqq.encode_hqq}
+            "refine": hqq.encode_refined, "hqq-fast": hqq.encode_hqq_fast, "hqq-max": hqq.encode_hqq_max, "hqq": hqq.encode_hqq}
     print("| type | " + " | ".join(encs) + " |")
     print("|---|" + "---|" * len(encs))
     for name in a.types:

@@ -161,6 +161,7 @@ def main():
                     "hqq": (hqq.encode_hqq, free),
                     "hqq-plain": (hqq.encode_hqq_plain, {}),
                     "hqq-fast": (hqq.encode_hqq_fast, free),
+                    "hqq-max": (hqq.encode_hqq_max, free),
                     "hqq-scaled": (hqq.encode_hqq_scaled, {}),
                     "refine": (hqq.encode_refined, {}),
                     "refine+gamma": (hqq.encode_refined, free),

@@ -42,11 +42,11 @@ def main():
     kq = (lambda q, r, i: encoders()[q](r, i)) if numpy_kq else ggml_ref.quantize
     Path(a.work).mkdir(parents=True, exist_ok=True)
     res = {}
-    for name, enc, ims in (("kquant", kq, {}), ("hqq", hqq.encode_hqq, imp), ("hqq-fast", hqq.encode_hqq_fast, imp), ("hqq-plain", hqq.encode_hqq_plain, {})):
+    for name, enc, ims in (("kquant", kq, {}), ("hqq", hqq.encode_hqq, imp), ("hqq-max", hqq.encode_hqq_max, imp), ("hqq-plain", hqq.encode_hqq_plain, {})):
         res[name] = build(a.model, Path(a.work) / f"t-{name}.gguf", types, enc, ims, name)
-    print(f"| {a.type} | kquant ({'ggufq NumPy' if numpy_kq else 'ggml C via ctypes'}) | hqq | hqq-fast | hqq-plain | importance |")
+    print(f"| {a.type} | kquant ({'ggufq NumPy' if numpy_kq else 'ggml C via ctypes'}) | hqq | hqq-max | hqq-plain | importance |")
     print("|---|---|---|---|---|---|")
-    print(f"| seconds | {res['kquant']:.1f} | {res['hqq']:.1f} | {res['hqq-fast']:.1f} | {res['hqq-plain']:.1f} | {t_imp:.2f} |")
+    print(f"| seconds | {res['kquant']:.1f} | {res['hqq']:.1f} | {res['hqq-max']:.1f} | {res['hqq-plain']:.1f} | {t_imp:.2f} |")
 
 
 if __name__ == "__main__":
