@@ -1,0 +1,118 @@
+"""Data-free importance: a stand-in for an imatrix from the model's own weights.
+
+A pre-norm block feeds ``gamma * x / rms(x)`` into q/k/v (``attn_norm``) and into
+gate/up (``ffn_norm``), and the head into ``output`` (``output_norm``): input
+column j is scaled by gamma_j, so its mean square activation is ~ gamma_j^2.
+For the two matrices without a norm in front:
+
+* ``attn_output`` column c reads head-dim c of the attention output, a mix of
+  V rows; its scale ~ ||gamma (.) v_row||^2 for the V row that feeds it (GQA:
+  query head h reads kv head h // (n_head / n_head_kv)).
+* ``ffn_down`` column j reads silu(g_j . x) * (u_j . x) with x ~ gamma (.) N(0, I):
+  ||gamma (.) u_j||^2 * E[silu(z)^2], z ~ N(0, ||gamma (.) g_j||^2) (quadrature).
+
+Returned per GGUF tensor name as float32 [row_len], in llama-quantize's imatrix
+convention (mean squared activation per input column; only ratios matter).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+_ROWS = 4096       # rows read at a time (flat memory)
+
+_Z = np.linspace(-6.0, 6.0, 241)
+_PZ = np.exp(-_Z ** 2 / 2)
+_PZ /= _PZ.sum()
+
+
+def silu_sq_mean(s: np.ndarray) -> np.ndarray:
+    """E[silu(z)^2] for z ~ N(0, s^2), s [n] -> [n] (241-point quadrature)."""
+    z = np.asarray(s, np.float64)[:, None] * _Z[None, :]
+    with np.errstate(over="ignore"):
+        silu = z / (1.0 + np.exp(-z))
+    return (silu * silu * _PZ).sum(1)
+
+
+def _row_sq(t, col_scale: np.ndarray) -> np.ndarray:
+    """||col_scale (.) row||^2 for every row of an OutTensor, read in chunks."""
+    out = np.empty(t.n_rows, np.float64)
+    for lo in range(0, t.n_rows, _ROWS):
+        hi = min(t.n_rows, lo + _ROWS)
+        r = t.read(lo, hi).astype(np.float64) * col_scale
+        out[lo:hi] = (r * r).sum(1)
+    return out
+
+
+def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer: int,
+                            proxies: bool = True) -> dict[str, np.ndarray]:
+    """``tensors``: GGUF name -> OutTensor (name, shape, read(lo, hi))."""
+    def vec(name: str) -> Optional[np.ndarray]:
+        t = tensors.get(name)
+        return None if t is None else t.read(0, t.n_rows).reshape(-1).astype(np.float64)
+
+    out: dict[str, np.ndarray] = {}
+
+    def put(name: str, v: np.ndarray) -> None:
+        t = tensors.get(name)
+        if t is not None and len(t.shape) >= 2 and t.row_len == v.size:
+            out[name] = np.maximum(v, 0).astype(np.float32)
+
+    for i in range(n_layer):
+        an, fn = vec(f"blk.{i}.attn_norm.weight"), vec(f"blk.{i}.ffn_norm.weight")
+        if an is not None:
+            for t in ("attn_q", "attn_k", "attn_v", "attn_qkv"):
+                put(f"blk.{i}.{t}.weight", an * an)
+        if fn is not None:
+            for t in ("ffn_gate", "ffn_up"):
+                put(f"blk.{i}.{t}.weight", fn * fn)
+        if not proxies:
+            continue
+        v, o = tensors.get(f"blk.{i}.attn_v.weight"), tensors.get(f"blk.{i}.attn_output.weight")
+        if an is not None and v is not None and o is not None and n_head_kv:
+            vimp = _row_sq(v, an)
+            hd = v.n_rows // n_head_kv
+            col = np.arange(o.row_len)
+            kvrow = (col // hd) // max(1, n_head // n_head_kv) * hd + col % hd
+            if kvrow.max() < vimp.size:
+                put(o.name, vimp[kvrow])
+        g, u = tensors.get(f"blk.{i}.ffn_gate.weight"), tensors.get(f"blk.{i}.ffn_up.weight")
+        dn = tensors.get(f"blk.{i}.ffn_down.weight")
+        if fn is not None and g is not None and u is not None and dn is not None:
+            sg = np.sqrt(_row_sq(g, fn))
+            put(dn.name, _row_sq(u, fn) * silu_sq_mean(sg))
+    on = vec("output_norm.weight")
+    if on is not None:
+        put("output.weight", on * on)
+        if "output.weight" not in tensors:
+            # tied embeddings: token_embd is also the output projection (as a lookup
+            # every column weighs the same, so the output's importance is the one to keep)
+            put("token_embd.weight", on * on)
+    return out
+
+
+def importance_for(prepared, proxies: bool = True) -> dict[str, np.ndarray]:
+    """Data-free importance for a ``convert.Prepared`` model: GGUF name -> float32 [row_len].
+
+    Reads only the norm vectors and the V / gate / up matrices (in row chunks).
+    token_embd gets the output's entry when the embeddings are tied, none otherwise.
+    """
+    info = prepared.info
+    ts = {t.name: t for t in prepared.tensors}
+    return importance_from_tensors(ts, info.n_head, info.n_head_kv, info.n_layer, proxies)
+
+
+def combine(real: Optional[np.ndarray], free: Optional[np.ndarray], how: str = "real") -> Optional[np.ndarray]:
+    """Merge a real imatrix row with the data-free one: 'real' (prefer real), 'product'
+    (geometric mix: sqrt(real_n * free_n), both normalised to mean 1)."""
+    if real is None:
+        return free
+    if free is None or how == "real":
+        return real
+    r = real / max(float(real.mean()), 1e-30)
+    f = free / max(float(free.mean()), 1e-30)
+    return np.sqrt(np.maximum(r, 0) * np.maximum(f, 0)).astype(np.float32)
+
+
+ImportanceFn = Callable[[object], dict]

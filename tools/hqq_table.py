@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""KLD of llama-quantize vs ggufq's calibration-free methods, per type.
+
+For each type, builds GGUFs with the same per-tensor types (pure types: every
+matrix; mixtures such as Q4_K_M: read back from llama-quantize's own output) and
+measures mean KLD against the F16 model's logits with llama-perplexity:
+
+  llama-quantize            llama.cpp, no imatrix
+  llama-quantize+imatrix    llama.cpp with --imatrix FILE
+  hqq                       ggufq --method hqq (data-free importance)
+  hqq-plain                 faithful HQQ written into the blocks
+  (extra, --methods): refine, hqq-scaled, hqq+imatrix, hqq+imatrix*gamma, ggml+gamma
+
+Prints a markdown table and writes a PNG of KLD vs bits/weight.
+
+Example (tinyllama, 60 chunks of heldout):
+  PYTHONPATH=. python tools/hqq_table.py --model fixtures/tinyllama-spm-10m \\
+      --text /work/shared/data/gcide-heldout/heldout.txt --chunks 60 \\
+      --imatrix /work/dl/scratch/hqq/im-wiki.gguf --work /work/dl/scratch/hqq/tab \\
+      --types Q2_K Q3_K Q4_0 Q4_1 Q4_K Q5_0 Q5_K Q6_K Q4_K_M Q3_K_M Q2_K_MIX
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import gguf  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from ggufq import vocab as vocabs  # noqa: E402
+from ggufq.convert import metadata_for, prepare  # noqa: E402
+from ggufq.importance import combine, importance_for  # noqa: E402
+from ggufq.quant import ggml_ref, hqq  # noqa: E402
+from ggufq.write import Job, write_gguf  # noqa: E402
+
+PURE = {t.name for t in (T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)}
+# llama-quantize ftype names; "Q2_K_MIX" = llama-quantize's Q2_K preset (a mixture), pure "Q2_K" = --pure
+MIX = {"Q4_K_M": "Q4_K_M", "Q3_K_M": "Q3_K_M", "Q2_K_MIX": "Q2_K", "Q4_K_S": "Q4_K_S", "Q5_K_M": "Q5_K_M"}
+
+
+def llama_bin(arg):
+    d = Path(arg or os.environ.get("GGUFQ_LLAMA_BIN", "/work/dl/llama-build/bin"))
+    if not (d / "llama-perplexity").exists():
+        sys.exit(f"llama.cpp tools not found in {d} (build them with tools/build_llama_tools.sh or pass --llama-bin)")
+    return d
+
+
+def run(cmd, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if r.returncode:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r.stdout + r.stderr
+
+
+def kld(binp, path, base, chunks, threads):
+    s = run([binp / "llama-perplexity", "-m", path, "--kl-divergence-base", base, "--kl-divergence",
+             "--chunks", chunks, "-t", threads])
+    return float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", s).group(1))
+
+
+def tensor_types(path):
+    r = gguf.GGUFReader(path)
+    return {t.name: T(int(t.tensor_type)) for t in r.tensors}
+
+
+def bpw(path, types):
+    r = gguf.GGUFReader(path)
+    nel = sum(int(np.prod(t.shape)) for t in r.tensors)
+    nb = sum(int(t.n_bytes) for t in r.tensors)
+    return 8.0 * nb / nel
+
+
+def build(model, path, types, encoder, ims, label):
+    p = prepare(model)
+    vocab = vocabs.load(p.model.path, p.model.config)
+    md = metadata_for(p)
+    jobs = [Job(t, types[t.name], ims.get(t.name) if types[t.name] not in (T.F32, T.F16, T.BF16) else None)
+            for t in p.tensors]
+
+    def add(w):
+        w.add_type(gguf.GGUFType.MODEL)
+        md.set_gguf_meta_model(w)
+        p.arch.write_hparams(w)
+        w.add_file_type(1)
+        p.arch.write_arch_extras(w)
+        w.add_quantization_version(2)
+        vocab.write(w)
+    t0 = time.monotonic()
+    with p.model:
+        write_gguf(path, p.arch.name, add, jobs, encoder=encoder, force=True, progress=False, label=label)
+    return time.monotonic() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="HF model folder")
+    ap.add_argument("--text", required=True, help="evaluation text for llama-perplexity")
+    ap.add_argument("--chunks", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
+    ap.add_argument("--methods", nargs="+", default=["llama-quantize", "llama-quantize+imatrix", "hqq", "hqq-plain"])
+    ap.add_argument("--imatrix", help="llama.cpp imatrix (GGUF or .dat) for the +imatrix rows")
+    ap.add_argument("--work", required=True, help="scratch folder for GGUFs and logits")
+    ap.add_argument("--f16", help="F16 GGUF of the model (default: converted with ggufq into --work)")
+    ap.add_argument("--base", help="base logits from llama-perplexity --kl-divergence-base (default: made in --work)")
+    ap.add_argument("--llama-bin")
+    ap.add_argument("--png", help="plot path (default: WORK/hqq_kld.png)")
+    ap.add_argument("--json", help="append results as JSON lines here (default: WORK/results.jsonl)")
+    a = ap.parse_args()
+    binp = llama_bin(a.llama_bin)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = Path(a.f16) if a.f16 else work / "f16.gguf"
+    if not f16.exists():
+        run([sys.executable, "-m", "ggufq", "convert", a.model, "-o", f16, "--type", "F16", "--force"],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    base = Path(a.base) if a.base else work / f"base{a.chunks}.kld"
+    if not base.exists():
+        run([binp / "llama-perplexity", "-m", f16, "-f", a.text, "--kl-divergence-base", base,
+             "--chunks", a.chunks, "-t", a.threads])
+    jl = Path(a.json) if a.json else work / "results.jsonl"
+
+    p = prepare(a.model)
+    with p.model:
+        free = importance_for(p)
+    real = {}
+    if a.imatrix:
+        from ggufq.imatrix import load
+        im = load(a.imatrix)
+        real = {t.name: im.for_tensor(t.name, t.row_len) for t in p.tensors if im.entries.get(t.name) is not None}
+
+    rows = []
+    for ty in a.types:
+        lq_type = MIX.get(ty, ty)
+        ref = work / f"lq-{ty}.gguf"
+        extra = ["--pure"] if ty in PURE else []
+        run([binp / "llama-quantize", *extra, f16, ref, lq_type, "2"])
+        types = tensor_types(ref)
+        res = {}
+        for m in a.methods:
+            out = work / f"{m}-{ty}.gguf"
+            secs = None
+            if m == "llama-quantize":
+                out = ref
+            elif m == "llama-quantize+imatrix":
+                if not a.imatrix:
+                    continue
+                run([binp / "llama-quantize", *extra, "--imatrix", a.imatrix, f16, out, lq_type, "2"])
+            else:
+                enc, ims = {
+                    "hqq": (hqq.encode_hqq, free),
+                    "hqq-plain": (hqq.encode_hqq_plain, {}),
+                    "hqq-fast": (hqq.encode_hqq_fast, free),
+                    "hqq-max": (hqq.encode_hqq_max, free),
+                    "hqq-scaled": (hqq.encode_hqq_scaled, {}),
+                    "refine": (hqq.encode_refined, {}),
+                    "refine+gamma": (hqq.encode_refined, free),
+                    "ggml+gamma": (ggml_ref.quantize, free),
+                    "ggml": (ggml_ref.quantize, {}),
+                    "hqq+imatrix": (hqq.encode_hqq, real),
+                    "hqq+imatrix*gamma": (hqq.encode_hqq, {k: combine(real.get(k), free.get(k), "product")
+                                                           for k in set(real) | set(free)}),
+                }[m]
+                secs = build(a.model, out, types, enc, ims, m)
+            k = kld(binp, out, base, a.chunks, a.threads)
+            res[m] = k
+            rec = dict(model=Path(a.model).name, type=ty, method=m, kld=k, bpw=bpw(out, types), build_s=secs)
+            with open(jl, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            print(f"  {ty:8s} {m:24s} KLD {k:.5f}  bpw {rec['bpw']:.3f}" + (f"  build {secs:.1f}s" if secs else ""),
+                  file=sys.stderr, flush=True)
+        rows.append((ty, bpw(ref, types), res))
+
+    ms = a.methods
+    print(f"| type | bpw | " + " | ".join(ms) + " | hqq / llama-quantize |")
+    print("|---|---|" + "---|" * (len(ms) + 1))
+    for ty, b, res in rows:
+        cells = [f"{res[m]:.4f}" if m in res else "-" for m in ms]
+        ratio = f"{res['hqq'] / res['llama-quantize']:.3f}" if "hqq" in res and "llama-quantize" in res else "-"
+        print(f"| {ty} | {b:.2f} | " + " | ".join(cells) + f" | {ratio} |")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in ms:
+            pts = sorted((b, res[m], ty) for ty, b, res in rows if m in res)
+            if pts:
+                ax.plot([q[0] for q in pts], [q[1] for q in pts], "o-", label=m)
+        for ty, b, res in rows:
+            ax.annotate(ty, (b, max(res.values())), fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel(f"mean KLD vs F16 ({a.chunks}x512)")
+        ax.set_title(Path(a.model).name)
+        ax.legend()
+        png = Path(a.png) if a.png else work / "hqq_kld.png"
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        print(f"plot: {png}", file=sys.stderr)
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
