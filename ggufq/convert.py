@@ -14,13 +14,15 @@ from typing import Optional
 import gguf
 from gguf import GGMLQuantizationType as T
 
-from . import GgufqError, arch as archs, plan as plans, vocab as vocabs
+from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
 from .imatrix import load as load_imatrix
 from .source import Model, open_model
 from .write import Job, write_gguf
 
 
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
+# methods that weight their error by the model's own data-free importance (ggufq.importance)
+DATA_FREE_IMPORTANCE = ("hqq", "hqq-max", "hqq-fast")
 
 
 @dataclass
@@ -105,8 +107,13 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             jobs: int = 1, force: bool = False, progress: bool = True, name: Optional[str] = None,
             split_max_tensors: int = 0, split_max_size: int = 0,
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
+            method: str = "kquant",
             plan_kw: Optional[dict] = None) -> Result:
     t0 = time.monotonic()
+    from .quant.hqq import METHODS
+    if method not in METHODS:
+        raise GgufqError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    encoder = METHODS[method] or quant.encode
     p = prepare(model_dir)
     plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
     plan.check_encoders()
@@ -130,13 +137,22 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
                 (w.add_string if isinstance(val, str) else w.add_int32)(key, val)
         vocab.write(w)
 
+    free: dict = {}
+    if method in DATA_FREE_IMPORTANCE:
+        from .importance import importance_for
+        with p.model:
+            free = importance_for(p)
     job_list = []
     for t in p.tensors:
         qtype = by_name[t.name].qtype
-        weights = im.for_tensor(t.name, t.row_len) if im is not None and qtype not in UNQUANTIZED else None
+        weights = None
+        if qtype not in UNQUANTIZED:
+            real = im.for_tensor(t.name, t.row_len) if im is not None else None
+            # a real imatrix wins; the data-free importance stands in without one
+            weights = real if real is not None else free.get(t.name)
         job_list.append(Job(t, qtype, weights))
     with p.model:
-        paths = write_gguf(path, p.arch.name, add_metadata, job_list, n_jobs=jobs, force=force,
+        paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
                            split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                            progress=progress, label=f"{plan.ftype}")
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths))

@@ -116,3 +116,25 @@ def test_inspect_json(converted):
     assert names["token_embd.weight"]["shape"] == [256, 8192]
     r = run_cli("inspect", converted["Q8_0"])
     assert r.returncode == 0 and "bits/weight" in r.stdout and "blk.7.ffn_down.weight" in r.stdout
+
+
+def test_method_hqq_same_types_and_size_and_runs(tmp_path, tiny):
+    """--method hqq writes the same tensor types (so the same bytes per tensor) as the k-quant
+    path, different block contents, and llama.cpp runs it."""
+    import llama_cpp
+    outs = {}
+    for m in ("kquant", "hqq"):
+        p = tmp_path / f"{m}.gguf"
+        r = run_cli("convert", tiny, "-o", p, "--type", "Q3_K_M", "--method", m, "-q")
+        assert r.returncode == 0, r.stderr
+        outs[m] = p
+    a, b = gguf.GGUFReader(outs["kquant"]), gguf.GGUFReader(outs["hqq"])
+    assert outs["kquant"].stat().st_size == outs["hqq"].stat().st_size
+    assert [(t.name, t.tensor_type, t.n_bytes) for t in a.tensors] == [(t.name, t.tensor_type, t.n_bytes) for t in b.tensors]
+    changed = sum(not np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors))
+    assert changed > 40
+    llm = llama_cpp.Llama(str(outs["hqq"]), n_ctx=64, n_threads=2, verbose=False)
+    out = llm("The word apple means", max_tokens=8, temperature=0)
+    assert out["choices"][0]["text"].strip()
+    r = run_cli("convert", tiny, "-o", tmp_path / "x.gguf", "--method", "nope")
+    assert r.returncode == 2

@@ -40,6 +40,11 @@ def _default_jobs() -> int:
               help="Built-in layer map over --type, e.g. attn8-mlp4 (attention Q8_0, MLP Q4_K).")
 @click.option("-m", "--map", "map_file", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="TOML layer map: [[rule]] pattern/layers/type, first match wins over --preset and --type.")
+@click.option("--method", default="kquant", show_default=True,
+              type=click.Choice(["kquant", "hqq", "hqq-max", "hqq-fast", "hqq-plain"]),
+              help="How block scales and codes are chosen: kquant = llama.cpp's own search (byte-identical); "
+                   "hqq = start from it, refine codes/scales/super-scales against the model's data-free "
+                   "importance; hqq-plain = the original HQQ proximal solver. Same types, same file size.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Encoder processes (default: all cores).")
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -64,7 +69,7 @@ def _default_jobs() -> int:
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+def command(model_dir, out, ftype, preset, map_file, method, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
             name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
@@ -85,7 +90,7 @@ def command(model_dir, out, ftype, preset, map_file, jobs, imatrix, split_max_si
 
     progress = not quiet and sys.stderr.isatty()
     res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
-                  progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw,
+                  progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw, method=method,
                   split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   split_max_tensors=split_max_tensors or 0)
     notes = []
