@@ -40,7 +40,7 @@ class Imatrix:
 
     def metadata(self) -> list[tuple[str, object]]:
         """The quantize.imatrix.* keys llama-quantize writes."""
-        out: list[tuple[str, object]] = [("quantize.imatrix.file", str(self.path.name)),
+        out: list[tuple[str, object]] = [("quantize.imatrix.file", str(self.path)),  # as given, like llama-quantize
                                          ("quantize.imatrix.entries_count", len(self.entries))]
         if self.datasets:
             out.append(("quantize.imatrix.dataset", self.datasets[0]))
