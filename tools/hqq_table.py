@@ -49,7 +49,7 @@ MIX = {"Q4_K_M": "Q4_K_M", "Q3_K_M": "Q3_K_M", "Q2_K_MIX": "Q2_K", "Q4_K_S": "Q4
 
 
 def llama_bin(arg):
-    d = Path(arg or os.environ.get("GGUFQ_LLAMA_BIN", "/work/dl/llama-build/bin"))
+    d = Path(arg or os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache/ggufq/llama-bin"))
     if not (d / "llama-perplexity").exists():
         sys.exit(f"llama.cpp tools not found in {d} (build them with tools/build_llama_tools.sh or pass --llama-bin)")
     return d
@@ -63,9 +63,22 @@ def run(cmd, **kw):
 
 
 def kld(binp, path, base, chunks, threads):
-    s = run([binp / "llama-perplexity", "-m", path, "--kl-divergence-base", base, "--kl-divergence",
-             "--chunks", chunks, "-t", threads])
-    return float(re.search(r"Mean\s+KLD:\s+([0-9.]+)", s).group(1))
+    # llama.cpp's background logger is not flushed at exit, so the report's tail can be lost
+    # (less often into a file than a pipe): rerun until the figure is there
+    import tempfile
+    for _ in range(8):
+        with tempfile.TemporaryFile("w+") as f:
+            r = subprocess.run([str(c) for c in (binp / "llama-perplexity", "-m", path, "--kl-divergence-base", base,
+                                                 "--kl-divergence", "--chunks", chunks, "-t", threads)],
+                               stdout=f, stderr=subprocess.STDOUT)
+            f.seek(0)
+            s = f.read()
+        if r.returncode:
+            sys.exit(f"failed: llama-perplexity on {path}\n{s[-3000:]}")
+        m = re.search(r"Mean\s+KLD:\s+([0-9.]+)", s)
+        if m:
+            return float(m.group(1))
+    sys.exit(f"llama-perplexity never printed its KLD report for {path}")
 
 
 def tensor_types(path):
