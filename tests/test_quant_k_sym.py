@@ -5,10 +5,8 @@ gguf-py's ``dequantize``; accuracy is checked on the real tinyllama weights,
 with and without an importance matrix.
 """
 import glob
-import json
 import os
 import platform
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -103,21 +101,9 @@ def test_decodes_close_to_input(qtype, bound):
 
 
 def _load_bf16_tensors(model_dir):
-    """2-D weights of a bf16 safetensors model, read without torch: 8-byte header length, JSON, raw data."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            data = f.read()
-        for name, info in header.items():
-            if name == "__metadata__" or len(info["shape"]) != 2:
-                continue
-            assert info["dtype"] == "BF16", info
-            lo, hi = info["data_offsets"]
-            u16 = np.frombuffer(data[lo:hi], dtype=np.uint16)
-            out[name] = (u16.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
-    return out
+    """2-D weights of the model, as float32, through ggufq.source."""
+    from ggufq.quant.parity import model_matrices
+    return dict(model_matrices(model_dir, min_cols=0))
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,13 @@
 """Accuracy parity of our encoders against ggml's own (``ggml_ref``), for tests and tools.
 
-* :func:`model_matrices` reads the 2-D tensors of a safetensors model folder
-  (bf16/f16/f32) one at a time, as float32, without torch or safetensors' numpy
-  path (which has no bf16).
+* :func:`model_matrices` reads the 2-D tensors of a model folder one at a time, as
+  float32, through :mod:`ggufq.source`.
 * :func:`compare` encodes one matrix with ours and ggml's and reports relative
   RMSE of both (decoded with ``gguf.quants.dequantize``) and the share of
   byte-identical blocks.
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
-import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -22,36 +17,14 @@ from gguf import quants as gq
 
 from . import encode
 
-_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-
-
-def _to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
-
-
 def model_matrices(model_dir: str, min_cols: int = 256) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, float32 [rows, cols])`` for every 2-D tensor with ``cols >= min_cols``, sorted by name."""
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    entries = []
-    for path in files:
-        with open(path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(hlen))
-        for name, info in header.items():
-            if name == "__metadata__" or len(info["shape"]) != 2 or info["shape"][1] < min_cols:
-                continue
-            if info["dtype"] not in _DTYPES:
-                continue
-            entries.append((name, path, 8 + hlen + info["data_offsets"][0], info))
-    for name, path, off, info in sorted(entries):
-        dt = np.dtype(_DTYPES[info["dtype"]])
-        count = int(np.prod(info["shape"]))
-        raw = np.fromfile(path, dtype=dt, count=count, offset=off)
-        yield name, _to_f32(raw, info["dtype"]).reshape(info["shape"])
+    from ..source import DTYPES, open_model
+
+    with open_model(model_dir) as m:
+        for t in sorted(m, key=lambda t: t.name):
+            if len(t.shape) == 2 and t.shape[1] >= min_cols and t.dtype in DTYPES:
+                yield t.name, t.read_all()
 
 
 def synthetic_imatrix(n_cols: int, seed: int = 0, n_tokens: int = 64) -> np.ndarray:
