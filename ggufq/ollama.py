@@ -449,70 +449,14 @@ class GgufInfo:
 _ADD_BOS_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
 def _read_header(path: Path, keep: Iterable[str]) -> tuple[dict, list[int]]:
-    """The GGUF key/values named in ``keep`` and the tensor type ids, reading only the header.
-
-    (gguf.GGUFReader builds Python objects for every array element -- seconds for a 50k
-    vocabulary with merges; this walks the header once and keeps only what is asked for.)
-    """
-    import mmap
-    import struct
+    """The GGUF key/values named in ``keep`` and the tensor type ids, reading only the header
+    (gguf.GGUFReader builds Python objects for every array element: seconds for a 50k vocabulary)."""
+    from .plan.gguf_header import read_header
 
     keep = set(keep)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        pos = 24
-
-        def string():
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", mm, pos)
-            b = mm[pos + 8:pos + 8 + n]
-            pos += 8 + n
-            return b.decode("utf-8", errors="replace")
-
-        def value(vtype, want):
-            nonlocal pos
-            if vtype in _SCALAR:
-                fmt = _SCALAR[vtype]
-                (v,) = struct.unpack_from(fmt, mm, pos)
-                pos += struct.calcsize(fmt)
-                return v
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                etype, n = struct.unpack_from("<IQ", mm, pos)
-                pos += 12
-                if etype in _SCALAR and not want:
-                    pos += n * struct.calcsize(_SCALAR[etype])
-                    return None
-                items = [value(etype, want) for _ in range(n)]
-                return items if want else None
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-
-        kv = {}
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = struct.unpack_from("<I", mm, pos)
-            pos += 4
-            v = value(vtype, key in keep)
-            if key in keep:
-                kv[key] = v
-        types = []
-        for _ in range(n_tensors):
-            string()
-            (n_dims,) = struct.unpack_from("<I", mm, pos)
-            pos += 4 + 8 * n_dims
-            (ttype,) = struct.unpack_from("<I", mm, pos)
-            pos += 4 + 8
-            types.append(ttype)
-    return kv, types
+    kv, tensors = read_header(path, arrays=keep)
+    return {k: v for k, v in kv.items() if k in keep}, [int(t[2]) for t in tensors]
 
 
 _KEYS = ("general.architecture", "tokenizer.chat_template", "tokenizer.ggml.tokens", "tokenizer.ggml.model",

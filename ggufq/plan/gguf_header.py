@@ -7,7 +7,7 @@ hyperparameters and the tensor names, shapes and types, so arrays are skipped.
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
 
 from gguf import GGMLQuantizationType as T
 
@@ -45,8 +45,24 @@ def _skip_value(f: BinaryIO, vtype: int) -> None:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def read_header(path) -> tuple[dict, list[tuple[str, tuple[int, ...], T]]]:
-    """(scalar and string metadata, [(tensor name, shape in numpy order, type)]) of a GGUF file."""
+def _array(f: BinaryIO) -> list:
+    etype, n = _read(f, "I"), _read(f, "Q")
+    if etype in _SCALARS:
+        fmt = _SCALARS[etype]
+        size = struct.calcsize("<" + fmt) * n
+        b = f.read(size)
+        if len(b) != size:
+            raise ValueError("truncated GGUF header")
+        return list(struct.unpack(f"<{n}{fmt}", b))
+    if etype == _STRING:
+        return [_string(f) for _ in range(n)]
+    return [_array(f) for _ in range(n)]
+
+
+def read_header(path, arrays: Iterable[str] = ()) -> tuple[dict, list[tuple[str, tuple[int, ...], T]]]:
+    """(scalar and string metadata, plus the arrays named in ``arrays``,
+    [(tensor name, shape in numpy order, type)]) of a GGUF file."""
+    arrays = set(arrays)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError("not a GGUF file")
@@ -61,6 +77,8 @@ def read_header(path) -> tuple[dict, list[tuple[str, tuple[int, ...], T]]]:
                 kv[key] = _string(f)
             elif vtype in _SCALARS:
                 kv[key] = _read(f, _SCALARS[vtype])
+            elif vtype == _ARRAY and key in arrays:
+                kv[key] = _array(f)
             else:
                 _skip_value(f, vtype)
         tensors = []
