@@ -56,36 +56,60 @@ def _encode(encoder: Encoder, qtype: T, rows: np.ndarray, imatrix: Optional[np.n
     return encoder(qtype, rows, imatrix).tobytes()
 
 
-def _chunks(job: Job) -> Iterator[np.ndarray]:
+def _ranges(job: Job) -> Iterator[tuple[int, int]]:
     t = job.tensor
     step = chunk_rows(t.row_len)
     for lo in range(0, t.n_rows, step):
-        rows = t.read(lo, min(t.n_rows, lo + step))
-        if rows.shape != (min(t.n_rows, lo + step) - lo, t.row_len):
-            raise GgufqError(f"{t.name}: read rows {lo}.. gave shape {rows.shape}")
-        yield rows
+        yield lo, min(t.n_rows, lo + step)
 
 
-def _pool(n_jobs: int) -> Optional[Executor]:
+def _read(job: Job, lo: int, hi: int) -> np.ndarray:
+    rows = job.tensor.read(lo, hi)
+    if rows.shape != (hi - lo, job.tensor.row_len):
+        raise GgufqError(f"{job.tensor.name}: read rows {lo}.. gave shape {rows.shape}")
+    return rows
+
+
+# Forked workers find the jobs here (inherited from the parent at fork time) and read their own
+# rows: the parent then neither reads nor pickles float32 chunks, it only writes bytes in order.
+_FORKED_JOBS: Sequence[Job] = ()
+
+
+def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int) -> bytes:
+    job = _FORKED_JOBS[i]
+    return _encode(encoder, job.qtype, _read(job, lo, hi), job.imatrix)
+
+
+def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[Executor], bool]:
+    """(pool, whether its workers read rows themselves)."""
+    global _FORKED_JOBS
     if n_jobs <= 1:
-        return None
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx)
+        return None, False
+    if "fork" in mp.get_all_start_methods():
+        _FORKED_JOBS = jobs
+        return ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("fork")), True
+    return ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")), False
 
 
-def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor]) -> Iterator[tuple[int, int, bytes]]:
+def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
+             workers_read: bool = False) -> Iterator[tuple[int, int, bytes]]:
     """(job index, elements, bytes) per chunk, in file order; a bounded window of chunks in flight."""
     if pool is None:
         for i, job in enumerate(jobs):
-            for rows in _chunks(job):
+            for lo, hi in _ranges(job):
+                rows = _read(job, lo, hi)
                 yield i, rows.size, _encode(encoder, job.qtype, rows, job.imatrix)
         return
     window: deque[tuple[int, int, Future]] = deque()
     limit = 2 * getattr(pool, "_max_workers", 2)
     for i, job in enumerate(jobs):
-        for rows in _chunks(job):
-            window.append((i, rows.size, pool.submit(_encode, encoder, job.qtype, rows, job.imatrix)))
-            del rows
+        for lo, hi in _ranges(job):
+            n = (hi - lo) * job.tensor.row_len
+            if workers_read:
+                fut = pool.submit(_read_and_encode, encoder, i, lo, hi)
+            else:
+                fut = pool.submit(_encode, encoder, job.qtype, _read(job, lo, hi), job.imatrix)
+            window.append((i, n, fut))
             while len(window) >= limit:
                 j, n, fut = window.popleft()
                 yield j, n, fut.result()
@@ -99,6 +123,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                split_max_tensors: int = 0, split_max_size: int = 0,
                progress: bool = True, label: str = "writing") -> list[Path]:
     """Write a complete GGUF (or its shards) atomically; returns the final paths."""
+    global _FORKED_JOBS
     path = Path(path)
     if path.exists() and not force:
         raise GgufqError(f"{path} exists; pass --force to overwrite")
@@ -121,12 +146,12 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         fouts = [w.fout[where[j.tensor.name]] for j in jobs]
         for fout in w.fout:
             w.write_padding(fout, fout.tell())
-        pool = _pool(n_jobs)
+        pool, workers_read = _pool(n_jobs, jobs)
         total = sum(j.n_elements for j in jobs)
         with Progress(total, label, n_items=len(jobs), enabled=progress) as bar:
             written = [0] * len(jobs)
             last = -1
-            for i, n, data in _encoded(jobs, encoder, pool):
+            for i, n, data in _encoded(jobs, encoder, pool, workers_read):
                 if i != last:
                     if last >= 0:
                         _finish(w, fouts[last], jobs[last], written[last])
@@ -160,6 +185,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             raise GgufqError(f"disk full while writing {path} (nothing was left behind)") from None
         raise
     finally:
+        _FORKED_JOBS = ()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
         w.close()

@@ -138,3 +138,14 @@ def test_method_hqq_same_types_and_size_and_runs(tmp_path, tiny):
     assert out["choices"][0]["text"].strip()
     r = run_cli("convert", tiny, "-o", tmp_path / "x.gguf", "--method", "nope")
     assert r.returncode == 2
+
+
+def test_jobs_do_not_change_the_bytes(tmp_path, tiny):
+    """Encoder processes read their own rows (fork) and the parent writes in order: -j 2 == -j 1."""
+    outs = []
+    for j in ("1", "2"):
+        p = tmp_path / f"j{j}.gguf"
+        r = run_cli("convert", tiny, "-o", p, "--type", "Q4_K_M", "-j", j, "-q")
+        assert r.returncode == 0, r.stderr
+        outs.append(p.read_bytes())
+    assert outs[0] == outs[1]
