@@ -18,8 +18,8 @@ from gguf import GGMLQuantizationType as T
 
 from . import register
 from .common import fp16_bytes, fp16_round
-from .q6_k import _chunk_imatrix, group_T, requantize
-from .qx import CHUNK_GROUPS, F32, make_q3_quants_T, make_qx_quants_T, nearest_int_exact
+from .q6_k import encode_blocks_chunked, group_T, requantize
+from .qx import F32, make_q3_quants_T, make_qx_quants_T, nearest_int_exact
 
 QK_K = 256
 BLOCK_BYTES = 110
@@ -83,11 +83,4 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
 
 @register(T.Q3_K)
 def encode_q3_k(rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
-    n, k = rows.shape
-    blocks = rows.reshape(-1, QK_K)
-    out = np.empty((blocks.shape[0], BLOCK_BYTES), dtype=np.uint8)
-    step = max(1, CHUNK_GROUPS // 16)
-    for lo in range(0, blocks.shape[0], step):
-        hi = min(lo + step, blocks.shape[0])
-        out[lo:hi] = _encode_blocks(blocks[lo:hi], _chunk_imatrix(imatrix, k, lo, hi))
-    return out.reshape(n, k // QK_K * BLOCK_BYTES)
+    return encode_blocks_chunked(rows, imatrix, BLOCK_BYTES, _encode_blocks)

@@ -88,13 +88,20 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     return out
 
 
-@register(T.Q6_K)
-def encode_q6_k(rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
+def encode_blocks_chunked(rows: np.ndarray, imatrix: Optional[np.ndarray], block_bytes: int,
+                          encode_blocks) -> np.ndarray:
+    """Rows [n, k] -> bytes [n, k/256*block_bytes], encoding CHUNK_GROUPS/16 super-blocks at a time
+    with ``encode_blocks(blocks [b, 256], importance [b, 256] | None) -> uint8 [b, block_bytes]``."""
     n, k = rows.shape
     blocks = rows.reshape(-1, QK_K)
-    out = np.empty((blocks.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    out = np.empty((blocks.shape[0], block_bytes), dtype=np.uint8)
     step = max(1, CHUNK_GROUPS // 16)
     for lo in range(0, blocks.shape[0], step):
         hi = min(lo + step, blocks.shape[0])
-        out[lo:hi] = _encode_blocks(blocks[lo:hi], _chunk_imatrix(imatrix, k, lo, hi))
-    return out.reshape(n, k // QK_K * BLOCK_BYTES)
+        out[lo:hi] = encode_blocks(blocks[lo:hi], _chunk_imatrix(imatrix, k, lo, hi))
+    return out.reshape(n, k // QK_K * block_bytes)
+
+
+@register(T.Q6_K)
+def encode_q6_k(rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
+    return encode_blocks_chunked(rows, imatrix, BLOCK_BYTES, _encode_blocks)
