@@ -23,6 +23,9 @@ from .write import Job, write_gguf
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
 # methods that weight their error by the model's own data-free importance (ggufq.importance)
 DATA_FREE_IMPORTANCE = ("hqq", "hqq-max", "hqq-fast")
+# methods that round with error feedback against the moments of the model's own generated text
+SELF_CALIBRATED = ("hqq", "hqq-max")
+CALIB_TOKENS = 8192          # 16 sequences of 512 (ggufq.calib)
 
 
 @dataclass
@@ -107,7 +110,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             jobs: int = 1, force: bool = False, progress: bool = True, name: Optional[str] = None,
             split_max_tensors: int = 0, split_max_size: int = 0,
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
-            method: str = "kquant",
+            method: str = "kquant", calib_tokens: int = CALIB_TOKENS,
             plan_kw: Optional[dict] = None) -> Result:
     t0 = time.monotonic()
     from .quant.hqq import METHODS
@@ -142,6 +145,15 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         from .importance import importance_for
         with p.model:
             free = importance_for(p)
+    notes: list[str] = []
+    hessians = None
+    if method in SELF_CALIBRATED and calib_tokens > 0 and plan_has_quantized(plan):
+        from . import calib
+        if p.arch.name in calib.SUPPORTED:
+            with p.model:
+                hessians = calib.self_calibrate(p, vocab, calib_tokens, progress=progress)
+        else:
+            notes.append(f"self-calibration does not support {p.arch.name}: data-free importance only")
     job_list = []
     for t in p.tensors:
         qtype = by_name[t.name].qtype
@@ -150,9 +162,15 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             real = im.for_tensor(t.name, t.row_len) if im is not None else None
             # a real imatrix wins; the data-free importance stands in without one
             weights = real if real is not None else free.get(t.name)
+            if hessians is not None and hessians.covers(t.name):
+                weights = hessians.lazy(t.name, real)
         job_list.append(Job(t, qtype, weights))
     with p.model:
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
                            split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                            progress=progress, label=f"{plan.ftype}")
-    return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths))
+    return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)
+
+
+def plan_has_quantized(plan: plans.Plan) -> bool:
+    return any(e.qtype not in UNQUANTIZED for e in plan.entries)

@@ -37,7 +37,7 @@ class Job:
     """One tensor to write: where its rows come from and how to encode them."""
     tensor: OutTensor
     qtype: T
-    imatrix: Optional[np.ndarray] = None
+    imatrix: object = None    # ndarray [row_len], a quant.gptq.Hessian, or a callable returning either
 
     @property
     def nbytes(self) -> int:
@@ -75,9 +75,15 @@ def _read(job: Job, lo: int, hi: int) -> np.ndarray:
 _FORKED_JOBS: Sequence[Job] = ()
 
 
-def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int) -> bytes:
+def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights) -> bytes:
     job = _FORKED_JOBS[i]
-    return _encode(encoder, job.qtype, _read(job, lo, hi), job.imatrix)
+    return _encode(encoder, job.qtype, _read(job, lo, hi), weights)
+
+
+def _weights(job: Job):
+    """A job's importance; a callable is computed here, in file order, in the parent process
+    (self-calibration's moments are made layer by layer as the writer reaches them)."""
+    return job.imatrix() if callable(job.imatrix) else job.imatrix
 
 
 def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[Executor], bool]:
@@ -96,19 +102,21 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
     """(job index, elements, bytes) per chunk, in file order; a bounded window of chunks in flight."""
     if pool is None:
         for i, job in enumerate(jobs):
+            wts = _weights(job)
             for lo, hi in _ranges(job):
                 rows = _read(job, lo, hi)
-                yield i, rows.size, _encode(encoder, job.qtype, rows, job.imatrix)
+                yield i, rows.size, _encode(encoder, job.qtype, rows, wts)
         return
     window: deque[tuple[int, int, Future]] = deque()
     limit = 2 * getattr(pool, "_max_workers", 2)
     for i, job in enumerate(jobs):
+        wts = _weights(job)
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
             if workers_read:
-                fut = pool.submit(_read_and_encode, encoder, i, lo, hi)
+                fut = pool.submit(_read_and_encode, encoder, i, lo, hi, wts)
             else:
-                fut = pool.submit(_encode, encoder, job.qtype, _read(job, lo, hi), job.imatrix)
+                fut = pool.submit(_encode, encoder, job.qtype, _read(job, lo, hi), wts)
             window.append((i, n, fut))
             while len(window) >= limit:
                 j, n, fut = window.popleft()

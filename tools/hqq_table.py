@@ -7,7 +7,8 @@ measures mean KLD against the F16 model's logits with llama-perplexity:
 
   llama-quantize            llama.cpp, no imatrix
   llama-quantize+imatrix    llama.cpp with --imatrix FILE
-  hqq                       ggufq --method hqq (data-free importance)
+  hqq                       ggufq --method hqq (self-calibrated: text the model generates itself)
+  hqq-datafree              ggufq --method hqq --calib-tokens 0 (gamma^2 importance only)
   hqq-plain                 faithful HQQ written into the blocks
   (extra, --methods): refine, hqq-scaled, hqq+imatrix, hqq+imatrix*gamma, ggml+gamma
 
@@ -93,12 +94,28 @@ def bpw(path, types):
     return 8.0 * nb / nel
 
 
-def build(model, path, types, encoder, ims, label):
+_TOKENS: dict = {}     # model -> self-calibration sample (seeded: the same for every type)
+
+
+def build(model, path, types, encoder, ims, label, calib_tokens=0):
     p = prepare(model)
     vocab = vocabs.load(p.model.path, p.model.config)
     md = metadata_for(p)
-    jobs = [Job(t, types[t.name], ims.get(t.name) if types[t.name] not in (T.F32, T.F16, T.BF16) else None)
-            for t in p.tensors]
+    sc = None
+    t0 = time.monotonic()
+    if calib_tokens:
+        from ggufq import calib
+        with p.model:
+            sc = calib.self_calibrate(p, vocab, calib_tokens, progress=False, tokens=_TOKENS.get(model))
+        _TOKENS[model] = sc.tokens
+
+    def weights(t):
+        if types[t.name] in (T.F32, T.F16, T.BF16):
+            return None
+        if sc is not None and sc.covers(t.name):
+            return sc.lazy(t.name, ims.get(t.name) if label.endswith("imatrix") else None)
+        return ims.get(t.name)
+    jobs = [Job(t, types[t.name], weights(t)) for t in p.tensors]
 
     def add(w):
         w.add_type(gguf.GGUFType.MODEL)
@@ -108,7 +125,6 @@ def build(model, path, types, encoder, ims, label):
         p.arch.write_arch_extras(w)
         w.add_quantization_version(2)
         vocab.write(w)
-    t0 = time.monotonic()
     with p.model:
         write_gguf(path, p.arch.name, add, jobs, encoder=encoder, force=True, progress=False, label=label)
     return time.monotonic() - t0
@@ -121,12 +137,15 @@ def main():
     ap.add_argument("--chunks", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
-    ap.add_argument("--methods", nargs="+", default=["llama-quantize", "llama-quantize+imatrix", "hqq", "hqq-plain"])
+    ap.add_argument("--methods", nargs="+",
+                    default=["llama-quantize", "llama-quantize+imatrix", "hqq", "hqq-datafree", "hqq-plain"])
     ap.add_argument("--imatrix", help="llama.cpp imatrix (GGUF or .dat) for the +imatrix rows")
     ap.add_argument("--work", required=True, help="scratch folder for GGUFs and logits")
     ap.add_argument("--f16", help="F16 GGUF of the model (default: converted with ggufq into --work)")
     ap.add_argument("--base", help="base logits from llama-perplexity --kl-divergence-base (default: made in --work)")
     ap.add_argument("--llama-bin")
+    ap.add_argument("--calib-tokens", type=int, default=8192,
+                    help="self-calibration sample for hqq, hqq-max and hqq+imatrix (0: data-free)")
     ap.add_argument("--png", help="plot path (default: WORK/hqq_kld.png)")
     ap.add_argument("--json", help="append results as JSON lines here (default: WORK/results.jsonl)")
     a = ap.parse_args()
@@ -170,8 +189,10 @@ def main():
                     continue
                 run([binp / "llama-quantize", *extra, "--imatrix", a.imatrix, f16, out, lq_type, "2"])
             else:
+                calib_tokens = a.calib_tokens if m in ("hqq", "hqq-max", "hqq+imatrix") else 0
                 enc, ims = {
                     "hqq": (hqq.encode_hqq, free),
+                    "hqq-datafree": (hqq.encode_hqq, free),
                     "hqq-plain": (hqq.encode_hqq_plain, {}),
                     "hqq-fast": (hqq.encode_hqq_fast, free),
                     "hqq-max": (hqq.encode_hqq_max, free),
@@ -184,7 +205,7 @@ def main():
                     "hqq+imatrix*gamma": (hqq.encode_hqq, {k: combine(real.get(k), free.get(k), "product")
                                                            for k in set(real) | set(free)}),
                 }[m]
-                secs = build(a.model, out, types, enc, ims, m)
+                secs = build(a.model, out, types, enc, ims, m, calib_tokens)
             k = kld(binp, out, base, a.chunks, a.threads)
             res[m] = k
             rec = dict(model=Path(a.model).name, type=ty, method=m, kld=k, bpw=bpw(out, types), build_s=secs)

@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import layout, refine as _refine
+from . import gptq as _gptq, layout, refine as _refine
 from .layout import TRAITS, Fields
 
 
@@ -202,6 +202,22 @@ def hqq_fields(qtype: T, x: np.ndarray, w: Optional[np.ndarray], prm: HqqParams 
 
 # --- encoders (module-level, picklable: write_gguf(encoder=...)) ----------------
 
+def _hessian_aware(enc):
+    """Let ``enc`` take a :class:`gptq.Hessian` as its ``imatrix``: error-feedback rounding
+    (:func:`gptq.encode`) whose block scales ``enc`` picks, weighted by the Hessian's diagonal."""
+    import functools
+
+    @functools.wraps(enc)
+    def wrapped(qtype: T, rows: np.ndarray, imatrix=None) -> np.ndarray:
+        if isinstance(imatrix, _gptq.Hessian):
+            if qtype not in TRAITS:
+                return enc(qtype, rows, imatrix.diag)
+            return _gptq.encode(qtype, rows, imatrix, start=enc)
+        return enc(qtype, rows, imatrix)
+    wrapped.__wrapped__ = enc
+    return wrapped
+
+
 def _passthrough(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]):
     """Types HQQ does not handle (F32, F16, BF16, IQ*): the default path."""
     if qtype in TRAITS:
@@ -253,6 +269,7 @@ def _start(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndar
     return ggml_ref.quantize(qtype, rows, imatrix)
 
 
+@_hessian_aware
 def encode_hqq_max(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """The slowest, best-by-weight-error pipeline (``--method hqq-max``): two starts -- the k-quant
     encoder's bytes and the HQQ solution -- each refined against the importance
@@ -270,6 +287,7 @@ def encode_hqq_max(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = N
     return out.reshape(rows.shape[0], -1)
 
 
+@_hessian_aware
 def encode_refined(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """The k-quant encoder's bytes, refined (one start only)."""
     if (done := _passthrough(qtype, rows, imatrix)) is not None:
@@ -279,6 +297,7 @@ def encode_refined(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = N
     return layout.pack(f).reshape(rows.shape[0], -1)
 
 
+@_hessian_aware
 def encode_hqq_fast(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """Cheaper ``hqq``: the k-quant start only, 2 refinement passes, separable +-1 integer search."""
     if (done := _passthrough(qtype, rows, imatrix)) is not None:
@@ -289,6 +308,7 @@ def encode_hqq_fast(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = 
     return layout.pack(f).reshape(rows.shape[0], -1)
 
 
+@_hessian_aware
 def encode_hqq(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """``--method hqq``, the calibration-free default: K-quants as ``encode_hqq_fast``
     (a KLD tie with ``hqq-max`` on tinyllama's Q4_K_M/Q3_K_M/Q2_K mixtures at ~1/5 of
