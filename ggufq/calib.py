@@ -5,7 +5,8 @@ moment ``E[x x^T]``. Measured on tinyllama-spm-10m (Q4_K_M, mean KLD): moments f
 random tokens made files *worse* than no moments at all; 64 x 32-token samples were
 no better than the data-free importance; 16 sequences of 512 tokens that the model
 sampled itself (temperature 1, from BOS) were as good as 16 x 512 tokens of its real
-held-out text. So:
+held-out text, but their gain varied with the sampling seed (0.836x to 0.891x of
+llama-quantize's KLD); 64 x 512 tokens gave 0.836x and 0.855x. So, by default, 64 x 512:
 
 1. :func:`generate` samples ``n_seq`` sequences of ``n_tok`` tokens from the model
    (NumPy forward with a KV cache, Gumbel-max sampling, fixed seed: files are
@@ -18,22 +19,24 @@ held-out text. So:
 Llama-family archs (llama, mistral, qwen2): RMSNorm, GQA, SwiGLU, rope (llama.cpp's
 interleaved layout for llama/mistral, NeoX for qwen2; ``rope_freqs`` factors, linear
 scaling), q/k/v biases. Sliding windows are ignored (sequences are 512 tokens).
-Memory: the layer-major pass holds ``n_seq * n_tok`` hidden states plus one layer's
-moments; generation caches up to ``cache_bytes`` of float32 weights and streams the
-rest (in row chunks) at every step.
+Memory: the layer-major pass holds ``n_seq * n_tok`` hidden states (a few copies: ~1 GiB
+for a 1B model's 2048-wide states at 32k tokens) plus one layer's moments; generation
+caches up to ``cache_bytes`` of float32 weights, streams the rest (in row chunks) at every
+step, and runs the sequences in rounds whose KV cache fits ``KV_BYTES`` (512 MiB).
 """
 from __future__ import annotations
 
 import functools
 import math
 import re
+import time
 from typing import Callable, Optional
 
 import numpy as np
 
 from . import GgufqError
 
-N_SEQ, N_TOK = 16, 512
+N_SEQ, N_TOK = 64, 512
 CACHE_BYTES = 1 << 30
 _ROWS = 1 << 13              # row chunk of a streamed matrix
 _TOKENS = 2048               # token chunk of the layer-major pass (bounds ffn activations)
@@ -157,28 +160,45 @@ class Forward:
         return self.mm(_rms(x, self.vec("output_norm.weight"), self.eps), self.head)
 
 
+KV_BYTES = 512 << 20        # KV cache per generation round
+
+
 def generate(fwd: Forward, start: int, n_seq: int = N_SEQ, n_tok: int = N_TOK, seed: int = 0,
-             temperature: float = 1.0, on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """int64 [n_seq, n_tok]: ``start`` then tokens sampled from the model (KV cache, Gumbel-max)."""
+             temperature: float = 1.0, on_step: Optional[Callable[[int], None]] = None,
+             kv_bytes: int = KV_BYTES) -> np.ndarray:
+    """int64 [n_seq, n_tok]: ``start`` then tokens sampled from the model (KV cache, Gumbel-max).
+
+    Sequences are generated in rounds whose KV cache fits ``kv_bytes``; ``on_step(k)`` is
+    called after each of the ``rounds * (n_tok - 1)`` steps."""
+    rounds = generation_rounds(fwd, n_seq, n_tok, kv_bytes)
     rng = np.random.default_rng(seed)
     toks = np.empty((n_seq, n_tok), np.int64)
     toks[:, 0] = start
-    kc = np.zeros((fwd.n_layer, n_seq, n_tok, fwd.n_kv, fwd.hd), np.float32)
-    vc = np.zeros_like(kc)
     norms = [(fwd.vec(f"blk.{i}.attn_norm.weight"), fwd.vec(f"blk.{i}.ffn_norm.weight")) for i in range(fwd.n_layer)]
-    for t in range(n_tok - 1):
-        x = fwd.embed(toks[:, t:t + 1])                          # [B, 1, E]
-        pos = np.array([t])
-        for i in range(fwd.n_layer):
-            q, kc[i, :, t:t + 1], vc[i, :, t:t + 1] = fwd.qkv(i, _rms(x, norms[i][0], fwd.eps), pos)
-            a = fwd.attend(q, kc[i, :, :t + 1], vc[i, :, :t + 1], t)
-            x = x + fwd.mm(a, f"blk.{i}.attn_output.weight")
-            x = x + fwd.mm(fwd.ffn_act(i, _rms(x, norms[i][1], fwd.eps)), f"blk.{i}.ffn_down.weight")
-        z = fwd.logits(x[:, 0]).astype(np.float64) / temperature
-        toks[:, t + 1] = np.argmax(z - np.log(-np.log(rng.random(z.shape))), -1)
-        if on_step:
-            on_step(t + 1)
+    bounds = np.linspace(0, n_seq, rounds + 1).astype(int)
+    step = 0
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        kc = np.zeros((fwd.n_layer, s1 - s0, n_tok, fwd.n_kv, fwd.hd), np.float32)
+        vc = np.zeros_like(kc)
+        for t in range(n_tok - 1):
+            x = fwd.embed(toks[s0:s1, t:t + 1])                      # [B, 1, E]
+            pos = np.array([t])
+            for i in range(fwd.n_layer):
+                q, kc[i, :, t:t + 1], vc[i, :, t:t + 1] = fwd.qkv(i, _rms(x, norms[i][0], fwd.eps), pos)
+                a = fwd.attend(q, kc[i, :, :t + 1], vc[i, :, :t + 1], t)
+                x = x + fwd.mm(a, f"blk.{i}.attn_output.weight")
+                x = x + fwd.mm(fwd.ffn_act(i, _rms(x, norms[i][1], fwd.eps)), f"blk.{i}.ffn_down.weight")
+            z = fwd.logits(x[:, 0]).astype(np.float64) / temperature
+            toks[s0:s1, t + 1] = np.argmax(z - np.log(-np.log(rng.random(z.shape))), -1)
+            step += 1
+            if on_step:
+                on_step(step)
     return toks
+
+
+def generation_rounds(fwd: Forward, n_seq: int, n_tok: int, kv_bytes: int = KV_BYTES) -> int:
+    per_seq = fwd.n_layer * n_tok * fwd.n_kv * fwd.hd * 2 * 4
+    return -(-n_seq // max(1, min(n_seq, kv_bytes // max(1, per_seq))))
 
 
 _LAYER = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
@@ -197,6 +217,7 @@ class Moments:
         self.x: Optional[np.ndarray] = None          # hidden states [B, T, E] entering layer `done`
         self.done = -1                               # layers passed
         self.cur: dict[str, np.ndarray] = {}         # moments of layer `done` (or of the head)
+        self.seconds = 0.0                           # time spent in the layer-major pass
 
     @staticmethod
     def key(name: str) -> Optional[tuple[int, str]]:
@@ -230,6 +251,13 @@ class Moments:
         return self.fwd.logits(self.x)
 
     def _advance(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self._layer()
+        finally:
+            self.seconds += time.monotonic() - t0
+
+    def _layer(self) -> None:
         f = self.fwd
         B, Tn = self.tokens.shape
         if self.x is None:
@@ -244,9 +272,12 @@ class Moments:
             h = _rms(self.x, f.vec(f"blk.{i}.attn_norm.weight"), f.eps)
             self._acc(acc, "attn_in", h)
             a = np.empty((B, Tn, f.n_head * f.hd), np.float32)
-            q, k, v = f.qkv(i, h, pos)
-            for b in range(B):
-                a[b] = f.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], 0)[0]
+            g = max(1, _TOKENS // Tn)                                # sequences per q/k/v group
+            for b0 in range(0, B, g):
+                q, k, v = f.qkv(i, h[b0:b0 + g], pos)
+                for b in range(q.shape[0]):
+                    a[b0 + b] = f.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], 0)[0]
+            del h
             self._acc(acc, "attn_out", a)
             x = self.x + f.mm(a, f"blk.{i}.attn_output.weight")
             g = f.vec(f"blk.{i}.ffn_norm.weight")
@@ -267,12 +298,18 @@ class SelfCalibration:
     """Per-tensor weights for the writer's jobs: a :class:`~ggufq.quant.gptq.Hessian` for
     matrices with a full moment, the moment's diagonal (an imatrix) for ffn_down."""
 
-    def __init__(self, fwd: Forward, tokens: np.ndarray):
+    def __init__(self, fwd: Forward, tokens: np.ndarray, gen_seconds: float = 0.0):
         self.fwd = fwd
         self.tokens = tokens
+        self.gen_seconds = gen_seconds
         self.moments = Moments(fwd, tokens)
         self._key = None
         self._h = None
+
+    def summary(self) -> str:
+        n, t = self.tokens.shape
+        return (f"self-calibration: {n}x{t} tokens generated in {self.gen_seconds:.1f} s, "
+                f"input moments in {self.moments.seconds:.1f} s")
 
     def covers(self, name: str) -> bool:
         return name in self.fwd.t and Moments.key(name) is not None
@@ -314,20 +351,22 @@ def start_token(vocab) -> int:
     return 0
 
 
-def self_calibrate(prepared, vocab, n_tokens: int = N_SEQ * N_TOK, *, seed: int = 0,
+def self_calibrate(prepared, vocab, n_tokens: int = N_SEQ * N_TOK, *, seq_len: int = N_TOK, seed: int = 0,
                    progress: bool = True, cache_bytes: int = CACHE_BYTES,
                    tokens: Optional[np.ndarray] = None) -> SelfCalibration:
-    """Sample ``n_tokens`` (in sequences of 512) from the model; moments follow lazily.
+    """Sample ``n_tokens`` (in sequences of ``seq_len``) from the model; moments follow lazily.
     ``tokens``: reuse an earlier sample (``SelfCalibration.tokens``) instead."""
     from .progress import Progress
-    n_seq = max(1, n_tokens // N_TOK)
+    n_seq = max(1, n_tokens // seq_len)
     fwd = Forward(prepared, cache_bytes)
+    t0 = time.monotonic()
     if tokens is None:
-        with Progress(N_TOK - 1, f"self-calibration ({n_seq}x{N_TOK} tokens)", n_items=N_TOK - 1,
+        steps = generation_rounds(fwd, n_seq, seq_len) * (seq_len - 1)
+        with Progress(steps, f"self-calibration ({n_seq}x{seq_len} tokens)", n_items=steps,
                       enabled=progress) as bar:
-            tokens = generate(fwd, start_token(vocab), n_seq, N_TOK, seed=seed,
+            tokens = generate(fwd, start_token(vocab), n_seq, seq_len, seed=seed,
                               on_step=lambda t: bar.advance(1, items=1))
     toks = tokens
     fwd._cache.clear()           # the layer-major pass reads each matrix once: stream it
     fwd._budget = 0
-    return SelfCalibration(fwd, toks)
+    return SelfCalibration(fwd, toks, time.monotonic() - t0)

@@ -25,7 +25,7 @@ UNQUANTIZED = (T.F32, T.F16, T.BF16)
 DATA_FREE_IMPORTANCE = ("hqq", "hqq-max", "hqq-fast")
 # methods that round with error feedback against the moments of the model's own generated text
 SELF_CALIBRATED = ("hqq", "hqq-max")
-CALIB_TOKENS = 8192          # 16 sequences of 512 (ggufq.calib)
+CALIB_TOKENS = 32768         # 64 sequences of 512 (ggufq.calib)
 
 
 @dataclass
@@ -110,7 +110,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             jobs: int = 1, force: bool = False, progress: bool = True, name: Optional[str] = None,
             split_max_tensors: int = 0, split_max_size: int = 0,
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
-            method: str = "kquant", calib_tokens: int = CALIB_TOKENS,
+            method: str = "kquant", calib_tokens: int = CALIB_TOKENS, calib_cache: Optional[int] = None,
             plan_kw: Optional[dict] = None) -> Result:
     t0 = time.monotonic()
     from .quant.hqq import METHODS
@@ -151,7 +151,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         from . import calib
         if p.arch.name in calib.SUPPORTED:
             with p.model:
-                hessians = calib.self_calibrate(p, vocab, calib_tokens, progress=progress)
+                hessians = calib.self_calibrate(p, vocab, calib_tokens, progress=progress,
+                                                cache_bytes=calib.CACHE_BYTES if calib_cache is None else calib_cache)
         else:
             notes.append(f"self-calibration does not support {p.arch.name}: data-free importance only")
     job_list = []
@@ -169,6 +170,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
                            split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                            progress=progress, label=f"{plan.ftype}")
+    if hessians is not None:
+        notes.append(hessians.summary())
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)
 
 

@@ -97,7 +97,7 @@ def bpw(path, types):
 _TOKENS: dict = {}     # model -> self-calibration sample (seeded: the same for every type)
 
 
-def build(model, path, types, encoder, ims, label, calib_tokens=0):
+def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512, calib_seed=0):
     p = prepare(model)
     vocab = vocabs.load(p.model.path, p.model.config)
     md = metadata_for(p)
@@ -106,7 +106,8 @@ def build(model, path, types, encoder, ims, label, calib_tokens=0):
     if calib_tokens:
         from ggufq import calib
         with p.model:
-            sc = calib.self_calibrate(p, vocab, calib_tokens, progress=False, tokens=_TOKENS.get(model))
+            sc = calib.self_calibrate(p, vocab, calib_tokens, seq_len=calib_seq, seed=calib_seed, progress=False,
+                                      tokens=_TOKENS.get(model))
         _TOKENS[model] = sc.tokens
 
     def weights(t):
@@ -144,12 +145,18 @@ def main():
     ap.add_argument("--f16", help="F16 GGUF of the model (default: converted with ggufq into --work)")
     ap.add_argument("--base", help="base logits from llama-perplexity --kl-divergence-base (default: made in --work)")
     ap.add_argument("--llama-bin")
-    ap.add_argument("--calib-tokens", type=int, default=8192,
+    ap.add_argument("--calib-tokens", type=int, default=32768,
                     help="self-calibration sample for hqq, hqq-max and hqq+imatrix (0: data-free)")
+    ap.add_argument("--calib-seq", type=int, default=512, help="self-calibration sequence length")
+    ap.add_argument("--calib-seed", type=int, default=0, help="self-calibration sampling seed")
+    ap.add_argument("--damp", type=float, default=None, help="GPTQ damping (fraction of the mean diagonal)")
     ap.add_argument("--png", help="plot path (default: WORK/hqq_kld.png)")
     ap.add_argument("--json", help="append results as JSON lines here (default: WORK/results.jsonl)")
     a = ap.parse_args()
     binp = llama_bin(a.llama_bin)
+    if a.damp is not None:
+        from ggufq.quant import gptq
+        gptq.DAMP = a.damp
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     f16 = Path(a.f16) if a.f16 else work / "f16.gguf"
@@ -205,7 +212,7 @@ def main():
                     "hqq+imatrix*gamma": (hqq.encode_hqq, {k: combine(real.get(k), free.get(k), "product")
                                                            for k in set(real) | set(free)}),
                 }[m]
-                secs = build(a.model, out, types, enc, ims, m, calib_tokens)
+                secs = build(a.model, out, types, enc, ims, m, calib_tokens, a.calib_seq, a.calib_seed)
             k = kld(binp, out, base, a.chunks, a.threads)
             res[m] = k
             rec = dict(model=Path(a.model).name, type=ty, method=m, kld=k, bpw=bpw(out, types), build_s=secs)

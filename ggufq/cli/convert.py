@@ -47,9 +47,12 @@ def _default_jobs() -> int:
                    "against the moments of text the model generates itself (no user data; see --calib-tokens); "
                    "hqq-fast = the refinement with data-free importance only; hqq-plain = the original HQQ "
                    "proximal solver. Same types, same file size.")
-@click.option("--calib-tokens", type=click.IntRange(min=0), default=8192, show_default=True,
+@click.option("--calib-tokens", type=click.IntRange(min=0), default=32768, show_default=True,
               help="Tokens the model generates for its own calibration with --method hqq/hqq-max "
                    "(sequences of 512); 0 = data-free importance only.")
+@click.option("--calib-cache", default="1G", show_default=True, metavar="SIZE",
+              help="Memory for float32 weights kept during self-calibration's generation; the rest is "
+                   "re-read at every generated token (slower, flat memory).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Encoder processes (default: all cores).")
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -74,7 +77,7 @@ def _default_jobs() -> int:
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib_cache, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
             name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
@@ -96,7 +99,7 @@ def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, jobs,
     progress = not quiet and sys.stderr.isatty()
     res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
                   progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw, method=method,
-                  calib_tokens=calib_tokens,
+                  calib_tokens=calib_tokens, calib_cache=parse_size(calib_cache),
                   split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   split_max_tensors=split_max_tensors or 0)
     notes = list(res.notes)

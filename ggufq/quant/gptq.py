@@ -40,13 +40,13 @@ class Hessian:
     u: np.ndarray               # float64 [n, n]: upper Cholesky factor U of (H + damp)^-1 = U^T U
 
     @classmethod
-    def from_moment(cls, m: np.ndarray, damp: float = DAMP) -> "Hessian":
+    def from_moment(cls, m: np.ndarray, damp: Optional[float] = None) -> "Hessian":
         """``m``: E[x x^T] [n, n]. Dead inputs (never non-zero) get a unit diagonal."""
         h = np.array(m, np.float64)
         d = np.diag(h).copy()
         dead = d <= 0
         h[dead, dead] = 1.0
-        lam = damp * float(d[~dead].mean()) if (~dead).any() else 1.0
+        lam = (DAMP if damp is None else damp) * float(d[~dead].mean()) if (~dead).any() else 1.0
         h[np.diag_indices_from(h)] += lam
         # (H)^-1 = L^-T L^-1 with H = L L^T; its upper factor is chol((H)^-1)^T
         lo = np.linalg.cholesky(h)
