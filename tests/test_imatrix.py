@@ -89,3 +89,15 @@ def test_real_llama_imatrix_files_agree_and_convert_uses_them(tmp_path, tiny):
     fields = gguf.GGUFReader(out).fields
     assert bytes(fields["quantize.imatrix.file"].parts[-1]).decode() == str(tmp_path / "im.gguf")
     assert fields["quantize.imatrix.entries_count"].parts[-1][0] == len(a.entries)
+    # --method hqq with an imatrix: the real imatrix picks the block scales, the self-generated
+    # moments still steer the rounding -- a different file from either alone, same size
+    outs = {}
+    for label, extra in (("im", ["--imatrix", tmp_path / "im.gguf"]), ("self", [])):
+        outs[label] = tmp_path / f"hqq-{label}.gguf"
+        r = run_cli("convert", tiny, "-o", outs[label], "--type", "Q4_K_M", "--method", "hqq",
+                    "--calib-tokens", "1024", *extra)
+        assert r.returncode == 0, r.stderr
+        assert "self-calibration: 2x512 tokens" in r.stderr
+    assert outs["im"].stat().st_size == outs["self"].stat().st_size
+    assert outs["im"].read_bytes() != outs["self"].read_bytes()
+    assert "quantize.imatrix.file" in gguf.GGUFReader(outs["im"]).fields
