@@ -61,6 +61,7 @@ class Forward:
             raise GgufqError(f"self-calibration supports {', '.join(SUPPORTED)}, not {arch.name}")
         c = arch.config
         self.t = {t.name: t for t in prepared.tensors}
+        self._vecs: dict[str, np.ndarray] = {}
         self.n_layer, self.n_embd = arch.n_layer, arch.n_embd
         self.n_head, self.n_kv, self.hd = arch.n_head, arch.n_head_kv, arch.head_dim
         self.eps = float(c.get("rms_norm_eps") or 1e-6)
@@ -80,8 +81,19 @@ class Forward:
 
     # ---- weights ------------------------------------------------------------------
     def vec(self, name: str) -> Optional[np.ndarray]:
+        """A 1-D tensor (norm, bias, rope factors) as float32, read once."""
         t = self.t.get(name)
-        return None if t is None else t.read(0, t.n_rows).reshape(-1).astype(np.float32)
+        if t is None:
+            return None
+        if name not in self._vecs:
+            self._vecs[name] = t.read(0, t.n_rows).reshape(-1).astype(np.float32)
+        return self._vecs[name]
+
+    def stream(self) -> None:
+        """Drop the weight cache: from now on every matrix is read in row chunks when used
+        (the layer-major pass uses each matrix once)."""
+        self._cache.clear()
+        self._budget = 0
 
     def mm(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ W^T (+ bias), W cached while the budget lasts, else streamed in row chunks."""
@@ -367,6 +379,5 @@ def self_calibrate(prepared, vocab, n_tokens: int = N_SEQ * N_TOK, *, seq_len: i
             tokens = generate(fwd, start_token(vocab), n_seq, seq_len, seed=seed,
                               on_step=lambda t: bar.advance(1, items=1))
     toks = tokens
-    fwd._cache.clear()           # the layer-major pass reads each matrix once: stream it
-    fwd._budget = 0
+    fwd.stream()
     return SelfCalibration(fwd, toks, time.monotonic() - t0)

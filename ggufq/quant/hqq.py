@@ -214,7 +214,6 @@ def _hessian_aware(enc):
                 return enc(qtype, rows, imatrix.diag)
             return _gptq.encode(qtype, rows, imatrix, start=enc)
         return enc(qtype, rows, imatrix)
-    wrapped.__wrapped__ = enc
     return wrapped
 
 
