@@ -216,7 +216,6 @@ def generation_rounds(fwd: Forward, n_seq: int, n_tok: int, kv_bytes: int = KV_B
 _LAYER = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 _KEY = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "attn_out",
         "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "ffn_down"}
-DIAG_ONLY = {"ffn_down"}
 
 
 class Moments:
@@ -232,18 +231,19 @@ class Moments:
         self.seconds = 0.0                           # time spent in the layer-major pass
 
     @staticmethod
-    def key(name: str) -> Optional[tuple[int, str]]:
+    def key(name: str) -> Optional[tuple[Optional[int], str]]:
+        """(layer, moment) a GGUF tensor reads; layer None = after the last block."""
         if name == "output.weight":
-            return (-2, "output")
+            return (None, "output")
         m = _LAYER.match(name)
         return (int(m.group(1)), _KEY[m.group(2)]) if m else None
 
-    def get(self, name: str, n_layer: int) -> Optional[np.ndarray]:
+    def get(self, name: str) -> Optional[np.ndarray]:
         """The moment for a GGUF tensor (2-D, or 1-D for diagonal-only inputs), or None."""
         k = self.key(name)
         if k is None:
             return None
-        layer = n_layer if k[0] == -2 else k[0]
+        layer = self.fwd.n_layer if k[0] is None else k[0]
         if layer < self.done:
             raise GgufqError(f"moments asked out of order: {name} after layer {self.done}")
         while self.done < layer:
@@ -332,7 +332,7 @@ class SelfCalibration:
 
     def weights(self, name: str, real: Optional[np.ndarray] = None):
         from .quant.gptq import Hessian
-        m = self.moments.get(name, self.fwd.n_layer)
+        m = self.moments.get(name)
         if m is None:
             return real
         if m.ndim == 1:

@@ -131,16 +131,16 @@ def test_moments_equal_the_reference_inputs(tiny, tiny_p):
     with tiny_p.model:
         mo = calib.Moments(calib.Forward(tiny_p), toks)
         # q/k/v share one moment, gate/up another
-        assert mo.get("blk.0.attn_k.weight", 8) is mo.get("blk.0.attn_q.weight", 8)
-        assert mo.get("blk.0.ffn_up.weight", 8) is mo.get("blk.0.ffn_gate.weight", 8)
+        assert mo.get("blk.0.attn_k.weight") is mo.get("blk.0.attn_q.weight")
+        assert mo.get("blk.0.ffn_up.weight") is mo.get("blk.0.ffn_gate.weight")
         for name, xs in ref.seen.items():
             x = np.concatenate(xs).astype(np.float64)
-            got = mo.get(name, 8)
+            got = mo.get(name)
             want = (x * x).mean(0) if name.endswith("ffn_down.weight") else x.T @ x / len(x)
             assert got.shape == want.shape, name
             assert _rel(got, want) < 1e-4, name
         with pytest.raises(Exception, match="out of order"):
-            mo.get("blk.0.attn_q.weight", 8)
+            mo.get("blk.0.attn_q.weight")
 
 
 def test_self_calibrated_hqq_beats_the_kquant_file(tmp_path, tiny):

@@ -19,7 +19,7 @@ def gate(tiny):
     with p.model:
         f = calib.Forward(p)
         toks = calib.generate(f, 1, n_seq=4, n_tok=128, seed=3)
-        m = calib.Moments(f, toks).get("blk.1.ffn_gate.weight", 8)
+        m = calib.Moments(f, toks).get("blk.1.ffn_gate.weight")
         rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, 192)
     return rows.astype(np.float32), m
 

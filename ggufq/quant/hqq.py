@@ -28,6 +28,7 @@ fp16 super-scales for K-quants, codes re-chosen under the stored values.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -205,8 +206,6 @@ def hqq_fields(qtype: T, x: np.ndarray, w: Optional[np.ndarray], prm: HqqParams 
 def _hessian_aware(enc):
     """Let ``enc`` take a :class:`gptq.Hessian` as its ``imatrix``: error-feedback rounding
     (:func:`gptq.encode`) whose block scales ``enc`` picks, weighted by the Hessian's diagonal."""
-    import functools
-
     @functools.wraps(enc)
     def wrapped(qtype: T, rows: np.ndarray, imatrix=None) -> np.ndarray:
         if isinstance(imatrix, _gptq.Hessian):
