@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes, fp16_round
+from .common import fp16_bytes, fp16_round, transpose_u8
 from .qkx import make_qkx2_quants, make_qkx3_quants
 
 QK_K = 256
@@ -60,36 +60,9 @@ def _nearest(v: np.ndarray) -> np.ndarray:
     return np.rint(v).astype(np.int64)
 
 
-def _requantize(sub: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray,
-                nmax: int) -> np.ndarray:
-    """The final pass: codes from the stored (fp16) super scales and the 6-bit/4-bit sub scales.
-
-    sub [nb, ns, gs] weights, L [nb, ns, gs] codes of the search (kept where the sub scale is 0),
-    d/dmin [nb] as stored, sc/m [nb, ns] integer sub scales.
-    """
-    dd = (fp16_round(d)[:, None] * sc.astype(F32))
-    dm = (fp16_round(dmin)[:, None] * m.astype(F32))
-    ok = dd != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = (sub + dm[..., None]) / np.where(ok, dd, F32(1))[..., None]
-    q = np.clip(np.rint(q), 0, nmax)
-    return np.where(ok[..., None], q, L).astype(np.uint8)
-
-
-def _max0(v: np.ndarray) -> np.ndarray:
-    return np.maximum(v.max(axis=1), F32(0))
-
-
-def _sub_scales_ref(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """quantize_row_q{4,5}_K_ref up to the packed scales. sub: [nb, 8, 32]."""
-    nb = sub.shape[0]
-    g = sub.reshape(-1, 32)
-    sum_x2 = _seq_sum_last(g * g)
-    av_x = np.sqrt(sum_x2 / F32(32))
-    w = av_x[:, None] + np.abs(g)
-    scales, mins, L = make_qkx2_quants(g, w, nmax, rmin, rdelta, nstep, False)
-    scales = scales.reshape(nb, 8)
-    mins = mins.reshape(nb, 8)
+def _block_scales_ref(scales: np.ndarray, mins: np.ndarray):
+    """quantize_row_q{4,5}_K_ref's 6-bit scales: each sub-block's scale and min rounded against the
+    largest of its super-block. scales/mins [nb, 8] -> (d [nb], dmin [nb], ls [nb, 8], lm [nb, 8])."""
     max_scale = _max0(scales)
     max_min = _max0(mins)
     with np.errstate(divide="ignore"):
@@ -99,39 +72,92 @@ def _sub_scales_ref(sub: np.ndarray, nmax: int, rmin: float, rdelta: float, nste
     lm = np.minimum(_nearest(inv_min[:, None] * mins) & 0xFF, 63)
     d = (max_scale / F32(63)).astype(F32)
     dmin = (max_min / F32(63)).astype(F32)
-    return d, dmin, ls, lm, L.reshape(nb, 8, 32)
+    return d, dmin, ls, lm
 
 
-def _sub_scales_imatrix(rows: np.ndarray, imatrix: np.ndarray, nmax: int):
-    """quantize_row_q{4,5}_K_impl up to the packed scales (with quant weights)."""
-    from .qx import make_qp_quants
-    n, k = rows.shape
-    sup = rows.reshape(-1, QK_K)                      # [nb, 256]
-    nb = sup.shape[0]
-    sum_x2 = _seq_sum_last(sup * sup)
-    sigma2 = F32(2) * sum_x2 / F32(QK_K)
-    qw = np.broadcast_to(imatrix.reshape(1, -1, QK_K), (n, k // QK_K, QK_K)).reshape(nb, QK_K)
-    w = qw * np.sqrt(sigma2[:, None] + sup * sup)
-    g = sup.reshape(-1, 32)
-    wg = w.reshape(-1, 32)
-    sw = _seq_sum_last(wg).reshape(nb, 8)
-    scales, mins, L = make_qkx3_quants(g, wg, nmax, -0.9, 0.05, 36, False)
-    d, ls = make_qp_quants(scales.reshape(nb, 8), 63, sw)
-    dmin, lm = make_qp_quants(mins.reshape(nb, 8), 63, sw)
-    return d, dmin, np.minimum(ls, 63), np.minimum(lm, 63), L.reshape(nb, 8, 32)
+def _max0(v: np.ndarray) -> np.ndarray:
+    return np.maximum(v.max(axis=1), F32(0))
+
+
+def _imatrix_weights_T(rows_c: np.ndarray, xT: np.ndarray, qwT: np.ndarray, out: np.ndarray):
+    """quantize_row_q{4,5}_K_impl's weights qw * sqrt(sigma2 + x²), sigma2 = 2*sum(x²)/256 over the
+    super-block (summed in C's order), for transposed groups ``xT [32, c]``; ``qwT`` [32, c]."""
+    sup = np.ascontiguousarray(rows_c.reshape(-1, QK_K).T)          # [256, nb]: sequential sums
+    sup *= sup
+    sigma2 = F32(2) * np.add.reduce(sup, axis=0) / F32(QK_K)
+    np.multiply(xT, xT, out=out)
+    out += np.repeat(sigma2, 8)
+    np.sqrt(out, out=out)
+    out *= qwT
+    return out
 
 
 def _encode_k(rows: np.ndarray, imatrix, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """(d [nb], dmin [nb], packed scales [nb, 12], codes uint8 [nb*8, 32]) for Q4_K/Q5_K.
+
+    Sub-blocks go through in chunks, held transposed ``[32, c]`` from the search to the
+    final codes (weights, search, requantization), so each chunk is transposed once each way."""
+    from .qkx import CHUNK_GROUPS, make_qkx_T
+    from .qx import make_qp_quants
     n, k = rows.shape
-    sub = rows.reshape(-1, 8, 32)
-    if imatrix is None:
-        d, dmin, ls, lm, L = _sub_scales_ref(sub, nmax, rmin, rdelta, nstep)
-    else:
-        d, dmin, ls, lm, L = _sub_scales_imatrix(rows, imatrix, nmax)
-    scales = pack_scales_k4(ls, lm)
-    sc, m = unpack_scales_k4(scales)
-    L = _requantize(sub, L, d, dmin, sc, m, nmax)
+    g = rows.reshape(-1, 32)
+    ng = g.shape[0]
+    nb = ng // 8
+    d = np.empty(nb, F32)
+    dmin = np.empty(nb, F32)
+    scales = np.empty((nb, 12), np.uint8)
+    L = np.empty((ng, 32), np.uint8)
+    step = max(8, CHUNK_GROUPS // 8 * 8)
+    c0 = min(ng, step) * 32
+    xbuf, wbuf = np.empty(c0, F32), np.empty(c0, F32)
+    bufs = [np.empty(c0, F32) for _ in range(3)]
+    qw_all = None if imatrix is None else np.ascontiguousarray(imatrix.reshape(-1, 32).T)   # [32, k/32]
+    for lo in range(0, ng, step):
+        hi = min(lo + step, ng)
+        c = hi - lo
+        xT = xbuf[:c * 32].reshape(32, c)
+        np.copyto(xT, g[lo:hi].T)
+        wT = wbuf[:c * 32].reshape(32, c)
+        if imatrix is None:
+            np.multiply(xT, xT, out=wT)
+            av_x = np.sqrt(np.add.reduce(wT, axis=0) / F32(32))
+            np.abs(xT, out=wT)
+            wT += av_x
+            s, mins, LT = make_qkx_T(xT, wT, nmax, rmin, rdelta, nstep, False, False, bufs)
+            dc, dminc, ls, lm = _block_scales_ref(s.reshape(-1, 8), mins.reshape(-1, 8))
+        else:
+            qwT = np.take(qw_all, np.arange(lo, hi) % qw_all.shape[1], axis=1)
+            _imatrix_weights_T(g[lo:hi], xT, qwT, wT)
+            sw = np.add.reduce(wT, axis=0).reshape(-1, 8)
+            s, mins, LT = make_qkx_T(xT, wT, nmax, -0.9, 0.05, 36, False, True, bufs)
+            dc, ls = make_qp_quants(s.reshape(-1, 8), 63, sw)
+            dminc, lm = make_qp_quants(mins.reshape(-1, 8), 63, sw)
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+        b0, b1 = lo // 8, hi // 8
+        packed = pack_scales_k4(ls, lm)
+        sc, m = unpack_scales_k4(packed)
+        d[b0:b1], dmin[b0:b1], scales[b0:b1] = dc, dminc, packed
+        L[lo:hi] = transpose_u8(_requantize_T(xT, LT, dc, dminc, sc, m, nmax, bufs[0]))
     return d, dmin, scales, L
+
+
+def _requantize_T(xT: np.ndarray, LT: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray,
+                  nmax: int, buf: np.ndarray) -> np.ndarray:
+    """The final pass: codes clamp(nearest_int((x + dmin*m) / (d*sc)), 0, nmax) from the stored (fp16)
+    super scales and the integer sub scales, on transposed groups ``xT [32, c]``; sub-blocks whose
+    scale is 0 keep the codes of the search ``LT``."""
+    dd = (fp16_round(d)[:, None] * sc.astype(F32)).reshape(-1)
+    dm = (fp16_round(dmin)[:, None] * m.astype(F32)).reshape(-1)
+    ok = dd != 0
+    q = np.add(xT, dm, out=buf[:xT.size].reshape(xT.shape))
+    q /= np.where(ok, dd, F32(1))
+    np.rint(q, out=q)
+    np.clip(q, F32(0), F32(nmax), out=q)
+    out = q.astype(np.uint8)
+    if not ok.all():
+        bad = ~ok
+        out[:, bad] = LT[:, bad]
+    return out
 
 
 @register(T.Q4_K)

@@ -21,6 +21,8 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from .common import transpose_u8
+
 F32 = np.float32
 CHUNK_GROUPS = 8192
 
@@ -133,7 +135,7 @@ def search_groups(x: np.ndarray, w: Weights, **kw):
         else:
             wt = np.ascontiguousarray(np.asarray(w[lo:hi], dtype=F32).T)
         s, m, LT = make_qkx_T(xt, wt, bufs=bufs, **kw)
-        scale[lo:hi], the_min[lo:hi], L[lo:hi] = s, m, LT.T
+        scale[lo:hi], the_min[lo:hi], L[lo:hi] = s, m, transpose_u8(LT)
     return scale, the_min, L
 
 
