@@ -36,6 +36,23 @@ def nearest_int_exact(v: np.ndarray) -> np.ndarray:
     return (s & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
+def _nearest_f(q: np.ndarray, lo, hi, tmp: np.ndarray) -> np.ndarray:
+    """``clamp(nearest_int(q), lo, hi)`` as float32 (``lo`` None: no lower bound).
+
+    Where every finite ``|q|`` is at most 4194303 (ggml's own bound) nearest_int is round-half-even, done here
+    in float (``(q + 12582912) - 12582912``); otherwise (rare: ``slx`` close to 0) the
+    bit-exact integer path."""
+    np.abs(q, out=tmp)
+    if np.fmax.reduce(tmp) <= F32(4194303):
+        r = q + _MAGIC
+        r -= _MAGIC
+    else:
+        r = nearest_int_exact(q).astype(F32)
+    if lo is None:
+        return np.minimum(r, hi, out=r)
+    return np.clip(r, lo, hi, out=r)
+
+
 def _seq_sum(a: np.ndarray) -> np.ndarray:
     """Sum over axis 0, element after element (C's ``for`` loop order).
 
@@ -101,85 +118,71 @@ def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None)
     value), ``sumlx``/``suml2`` [n] the running sums; all are updated in place.
     ``p1``/``p2``: optional ``wx*L`` and ``w*L*L`` for the starting codes.
 
-    The C loop is sequential within a group, but the state only changes when a
-    move is accepted, and few are. So each round evaluates every remaining
-    position of every running group against the current state at once, applies
-    the first accepted move per group (exactly what the sequential loop would
-    do next) and resumes those groups after it; a pass ends for a group when no
-    later position accepts. Groups that changed nothing in a pass stop, as in C.
-    Only the few positions whose rounded code differs are carried past the
-    first few array operations.
+    Position after position, as in C, each step vectorised over the groups: a group's
+    state changes only at its own position ``i``, so the sums seen at ``i`` are those the
+    sequential loop sees. ``wx*L`` and ``w*L*L`` are computed for every position at the
+    start of a pass (``L[i]`` is only written at step ``i``). Groups that changed nothing
+    in a pass stop, as in C; the others go on in a compacted copy.
     """
     gs, n = xT.shape
-    rows = np.arange(gs, dtype=np.int32)[:, None]
-    Li = L.astype(np.int32)
-    todo = np.arange(n)                         # groups running the current pass
+    x, w, wx, Lc = xT, wT, wxT, L
+    sx, s2 = sumlx.copy(), suml2.copy()
+    cols = None                                 # columns of the compacted copy (None: all)
+    fz = F32(0)
+    lo, hi = (None, F32(nmax)) if qp else (F32(-nmax), F32(nmax - 1))
+    tmp = np.empty(n, F32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
-            if todo.size == 0:
+            if p1 is None:
+                p1 = wx * Lc
+                p2 = w * Lc
+                p2 *= Lc
+            changed = np.zeros(x.shape[1], dtype=bool)
+            sxx = sx * sx
+            for i in range(gs):
+                slx = sx - p1[i]
+                sl2 = s2 - p2[i]
+                q = x[i] * sl2
+                q /= slx
+                nlf = _nearest_f(q, lo, hi, tmp[:q.size])
+                ok = nlf != Lc[i]
+                ok &= slx > fz
+                if qp:
+                    ok &= sl2 > fz
+                slx_n = wx[i] * nlf
+                slx_n += slx
+                sl2_n = w[i] * nlf
+                sl2_n *= nlf
+                sl2_n += sl2
+                a = slx_n * slx_n
+                a *= s2
+                b = sxx * sl2_n
+                acc = a > b
+                acc &= ok
+                if not qp:
+                    acc &= sl2_n > fz
+                if not acc.any():
+                    continue
+                j = np.flatnonzero(acc)
+                # make_qp_quants stores the code in a uint8 buffer
+                Lc[i, j] = (nlf[j].astype(np.int32) & 0xFF).astype(F32) if qp else nlf[j]
+                sx[j] = slx_n[j]
+                s2[j] = sl2_n[j]
+                sxx[j] = sx[j] * sx[j]
+                changed[j] = True
+            if cols is None:
+                sumlx[:], suml2[:] = sx, s2
+            else:
+                L[:, cols] = Lc
+                sumlx[cols], suml2[cols] = sx, s2
+            sel = np.flatnonzero(changed)
+            if sel.size == 0:
                 break
-            pos = np.zeros(todo.size, dtype=np.int32)       # next position to try
-            changed = np.zeros(todo.size, dtype=bool)
-            cur = np.arange(todo.size)                       # indices into todo still in this pass (ascending)
-            while cur.size:
-                g = todo[cur]
-                sx, s2 = sumlx[g], suml2[g]
-                if g.size == n:
-                    x, w, wx, Lg, Lig = xT, wT, wxT, L, Li
-                else:
-                    x, w, wx, Lg, Lig = (np.take(a, g, axis=1) for a in (xT, wT, wxT, L, Li))
-                if p1 is not None:
-                    slx = sx - p1
-                    sl2 = s2 - p2
-                    p1 = p2 = None
-                else:
-                    slx = sx - wx * Lg
-                    t = w * Lg
-                    t *= Lg
-                    sl2 = s2 - t
-                t = x * sl2
-                t /= slx
-                nl = nearest_int_exact(t)
-                if qp:
-                    np.minimum(nl, nmax, out=nl)
-                else:
-                    np.clip(nl, -nmax, nmax - 1, out=nl)
-                cand = nl != Lig
-                cand &= slx > 0
-                if qp:
-                    cand &= sl2 > 0
-                if pos.any():
-                    cand &= rows >= pos[cur]
-                r, c = np.divmod(np.flatnonzero(cand), g.size)   # row-major: sorted by position
-                if r.size:
-                    nlc = nl[r, c]
-                    nlf = nlc.astype(F32)
-                    wc = w[r, c]
-                    slx_n = slx[r, c] + wx[r, c] * nlf
-                    sl2_n = sl2[r, c] + (wc * nlf) * nlf
-                    sxc = sx[c]
-                    acc = (slx_n * slx_n) * s2[c] > (sxc * sxc) * sl2_n
-                    if not qp:
-                        acc &= sl2_n > 0
-                    r, c, nlc, slx_n, sl2_n = r[acc], c[acc], nlc[acc], slx_n[acc], sl2_n[acc]
-                if r.size == 0:
-                    break
-                first = np.full(g.size, gs, dtype=np.int64)
-                np.minimum.at(first, c, r)                   # first accepted position per group
-                sel = r == first[c]
-                rr, gh = r[sel], g[c[sel]]
-                nlc = nlc[sel]
-                if qp:
-                    nlc = nlc & 0xFF                         # stored in a uint8 buffer
-                Li[rr, gh] = nlc
-                L[rr, gh] = nlc.astype(F32)
-                sumlx[gh] = slx_n[sel]
-                suml2[gh] = sl2_n[sel]
-                hit = first < gs
-                changed[cur[hit]] = True
-                pos[cur[hit]] = first[hit] + 1
-                cur = cur[hit & (first + 1 < gs)]
-            todo = todo[changed]
+            p1 = p2 = None
+            if sel.size < changed.size:
+                cols = sel if cols is None else cols[sel]
+                x, w, wx, Lc = (np.take(a, sel, axis=1) for a in (x, w, wx, Lc))
+                sx, s2 = sx[sel], s2[sel]
 
 
 # ---------------------------------------------------------------- make_qx_quants
