@@ -63,7 +63,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
 
     # requantize with the stored scales; groups whose scale is 0 keep the search codes
     sc = (ls - 32).astype(F32)
-    L = requantize(xb, fp16_round(d)[:, None] * sc, LT, 4)
+    L = requantize(xT, (fp16_round(d)[:, None] * sc).reshape(-1), LT, 4)
     high = L > 3
     L = L - (high.astype(np.uint8) << 2)
     hb = high.reshape(nblk, 8, 32).astype(np.uint8)      # bit b of hmask[m] <- L[32*b + m] > 3

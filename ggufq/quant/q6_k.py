@@ -15,8 +15,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes, fp16_round
-from .qx import CHUNK_GROUPS, F32, GROUP_MAX_EPS, make_qx_quants_T, nearest_int_exact
+from .common import fp16_bytes, fp16_round, transpose_u8
+from .qx import CHUNK_GROUPS, F32, GROUP_MAX_EPS, make_qx_quants_T, nearest_f, nearest_int_exact
 
 QK_K = 256
 BLOCK_BYTES = 210
@@ -35,22 +35,24 @@ def group_T(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(-1, 16).T)
 
 
-def requantize(xb: np.ndarray, dq: np.ndarray, LT: np.ndarray, nmax: int) -> np.ndarray:
+def requantize(xT: np.ndarray, dq: np.ndarray, LT: np.ndarray, nmax: int) -> np.ndarray:
     """Codes ``clamp(nearest_int(x/dq), -nmax, nmax-1) + nmax`` as uint8 [n_blocks, 256].
 
-    ``dq`` [n_blocks, 16] are the effective group scales; where one is 0, the
-    group keeps its codes from the search, ``LT`` [16, n_groups].
+    ``xT`` [16, n_groups] transposed groups, ``dq`` [n_groups] the effective group
+    scales; where one is 0, the group keeps its codes from the search, ``LT``
+    [16, n_groups]. Computed transposed (the scales broadcast along rows), then
+    transposed back once, as bytes.
     """
-    nblk = xb.shape[0]
+    ok = dq != 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = nearest_int_exact(xb.reshape(nblk, 16, 16) / dq[:, :, None])
-    np.clip(q, -nmax, nmax - 1, out=q)
-    q += nmax
-    L = q.astype(np.uint8).reshape(-1, 16)
-    keep = np.flatnonzero(dq.reshape(-1) == 0)
-    if keep.size:
-        L[keep] = np.take(LT, keep, axis=1).T.astype(np.uint8)
-    return L.reshape(nblk, QK_K)
+        q = xT / np.where(ok, dq, F32(1))
+    r = nearest_f(q, F32(-nmax), F32(nmax - 1), np.empty_like(q))
+    r += F32(nmax)
+    L = r.astype(np.uint8)
+    if not ok.all():
+        keep = ~ok
+        L[:, keep] = LT[:, keep].astype(np.uint8)
+    return transpose_u8(L).reshape(-1, QK_K)
 
 
 def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
@@ -69,10 +71,10 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     d = F32(1) / iscale
     sc = np.minimum(127, nearest_int_exact(iscale[:, None] * scales)).astype(np.int8)
 
-    # requantize with the stored (fp16) scales, in block layout (no transpose of the codes);
+    # requantize with the stored (fp16) scales;
     # groups whose scale is 0 keep the search codes
     dq = fp16_round(d)[:, None] * sc.astype(F32)
-    L = requantize(xb, dq, LT, 32)
+    L = requantize(xT, dq.reshape(-1), LT, 32)
     L = L.reshape(nblk, 2, 4, 32)                        # [block, half, quarter, l]
     lo4 = L & 0xF
     ql = lo4[:, :, 0:2] | (lo4[:, :, 2:4] << 4)          # ql[h*64 + q*32 + l] = L[q] | L[q+2] << 4

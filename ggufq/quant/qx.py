@@ -36,14 +36,14 @@ def nearest_int_exact(v: np.ndarray) -> np.ndarray:
     return (s & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
-def _nearest_f(q: np.ndarray, lo, hi, tmp: np.ndarray) -> np.ndarray:
+def nearest_f(q: np.ndarray, lo, hi, tmp: np.ndarray) -> np.ndarray:
     """``clamp(nearest_int(q), lo, hi)`` as float32 (``lo`` None: no lower bound).
 
-    Where every finite ``|q|`` is at most 4194303 (ggml's own bound) nearest_int is round-half-even, done here
-    in float (``(q + 12582912) - 12582912``); otherwise (rare: ``slx`` close to 0) the
-    bit-exact integer path."""
+    Where every finite ``|q|`` is at most 4194303 (ggml's own bound), nearest_int is
+    round-half-even, done here in float (``(q + 12582912) - 12582912``); otherwise
+    (rare: a ratio with a divisor close to 0) the bit-exact integer path."""
     np.abs(q, out=tmp)
-    if np.fmax.reduce(tmp) <= F32(4194303):
+    if np.fmax.reduce(tmp, axis=None) <= F32(4194303):
         r = q + _MAGIC
         r -= _MAGIC
     else:
@@ -144,7 +144,7 @@ def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None)
                 sl2 = s2 - p2[i]
                 q = x[i] * sl2
                 q /= slx
-                nlf = _nearest_f(q, lo, hi, tmp[:q.size])
+                nlf = nearest_f(q, lo, hi, tmp[:q.size])
                 ok = nlf != Lc[i]
                 ok &= slx > fz
                 if qp:
@@ -249,7 +249,8 @@ def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional
                     best_isc = np.where(upd, isc, best_isc)
         L = codes(best_isc) + fnmax
     L = L.astype(np.int8)
-    L[:, zero] = 0
+    if zero.any():
+        L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, L
 
@@ -295,7 +296,8 @@ def make_q3_quants_T(xT: np.ndarray, nmax: int, do_rmse: bool = True):
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
     L = (L + fnmax).astype(np.int8)
-    L[:, zero] = 0
+    if zero.any():
+        L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, L
 
@@ -346,7 +348,8 @@ def make_qp_quants_T(xT: np.ndarray, nmax: int, wT: np.ndarray):
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
     L = Lu.astype(np.uint8)
-    L[:, zero] = 0
+    if zero.any():
+        L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, L
 
