@@ -97,3 +97,35 @@ def test_llama_cpp_runs_our_q4_0_file_identical_to_ggml(tmp_path, monkeypatch):
         assert np.all(np.isfinite(lg))
         assert (tmp_path / f"tiny-{name}.gguf").read_bytes() == ours
         assert np.array_equal(lg, lg_ref)
+
+
+def _edge_values() -> np.ndarray:
+    """Blocks where the sign of a zero or the rounding of the float just below 0.5 decides the bytes."""
+    rng = np.random.default_rng(4)
+    z = np.zeros((8, 512), np.float32)
+    z[0, 1::3] = -0.0                                     # +0 and -0 mixed
+    z[1] = -0.0                                           # all -0
+    z[2, :32] = np.float32(0.49999997)                    # Q8_0: x/d = 0.49999997, roundf gives 0 (floor(x+0.5) 1)
+    z[2, 0] = 127
+    z[3, ::2] = np.abs(rng.standard_normal(256))          # non-negative blocks whose min is a signed zero
+    z[3, 1::4] = -0.0
+    z[4, 5] = -1e-3
+    z[5, 64:96] = -z[3, 64:96]
+    return z
+
+
+@needs_ggml
+@pytest.mark.parametrize("qt", [T.Q8_0, *LEGACY, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_signed_zeros_and_rounding_edges_byte_identical(qt):
+    x = _edge_values()
+    for im in (None, synthetic_imatrix(512)):
+        assert np.array_equal(encode(qt, x, im), ggml_ref.quantize(qt, x, im)), im is not None
+
+
+def test_transpose_u8_is_a_transpose():
+    from ggufq.quant.common import transpose_u8
+    rng = np.random.default_rng(5)
+    for shape in ((32, 7), (16, 1000), (4, 1), (6, 5), (0, 3), (8, 0)):
+        a = rng.integers(0, 256, shape, dtype=np.uint8)
+        t = transpose_u8(a)
+        assert t.flags.c_contiguous and np.array_equal(t, a.T)

@@ -1,7 +1,38 @@
-"""Helpers shared by the block encoders: ggml's rounding, fp16 packing."""
+"""Helpers shared by the block encoders: ggml's rounding, fp16 packing, byte transposes.
+
+Importing this module also keeps freed memory in the process heap (see
+:func:`keep_freed_memory`): the encoders allocate and free MiB-sized temporaries
+at a high rate.
+"""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve arrays below 32 MiB from the heap and keep up to 64 MiB freed.
+
+    By default glibc maps each allocation above 128 KiB (threshold adjusted upwards as
+    mapped chunks are freed) with mmap and hands freed memory back to the OS, so every
+    temporary array of an encoder is page-faulted in anew: on a loaded VM that made
+    encoders 1.5-4x slower (docs/SPEED.md). These are the values glibc's own dynamic
+    threshold tends to anyway (its maximum is 32 MiB, trimming at twice that). Returns
+    whether it applied (Linux with glibc); elsewhere nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
+
+
+keep_freed_memory()
 
 
 def roundf(x: np.ndarray) -> np.ndarray:

@@ -69,7 +69,11 @@ def make_qkx_T(xT: np.ndarray, wT: Optional[np.ndarray], nmax: int, rmin: float,
     mx = np.maximum.reduce(xT, axis=0)
     sum_w = _seq_sum(wT)
     sum_x = _seq_sum(np.multiply(wT, xT, out=t))
-    np.minimum(mn, F32(0), out=mn)
+    z = np.flatnonzero(mn == 0)
+    if z.size:                   # C keeps the first of equal minima: the sign of a zero min
+        sub = np.take(xT, z, axis=1)
+        mn[z] = sub[np.argmin(sub, axis=0), np.arange(z.size)]
+    mn[mn > 0] = 0               # ``if (min > 0) min = 0``
     empty = (mx <= mn) if strict_empty else (mx == mn)
     fnmax = F32(nmax)
     best_isc = fnmax / np.where(empty, F32(1), mx - mn)

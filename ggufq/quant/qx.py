@@ -206,23 +206,26 @@ def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional
     lo, hi = F32(-nmax), F32(nmax - 1)
     iscale0 = (-fnmax) / mx
 
+    lbuf = np.empty_like(xT)
+
     def codes(isc):
-        t = xT * isc
+        t = np.multiply(xT, isc, out=lbuf)
         np.rint(t, out=t)
         return np.clip(t, lo, hi, out=t)
 
     if rmse_type == 0:
-        L = codes(iscale0) + fnmax
+        best_isc = iscale0
         scale = F32(1) / iscale0
     else:
         return_early = rmse_type < 0
         w = wT if wT is not None else _rmse_weights(xT, abs(rmse_type))
         wx = w * xT
+        tbuf = np.empty_like(xT)
 
         def sums(isc):
             l = codes(isc)
-            slx = _seq_sum(wx * l)
-            l2 = w * l
+            slx = _seq_sum(np.multiply(wx, l, out=tbuf))
+            l2 = np.multiply(w, l, out=tbuf)
             l2 *= l
             return slx, _seq_sum(l2)
 
@@ -235,19 +238,21 @@ def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional
         else:
             best = scale * sumlx
             best_isc = iscale0
-            for i_s in range(-9, 10):
-                if i_s == 0:
-                    continue
-                isc = -(fnmax + F32(0.1) * F32(i_s)) / mx
-                slx, sl2 = sums(isc)
-                upd = (sl2 > 0) & (slx * slx > best * sl2)
-                if upd.any():
-                    with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                for i_s in range(-9, 10):
+                    if i_s == 0:
+                        continue
+                    isc = -(fnmax + F32(0.1) * F32(i_s)) / mx
+                    slx, sl2 = sums(isc)
+                    upd = slx * slx > best * sl2
+                    upd &= sl2 > 0
+                    if upd.any():
                         new_scale = slx / sl2
-                    scale = np.where(upd, new_scale, scale)
-                    best = np.where(upd, new_scale * slx, best)
-                    best_isc = np.where(upd, isc, best_isc)
-        L = codes(best_isc) + fnmax
+                        np.copyto(scale, new_scale, where=upd)
+                        np.copyto(best, new_scale * slx, where=upd)
+                        np.copyto(best_isc, isc, where=upd)
+    L = codes(best_isc)
+    L += fnmax
     L = L.astype(np.int8)
     if zero.any():
         L[:, zero] = 0
