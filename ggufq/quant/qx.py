@@ -149,25 +149,27 @@ def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None)
                 ok &= slx > fz
                 if qp:
                     ok &= sl2 > fz
-                slx_n = wx[i] * nlf
-                slx_n += slx
-                sl2_n = w[i] * nlf
-                sl2_n *= nlf
-                sl2_n += sl2
+                j = np.flatnonzero(ok)               # the few positions whose code would change
+                if j.size == 0:
+                    continue
+                nlj = nlf[j]
+                slx_n = wx[i, j] * nlj
+                slx_n += slx[j]
+                sl2_n = w[i, j] * nlj
+                sl2_n *= nlj
+                sl2_n += sl2[j]
                 a = slx_n * slx_n
-                a *= s2
-                b = sxx * sl2_n
-                acc = a > b
-                acc &= ok
+                a *= s2[j]
+                acc = a > sxx[j] * sl2_n
                 if not qp:
                     acc &= sl2_n > fz
                 if not acc.any():
                     continue
-                j = np.flatnonzero(acc)
+                j = j[acc]
                 # make_qp_quants stores the code in a uint8 buffer
-                Lc[i, j] = (nlf[j].astype(np.int32) & 0xFF).astype(F32) if qp else nlf[j]
-                sx[j] = slx_n[j]
-                s2[j] = sl2_n[j]
+                Lc[i, j] = (nlj[acc].astype(np.int32) & 0xFF).astype(F32) if qp else nlj[acc]
+                sx[j] = slx_n[acc]
+                s2[j] = sl2_n[acc]
                 sxx[j] = sx[j] * sx[j]
                 changed[j] = True
             if cols is None:
