@@ -376,7 +376,7 @@ def test_map_rules_first_match_layers_and_fallback(tmp_path):
 
 @pytest.mark.parametrize("text,msg", [
     ('[[rule]]\npattern = "blk.*"\ntype = "Q4_KK"\n', r"m.toml: rule 1: unknown type 'Q4_KK'; choose one of F32, F16"),
-    ('[[rule]]\npattern = "blk.*"\ntype = "IQ4_XS"\n', r"rule 1: unknown type 'IQ4_XS'"),
+    ('[[rule]]\npattern = "blk.*"\ntype = "IQ4_XX"\n', r"rule 1: unknown type 'IQ4_XX'"),
     ('[[rule]]\npattern = "blk.[0-3.ffn_up.weight"\ntype = "Q8_0"\n', r"rule 1: bad glob 'blk.\[0-3.ffn_up.weight': '\[' at 4 is never closed"),
     ('[[rule]]\npattern = ""\ntype = "Q8_0"\n', r"rule 1: 'pattern' must be a non-empty glob"),
     ('[[rule]]\npattern = "blk. *"\ntype = "Q8_0"\n', r"bad glob"),
