@@ -33,15 +33,10 @@ def _k(qt: T) -> int:
 
 
 def _lib():
-    lib = ggml_ref._lib()
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    return lib
+    return ggml_ref._lib()
 
 
-def ggml_requires_imatrix(qt: T) -> bool:
-    """ggml_quantize_chunk aborts the process for these types without an imatrix: never call it so."""
-    return bool(_lib().ggml_quantize_requires_imatrix(int(qt)))
+ggml_requires_imatrix = ggml_ref.requires_imatrix
 
 
 class _Traits(ctypes.Structure):          # struct ggml_type_traits
