@@ -44,24 +44,42 @@ def e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(F32)
 
 
+# the nearest magnitude (ties to the smaller) as a table on ceil(2 * |x| / d): d is a power of two, so
+# |x| / d is exact, and the midpoints between table entries are multiples of 1/2
+_MID2 = (_MAG[:-1] + _MAG[1:]).astype(np.int64)                                   # 2 * midpoints
+_LUT = np.searchsorted(_MID2, np.arange(int(2 * _MAG[-1]) + 1), side="left").astype(np.uint8)
+_TOP = F32(2 * _MAG[-1])
+
+
+def _nearest_first(ax: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """best_index_mxfp4's scan over the 8 magnitudes: first entry with the least |kv*d - |x||."""
+    best = np.zeros(ax.shape, dtype=np.uint8)
+    best_err = np.abs(_MAG[0] * d[:, None] - ax)
+    for i in range(1, 8):
+        err = np.abs(_MAG[i] * d[:, None] - ax)
+        best[err < best_err] = i
+        np.minimum(best_err, err, out=best_err)
+    return best
+
+
 @register(T.MXFP4)
 def encode_mxfp4(rows: np.ndarray, imatrix=None) -> np.ndarray:
     n, k = rows.shape
     x = rows.reshape(-1, QK)
     nb = x.shape[0]
-    e = e8m0_exponent(np.abs(x).max(axis=1))
-    d = e8m0_to_fp32_half(e)
     ax = np.abs(x)
-    # |kv*d - x| for the 8 magnitudes; a negative x against a negative entry gives the same |.|, and
-    # the zero entry (index 0) comes before its negative twin (index 8), so ties keep index 0
-    best = np.zeros(x.shape, dtype=np.uint8)
-    best_err = np.abs(_MAG[0] * d[:, None] - ax)
-    for i in range(1, 8):
-        err = np.abs(_MAG[i] * d[:, None] - ax)
-        lt = err < best_err
-        best[lt] = i
-        np.minimum(best_err, err, out=best_err)
-    code = np.where((x < 0) & (best != 0), best + 8, best).astype(np.uint8)
+    e = e8m0_exponent(ax.max(axis=1))
+    d = e8m0_to_fp32_half(e)
+    # a negative x against a negative entry gives the same |.| as |x| against the positive one,
+    # and the zero entry (index 0) comes before its negative twin (index 8), so ties keep index 0
+    normal = e >= 3                                  # 2/d is a finite power of two
+    inv2 = np.where(normal, F32(2) / np.where(normal, d, F32(1)), F32(0)).astype(F32)
+    t = np.minimum(np.ceil(ax * inv2[:, None]), _TOP).astype(np.intp)
+    best = _LUT[t]
+    if not normal.all():
+        small = ~normal
+        best[small] = _nearest_first(ax[small], d[small])
+    code = np.where((x < 0) & (best != 0), best + np.uint8(8), best)
     qs = code[:, :16] | (code[:, 16:] << 4)
     out = np.concatenate([e.reshape(nb, 1), qs], axis=1)
     return out.reshape(n, k // QK * 17)
