@@ -26,33 +26,32 @@ F32 = np.float32
 QK_K = 256
 
 
-def lroundf(v: np.ndarray) -> np.ndarray:
-    """C's lroundf for float32: halves away from zero, exactly (floor(|v| + 0.5) rounds 0.49999997 up)."""
-    t = np.trunc(v)
-    return (t + np.where(np.abs(v - t) >= F32(0.5), np.sign(v), F32(0))).astype(np.int32)
-
-
 def _trits(rows: np.ndarray):
-    """(d [nb], codes uint16 [nb, 256] in {0, 1, 2}) for every 256-weight block of rows."""
+    """(d [nb], codes uint8 [nb, 256] in {0, 1, 2}) for every 256-weight block of rows.
+
+    ``lroundf(v) + 1`` for ``v = x * (1/d)``, |v| <= 1 (+ rounding): 0 for v <= -0.5, 2 for v >= 0.5,
+    else 1 -- two exact float comparisons (halves go away from zero, as lroundf)."""
     x = rows.reshape(-1, QK_K)
     d = np.abs(x).max(axis=1)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
-    t = lroundf(x * inv[:, None]) + 1
-    return d, t.astype(np.uint16)
+    v = x * inv[:, None]
+    t = (v > F32(-0.5)).view(np.uint8) + (v >= F32(0.5)).view(np.uint8)
+    return d, t
 
 
 def _base3(t: np.ndarray) -> np.ndarray:
-    """Trits [..., n, m] (axis -2 most significant first) -> their base-3 numbers [..., m]."""
-    q = np.zeros(t.shape[:-2] + t.shape[-1:], dtype=np.uint16)
-    for i in range(t.shape[-2]):
-        q = q * 3 + t[..., i, :]
+    """Trits [..., n, m] (axis -2 most significant first) -> their base-3 numbers [..., m] (< 243)."""
+    q = t[..., 0, :].copy()
+    for i in range(1, t.shape[-2]):
+        q *= 3
+        q += t[..., i, :]
     return q
 
 
 def _to_byte(q: np.ndarray) -> np.ndarray:
     """Ceiling division that spreads 0..242 over a byte (243 == 3**5)."""
-    return ((q * 256 + 242) // 243).astype(np.uint8)
+    return ((q.astype(np.uint16) * 256 + 242) // 243).astype(np.uint8)
 
 
 @register(T.TQ1_0)
@@ -72,7 +71,7 @@ def encode_tq2_0(rows: np.ndarray, imatrix=None) -> np.ndarray:
     n, k = rows.shape
     d, t = _trits(rows)
     nb = t.shape[0]
-    t = t.astype(np.uint8).reshape(nb, 2, 4, 32)
+    t = t.reshape(nb, 2, 4, 32)
     qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
     out = np.concatenate([qs.reshape(nb, 64), fp16_bytes(d)], axis=1)
     return out.reshape(n, k // QK_K * 66)
