@@ -57,7 +57,7 @@ def _t_index(al2: np.ndarray) -> np.ndarray:
 def best_index(x: np.ndarray) -> np.ndarray:
     """best_index_int8(16, kvalues_iq4nl, x) for float32 ``x`` (any shape) -> uint8 codes."""
     al2 = np.clip(np.asarray(x, dtype=F32) * F32(2), -_CLIP, _CLIP)
-    return _LUT_L[_t_index(al2)]
+    return np.take(_LUT_L, _t_index(al2), mode="clip")
 
 
 def _seq_sum0(a: np.ndarray) -> np.ndarray:
@@ -81,7 +81,7 @@ def _search(xT: np.ndarray, wT: np.ndarray) -> np.ndarray:
 
         def sums(id2):
             np.multiply(xT, id2, out=al2)
-            q = _LUT_Q[_t_index(al2)]
+            q = np.take(_LUT_Q, _t_index(al2), mode="clip")
             np.multiply(wT, q, out=wq)
             sumqx = _seq_sum0(np.multiply(wq, xT, out=al2))
             sumq2 = _seq_sum0(np.multiply(wq, q, out=q))
@@ -105,7 +105,7 @@ def _codes(x: np.ndarray, inv: np.ndarray) -> np.ndarray:
     """best_index_int8 of inv*x per 32-block: x [nb, 32], inv [nb] -> uint8 [nb, 32]."""
     al2 = x * (inv * F32(2))[:, None]
     np.clip(al2, -_CLIP, _CLIP, out=al2)
-    return _LUT_L[_t_index(al2)]
+    return np.take(_LUT_L, _t_index(al2), mode="clip")
 
 
 def _pack(L: np.ndarray) -> np.ndarray:
