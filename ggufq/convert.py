@@ -120,10 +120,13 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     p = prepare(model_dir)
     plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
     plan.check_encoders()
+    plan.check_imatrix(imatrix is not None or method in SELF_CALIBRATED)
     path = resolve_output(p, plan, out, name)
     if path.exists() and not force:
         raise GgufqError(f"{path} exists; pass --force to overwrite")
     im = load_imatrix(imatrix) if imatrix is not None else None
+    if im is not None and method not in SELF_CALIBRATED:
+        plan.check_imatrix(True, covered=im.entries)
     vocab = vocabs.load(p.model.path, p.model.config, pre=vocab_pre)
     md = metadata_for(p, name)
     by_name = {e.name: e for e in plan.entries}

@@ -32,7 +32,9 @@ LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggu
 
 QUANT_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
                "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
-ALL_TYPES = QUANT_TYPES + ["F16", "BF16", "F32"]
+IQ_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+            "IQ4_NL", "IQ4_XS", "Q2_K_S", "TQ1_0", "TQ2_0", "MXFP4_MOE"]
+ALL_TYPES = QUANT_TYPES + ["F16", "BF16", "F32"] + IQ_TYPES
 
 
 # ---------------------------------------------------------------------------
@@ -49,71 +51,9 @@ llama_like = TOOL.llama_like
 
 
 llama3_8b = TOOL.llama31_8b
-
-
-def mixtral_8x7b():
-    specs, _ = llama_like(32000, 4096, 32, 32, 8, 14336)
-    out = []
-    for s in specs:
-        if ".ffn_gate.weight" in s.name:
-            b = s.name.split("ffn_")[0]
-            out += [TensorSpec(b + "ffn_gate_inp.weight", (8, 4096)),
-                    TensorSpec(b + "ffn_gate_exps.weight", (8, 14336, 4096)),
-                    TensorSpec(b + "ffn_up_exps.weight", (8, 14336, 4096)),
-                    TensorSpec(b + "ffn_down_exps.weight", (8, 4096, 14336))]
-        elif ".ffn_up." in s.name or ".ffn_down." in s.name:
-            continue
-        else:
-            out.append(s)
-    return out, ModelInfo("llama", 32, 4096, 32, 8, n_expert=8)
-
-
-def falcon_7b():
-    E, L, F_ = 4544, 32, 18176
-    t = [TensorSpec("token_embd.weight", (65024, E)), TensorSpec("output_norm.weight", (E,)),
-         TensorSpec("output_norm.bias", (E,)), TensorSpec("output.weight", (65024, E))]
-    for i in range(L):
-        b = f"blk.{i}."
-        t += [TensorSpec(b + "attn_norm.weight", (E,)), TensorSpec(b + "attn_norm.bias", (E,)),
-              TensorSpec(b + "attn_qkv.weight", (E + 2 * 64, E)), TensorSpec(b + "attn_output.weight", (E, E)),
-              TensorSpec(b + "ffn_up.weight", (F_, E)), TensorSpec(b + "ffn_down.weight", (E, F_))]
-    return t, ModelInfo("falcon", L, E, 71, 1)
-
-
-def deepseek_like():
-    """DeepSeek-V2-Lite shapes: MLA attention (attn_kv_b), one dense layer, 64 routed experts + shared."""
-    E, L, X, FF, FE = 2048, 6, 64, 10944, 1408
-    t = [TensorSpec("token_embd.weight", (102400, E)), TensorSpec("output_norm.weight", (E,)),
-         TensorSpec("output.weight", (102400, E))]
-    for i in range(L):
-        b = f"blk.{i}."
-        t += [TensorSpec(b + "attn_norm.weight", (E,)), TensorSpec(b + "attn_q.weight", (16 * 192, E)),
-              TensorSpec(b + "attn_kv_a_mqa.weight", (576, E)), TensorSpec(b + "attn_kv_a_norm.weight", (512,)),
-              TensorSpec(b + "attn_kv_b.weight", (16 * 256, 512)), TensorSpec(b + "attn_output.weight", (E, 16 * 128)),
-              TensorSpec(b + "ffn_norm.weight", (E,))]
-        if i == 0:
-            t += [TensorSpec(b + "ffn_gate.weight", (FF, E)), TensorSpec(b + "ffn_up.weight", (FF, E)),
-                  TensorSpec(b + "ffn_down.weight", (E, FF))]
-        else:
-            t += [TensorSpec(b + "ffn_gate_inp.weight", (X, E)),
-                  TensorSpec(b + "ffn_gate_exps.weight", (X, FE, E)), TensorSpec(b + "ffn_up_exps.weight", (X, FE, E)),
-                  TensorSpec(b + "ffn_down_exps.weight", (X, E, FE)),
-                  TensorSpec(b + "ffn_gate_shexp.weight", (2 * FE, E)), TensorSpec(b + "ffn_up_shexp.weight", (2 * FE, E)),
-                  TensorSpec(b + "ffn_down_shexp.weight", (E, 2 * FE))]
-    return t, ModelInfo("deepseek2", L, E, 16, 16, n_expert=X)
-
-
-MODELS = {
-    "llama3-8b": llama3_8b,
-    "llama3.1-70b": lambda: llama_like(128256, 8192, 80, 64, 8, 28672, rope_freqs=True),
-    "smollm2-135m": lambda: llama_like(49152, 576, 30, 9, 3, 1536, tied=True),
-    "tinyllama-10m": lambda: llama_like(8192, 256, 8, 4, 2, 768),
-    "odd-rows": lambda: llama_like(1000, 200, 5, 5, 1, 520, tied=True),   # 200 % 32 != 0: F16 fallbacks
-    "qwen2-0.5b": lambda: llama_like(151936, 896, 24, 14, 2, 4864, tied=True, arch="qwen2"),
-    "mixtral-8x7b": mixtral_8x7b,
-    "falcon-7b": falcon_7b,
-    "deepseek-v2-lite": deepseek_like,
-}
+mixtral_8x7b = TOOL.mixtral_8x7b
+falcon_7b = TOOL.falcon_7b
+MODELS = TOOL.SYNTHETIC
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +64,7 @@ PUBLISHED_BPW = TOOL.PUBLISHED_BPW
 @pytest.mark.parametrize("ftype", list(PUBLISHED_BPW))
 def test_llama3_8b_bits_per_weight_match_llama_cpp_readme(ftype):
     specs, info = llama3_8b()
-    plan = make_plan(specs, info, ftype)
+    plan = make_plan(specs, info, ftype, has_imatrix=ftype in TOOL.PUBLISHED_WITH_IMATRIX)
     # llama-bench's figure: model bytes * 8 / model parameters, norms and rope_freqs included
     assert plan.n_elements == 8_030_261_312
     assert round(plan.bits_per_weight, 4) == PUBLISHED_BPW[ftype]
@@ -171,21 +111,10 @@ def _llama_ref():
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_types_match_llama_cpp_type_selection(model):
-    ref_mod = _llama_ref()
+    _llama_ref()
     specs, info = MODELS[model]()
-    n_checked = 0
     for ftype in ALL_TYPES:
-        ref = ref_mod.compute_types(specs, info, ftype)
-        plan = make_plan(specs, info, ftype)
-        assert len(plan.entries) == len(specs)
-        for e in plan.entries:
-            if ref[e.name] is None:       # llama-quantize copies it: we must not have quantized it
-                assert e.qtype in (T.F32, T.F16, T.BF16), (ftype, e.name, e.qtype, e.reason)
-                assert "not quantized" in e.reason
-            else:
-                assert e.qtype == ref[e.name], (model, ftype, e.name, e.reason)
-                n_checked += 1
-    assert n_checked > 0
+        assert TOOL.reference_mismatches(specs, info, ftype) == [], (model, ftype)
 
 
 def test_special_rules_fire_where_llama_cpp_says():
@@ -290,6 +219,38 @@ def test_types_match_llama_quantize_output(request, model_dir, types):
             assert plan.n_fallback == 180                                  # 6 matrices x 30 layers of 576 rows
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_dir,types,refused_want", [
+    (TINYLLAMA, ["IQ4_XS", "IQ4_NL", "IQ3_XXS", "IQ3_XS", "IQ2_M", "IQ1_S", "Q2_K_S", "TQ1_0", "MXFP4_MOE"],
+     ["IQ3_XXS", "IQ3_XS", "IQ2_M", "IQ1_S", "Q2_K_S"]),
+    # SmolLM2's 576-wide rows fall back to IQ4_NL: IQ3_XXS without an imatrix keeps nothing that needs one
+    (SMOLLM2, ["IQ4_XS", "IQ3_XXS", "IQ2_XXS", "TQ2_0"], ["IQ2_XXS"]),
+])
+def test_iq_types_match_llama_quantize_output_with_and_without_imatrix(request, model_dir, types, refused_want):
+    """llama-quantize with and without an imatrix (a synthetic GGUF imatrix): the same type for every
+    tensor, the same bytes, and a refusal exactly where the plan needs an imatrix."""
+    _need_llama_quantize()
+    if not model_dir.exists():
+        pytest.skip(f"{model_dir} is not built")
+    f16 = _f16(request, model_dir, TOOL)
+    specs, info = specs_from_gguf(f16)
+    im = f16.with_suffix(".imatrix.gguf")
+    if not im.exists():
+        TOOL.write_imatrix(im, specs)
+    refused = []
+    for ftype in types:
+        for imatrix in (None, im):
+            dst = f16.with_suffix(f".{ftype}{'.im' if imatrix else ''}.gguf")
+            plan, bad, file_bytes = TOOL.check_type(LLAMA_BIN, f16, specs, info, ftype, dst, imatrix)
+            assert bad == [], f"{model_dir.name} {ftype} imatrix={imatrix is not None}: {bad[:5]}"
+            if file_bytes is None:
+                refused.append(ftype)
+                assert imatrix is None and plan.needs_imatrix()
+            else:
+                assert file_bytes == plan.total_bytes
+    assert refused == refused_want
+
+
 # ---------------------------------------------------------------------------
 # 4. attn8-mlp4
 @pytest.mark.parametrize("model", ["tinyllama-10m", "smollm2-135m", "llama3-8b"])
@@ -376,7 +337,7 @@ def test_map_rules_first_match_layers_and_fallback(tmp_path):
 
 @pytest.mark.parametrize("text,msg", [
     ('[[rule]]\npattern = "blk.*"\ntype = "Q4_KK"\n', r"m.toml: rule 1: unknown type 'Q4_KK'; choose one of F32, F16"),
-    ('[[rule]]\npattern = "blk.*"\ntype = "IQ4_XS"\n', r"rule 1: unknown type 'IQ4_XS'"),
+    ('[[rule]]\npattern = "blk.*"\ntype = "IQ4_XX"\n', r"rule 1: unknown type 'IQ4_XX'"),
     ('[[rule]]\npattern = "blk.[0-3.ffn_up.weight"\ntype = "Q8_0"\n', r"rule 1: bad glob 'blk.\[0-3.ffn_up.weight': '\[' at 4 is never closed"),
     ('[[rule]]\npattern = ""\ntype = "Q8_0"\n', r"rule 1: 'pattern' must be a non-empty glob"),
     ('[[rule]]\npattern = "blk. *"\ntype = "Q8_0"\n', r"bad glob"),
@@ -508,3 +469,89 @@ def test_check_encoders_names_the_types_ggufq_cannot_write_yet():
             plan.check_encoders()
     assert T.Q8_0 in have
     make_plan(specs, info, "Q8_0").check_encoders()
+
+
+# ---------------------------------------------------------------------------
+# 7. i-quant, ternary and MXFP4 mixtures: the branches llama_quant_compute_types cannot show
+#    (it always plans as without an imatrix) and the imatrix requirement
+def _types(plan, *names):
+    return [plan[n].qtype for n in names]
+
+
+def test_iq3_xxs_and_iq4_follow_the_imatrix():
+    specs, info = MODELS["tinyllama-10m"]()            # n_gqa 2, 8 layers: n_layer/8 = 1
+    plain, im = make_plan(specs, info, "IQ3_XXS"), make_plan(specs, info, "IQ3_XXS", has_imatrix=True)
+    assert plain["blk.3.attn_v.weight"].qtype == T.IQ3_S and "no imatrix" in plain["blk.3.attn_v.weight"].reason
+    assert im["blk.3.attn_v.weight"].qtype == T.IQ3_XXS
+    assert _types(plain, "blk.0.ffn_down.weight", "blk.1.ffn_down.weight") == [T.Q4_K, T.Q3_K]
+    assert _types(im, "blk.0.ffn_down.weight", "blk.1.ffn_down.weight") == [T.IQ3_XXS, T.IQ3_XXS]
+    for p in (plain, im):
+        assert _types(p, "blk.2.attn_q.weight", "blk.2.attn_k.weight", "blk.2.attn_output.weight") == \
+            [T.IQ2_S, T.IQ2_S, T.IQ3_S]
+        assert _types(p, "token_embd.weight", "output.weight") == [T.IQ3_S, T.Q5_K]
+    specs, info = llama3_8b()                           # n_gqa 4
+    for ft in ("IQ4_XS", "IQ4_NL"):
+        plain, im = make_plan(specs, info, ft), make_plan(specs, info, ft, has_imatrix=True)
+        assert [i for i in range(32) if plain[f"blk.{i}.ffn_down.weight"].qtype == T.Q5_K] == [0, 1, 2, 3]
+        assert all(im[f"blk.{i}.ffn_down.weight"].qtype == T[ft] for i in range(32))
+        assert plain["blk.7.attn_v.weight"].qtype == T.Q5_K and plain["output.weight"].qtype == T.Q6_K
+
+
+def test_iq2_branch_moe_mxfp4_and_fallbacks():
+    specs, info = mixtral_8x7b()
+    p = make_plan(specs, info, "IQ2_XXS")
+    # the IQ2 branch takes no 8-expert Q8_0 bump; its ffn_down rule counts tensors, not layers
+    assert _types(p, "blk.5.attn_v.weight", "blk.5.attn_k.weight", "blk.5.attn_output.weight") == [T.Q4_K, T.Q4_K, T.Q5_K]
+    assert [i for i in range(32) if p[f"blk.{i}.ffn_down_exps.weight"].qtype == T.Q2_K] == [0, 1, 2, 3]
+    assert _types(p, "token_embd.weight", "output.weight", "blk.9.ffn_up_exps.weight") == [T.Q2_K, T.Q5_K, T.IQ2_XXS]
+    p = make_plan(specs, info, "MXFP4_MOE")
+    assert p.file_type == LlamaFileType.MOSTLY_MXFP4_MOE
+    assert _types(p, "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight") == [T.MXFP4] * 3
+    assert _types(p, "blk.0.attn_q.weight", "blk.0.attn_v.weight", "token_embd.weight", "output.weight") == [T.Q8_0] * 4
+    assert p["blk.0.ffn_gate_inp.weight"].qtype == T.F32
+    specs, info = MODELS["smollm2-135m"]()              # 576 = 18 * 32: 256-blocks fall back
+    p = make_plan(specs, info, "IQ2_M")
+    e = p["blk.4.attn_q.weight"]
+    assert e.qtype == T.IQ4_NL and e.fallback and e.reason.endswith("row 576 not a multiple of 256: IQ2_S -> IQ4_NL fallback")
+    # ffn_down rows of 1536 fit: the first n_layer/8 = 3 get IQ3_S, the rest the default IQ2_S
+    assert _types(p, "blk.2.ffn_down.weight", "blk.3.ffn_down.weight") == [T.IQ3_S, T.IQ2_S]
+    assert make_plan(specs, info, "TQ1_0")["blk.4.attn_q.weight"].qtype == T.Q4_0
+    specs, info = MODELS["odd-rows"]()                  # 200 % 32 != 0
+    for ft in ("IQ4_NL", "IQ4_XS", "IQ2_XXS", "MXFP4_MOE"):
+        assert make_plan(specs, info, ft)["blk.1.attn_q.weight"].qtype == T.F16, ft
+
+
+def test_imatrix_requirement_as_llama_quantize():
+    specs, info = llama3_8b()
+    p = make_plan(specs, info, "IQ2_XXS")
+    need = {e.name for e in p.needs_imatrix()}
+    assert "blk.0.attn_q.weight" in need and "blk.31.ffn_up.weight" in need
+    assert "token_embd.weight" not in need and "output.weight" not in need and "blk.0.attn_v.weight" not in need  # Q4_K
+    with pytest.raises(GgufqError) as ei:
+        p.check_imatrix(False)
+    msg = str(ei.value)
+    assert "\n" not in msg and "--imatrix FILE" in msg and "--method hqq" in msg and "IQ2_XXS" in msg
+    p.check_imatrix(True)
+    with pytest.raises(GgufqError, match="the imatrix has no entry for blk.0.attn_q.weight"):
+        p.check_imatrix(True, covered={"blk.1.attn_q.weight"})
+    # Q2_K_S: its Q2_K tensors need one (a plain Q2_K file does not); IQ3_XXS, IQ4_*, TQ*, MXFP4 never refuse
+    assert make_plan(specs, info, "Q2_K_S").needs_imatrix() and not make_plan(specs, info, "Q2_K").needs_imatrix()
+    for ft in ("IQ4_XS", "IQ4_NL", "TQ1_0", "TQ2_0", "MXFP4_MOE", "IQ3_S", "IQ3_M"):
+        assert not make_plan(specs, info, ft).needs_imatrix(), ft
+    assert make_plan(specs, info, "IQ3_XXS", has_imatrix=True).needs_imatrix()
+
+
+def test_convert_refuses_grid_presets_before_writing(tmp_path, tiny):
+    """Without their encoders (or without an imatrix) the grid presets stop with one line, nothing written."""
+    from conftest import run_cli
+    from ggufq import quant
+
+    out = tmp_path / "x.gguf"
+    r = run_cli("convert", tiny, "-o", out, "--type", "IQ2_XXS", "-q")
+    assert r.returncode == 1 and not out.exists() and not list(tmp_path.iterdir())
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("ggufq: error: --type IQ2_XXS needs ")
+    if T.IQ2_XXS in quant.encoders():
+        assert "--imatrix FILE" in err[0] and "--method hqq" in err[0]
+    else:
+        assert "cannot encode yet" in err[0] and "IQ2_XXS (" in err[0]

@@ -3,10 +3,13 @@
 
 Weights per second for each type, on one core and on all cores: ours splits row
 ranges over a ProcessPoolExecutor, ggml's over threads (ctypes releases the GIL).
-Tensors: every matrix of MODEL_DIR (safetensors) and/or a random 4096x4096 one.
-Prints a markdown table.
+Types default to every quantized type ggufq registers (``ggufq.quant.encoders()``);
+types ggml cannot quantize without an imatrix (IQ2_XXS, IQ2_XS, IQ1_S) are timed
+with a synthetic one on both sides. Tensors: every matrix of MODEL_DIR
+(safetensors) and/or a random 4096x4096 one. Prints a markdown table.
 
     PYTHONPATH=. python tools/bench_quant.py --model fixtures/tinyllama-spm-10m --random 4096
+    PYTHONPATH=. python tools/bench_quant.py --random 2048 --jobs 0 --types IQ4_XS,IQ4_NL   # one core only
 """
 from __future__ import annotations
 
@@ -20,12 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
 
-from ggufq.quant import encode, ggml_ref  # noqa: E402
+from ggufq.quant import encode, encoders, ggml_ref  # noqa: E402
 from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
 
-DEFAULT_TYPES = "Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K"
+
+def registered_types() -> list[T]:
+    """Every quantized type with a registered encoder (floats left out), in ggml's order."""
+    return [t for t in sorted(encoders(), key=int) if t not in (T.F32, T.F16, T.BF16)]
+
 CHUNK = 1 << 18          # weights per encode call, as a streaming converter would feed
 
 
@@ -68,9 +75,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder whose matrices to encode (default: none)")
     ap.add_argument("--random", type=int, default=4096, help="also a random NxN matrix (0: none; default 4096)")
-    ap.add_argument("--types", default=DEFAULT_TYPES, help=f"comma-separated ggml types (default {DEFAULT_TYPES})")
+    ap.add_argument("--types", default="", help="comma-separated ggml types (default: every registered quantized type)")
     ap.add_argument("--imatrix", choices=("none", "synthetic"), default="none", help="importance weights")
-    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="cores for the all-core columns")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                    help="cores for the all-core columns (0: one core only, no all-core columns)")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many runs (default 2)")
     a = ap.parse_args(argv)
     if not ggml_ref.available():
@@ -85,23 +93,36 @@ def main(argv=None) -> int:
                      [rng.standard_normal((a.random, a.random), dtype=np.float32) * np.float32(0.02)]))
     if not sets:
         ap.error("nothing to encode: give --model and/or --random N")
-    types = [T[t.strip().upper()] for t in a.types.split(",") if t.strip()]
+    types = [T[t.strip().upper()] for t in a.types.split(",") if t.strip()] or registered_types()
     jobs = max(1, a.jobs)
+    multi = a.jobs > 0
     with ProcessPoolExecutor(jobs) as procs, ThreadPoolExecutor(jobs) as threads:
-        list(procs.map(_ours_task, [(int(T.Q4_K), np.ones((1, 256), np.float32), None)] * jobs))   # warm workers
-        print(f"imatrix: {a.imatrix}; all cores = {jobs}; Mw/s = million weights per second, best of {a.repeat}\n")
-        print("| tensors | type | ours 1 core | ggml 1 core | ratio | ours all cores | ggml all cores | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
+        if multi:
+            list(procs.map(_ours_task, [(int(T.Q4_K), np.ones((1, 256), np.float32), None)] * jobs))   # warm workers
+        print(f"imatrix: {a.imatrix}; all cores = {jobs if multi else '-'}; "
+              f"Mw/s = million weights per second, best of {a.repeat}\n")
+        print("| tensors | type | imatrix | ours 1 core | ggml 1 core | ratio | ours all cores | ggml all cores | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for label, mats in sets:
-            ims = [synthetic_imatrix(m.shape[1]) if a.imatrix == "synthetic" else None for m in mats]
+            synth = [synthetic_imatrix(m.shape[1]) for m in mats]
             for qt in types:
+                with_im = a.imatrix == "synthetic" or ggml_ref.requires_imatrix(qt)
+                ims = synth if with_im else [None] * len(mats)
+                mine = [m for m in mats if m.shape[1] % GGML_QUANT_SIZES[qt][0] == 0]
+                ims = [im for m, im in zip(mats, ims) if m.shape[1] % GGML_QUANT_SIZES[qt][0] == 0]
+                if not mine:
+                    continue
                 best = lambda *args, **kw: max(timed(*args, **kw) for _ in range(a.repeat))  # noqa: E731
-                o1 = best(_ours, mats, qt, ims)
-                g1 = best(_ggml, mats, qt, ims)
-                oj = best(_ours, mats, qt, ims, procs, "ours", jobs)
-                gj = best(_ggml, mats, qt, ims, threads, "ggml", jobs)
-                print(f"| {label} | {qt.name} | {o1 / 1e6:.2f} | {g1 / 1e6:.2f} | {o1 / g1:.2f} "
-                      f"| {oj / 1e6:.2f} | {gj / 1e6:.2f} | {oj / gj:.2f} |", flush=True)
+                o1 = best(_ours, mine, qt, ims)
+                g1 = best(_ggml, mine, qt, ims)
+                row = f"| {label} | {qt.name} | {'synthetic' if with_im else 'none'} | {o1 / 1e6:.2f} | {g1 / 1e6:.2f} | {o1 / g1:.2f} "
+                if multi:
+                    oj = best(_ours, mine, qt, ims, procs, "ours", jobs)
+                    gj = best(_ggml, mine, qt, ims, threads, "ggml", jobs)
+                    row += f"| {oj / 1e6:.2f} | {gj / 1e6:.2f} | {oj / gj:.2f} |"
+                else:
+                    row += "| - | - | - |"
+                print(row, flush=True)
     return 0
 
 

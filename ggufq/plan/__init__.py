@@ -23,7 +23,7 @@ convert-to-F16-then-llama-quantize pipeline writes, tensor for tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Container, Optional, Sequence
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType
 
@@ -113,6 +113,27 @@ class Plan:
             need = ", ".join(f"{k} ({n} tensors)" for k, n in missing.items())
             raise GgufqError(f"--type {self.ftype} needs {need}, which this ggufq cannot encode yet (it has {have})")
 
+    def needs_imatrix(self) -> list[PlanEntry]:
+        """The tensors llama-quantize refuses to write without an importance matrix
+        (``tensor_requires_imatrix``: IQ1/IQ2/IQ3_XXS types, Q2_K in a Q2_K_S file; never token_embd/output)."""
+        need = R.NEEDS_IMATRIX + R.NEEDS_IMATRIX_IN.get(self.ftype, ())
+        return [e for e in self.entries if e.qtype in need and e.name not in R.IMATRIX_EXEMPT]
+
+    def check_imatrix(self, has_importance: bool, covered: Optional[Container[str]] = None) -> None:
+        """GgufqError when the plan needs an importance matrix and none will be given, or when the
+        given one (tensor names ``covered``) lacks a tensor that needs it (call before writing)."""
+        need = self.needs_imatrix()
+        if need and has_importance and covered is not None:
+            lack = [e for e in need if e.name not in covered]
+            if lack:
+                raise GgufqError(f"the imatrix has no entry for {lack[0].name} ({len(lack)} tensors lack one), "
+                                 f"which --type {self.ftype} quantizes as {lack[0].qtype.name}: wrong imatrix for this model?")
+        if need and not has_importance:
+            types = ", ".join(sorted({e.qtype.name for e in need}))
+            raise GgufqError(f"--type {self.ftype} needs an importance matrix for {len(need)} tensors ({types}; "
+                             f"e.g. {need[0].name}), as llama-quantize does: pass --imatrix FILE "
+                             f"(from llama-imatrix), or --method hqq to calibrate on the model's own text")
+
     def type_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries:
@@ -168,16 +189,17 @@ def _llama_types(tensors: Sequence[TensorSpec], info: ModelInfo, key: str, defau
             cat, tie_note = R.OUTPUT, "token_embd tied to output: "
         else:
             tie_note = ""
-        i_layer = 0
+        i_layer = i_count = 0
         if cat in (R.FFN_DOWN, R.FFN_GATE, R.FFN_UP):
-            i_layer = counters[cat]
+            i_layer = i_count = counters[cat]
             if max(1, info.n_expert) > 1:
                 i_layer = layer_of(spec.name)
                 if i_layer is None or not 0 <= i_layer < info.n_layer:
                     raise GgufqError(f"cannot tell the layer (0..{info.n_layer - 1}) of {spec.name}")
-        c = R.Ctx(arch=info.arch, ftype=key, default=default, nx=spec.shape[-1], i_layer=i_layer,
+        c = R.Ctx(arch=info.arch, ftype=key, default=default, nx=spec.shape[-1], i_layer=i_layer, i_count=i_count,
                   n_layer=info.n_layer, i_wv=counters["wv"], n_wv=n_wv, n_gqa=n_gqa,
-                  n_expert=info.n_expert, is_70b=is_70b, has_imatrix=has_imatrix)
+                  n_expert=info.n_expert, is_70b=is_70b, has_imatrix=has_imatrix,
+                  n_mat=spec.shape[-3] if len(spec.shape) >= 3 else 1)
         qtype, why = default, f"default {default.name}"
         for rule in R.PRESET_RULES.get(cat, ()):
             if rule.applies(c):

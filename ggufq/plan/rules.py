@@ -34,14 +34,40 @@ FTYPES: dict[str, tuple[F, T]] = {
     "Q5_K_S": (F.MOSTLY_Q5_K_S, T.Q5_K),
     "Q5_K_M": (F.MOSTLY_Q5_K_M, T.Q5_K),
     "Q6_K":   (F.MOSTLY_Q6_K,   T.Q6_K),
+    # i-quants, ternary and MXFP4 mixtures
+    "IQ1_S":     (F.MOSTLY_IQ1_S,     T.IQ1_S),
+    "IQ1_M":     (F.MOSTLY_IQ1_M,     T.IQ1_M),
+    "IQ2_XXS":   (F.MOSTLY_IQ2_XXS,   T.IQ2_XXS),
+    "IQ2_XS":    (F.MOSTLY_IQ2_XS,    T.IQ2_XS),
+    "IQ2_S":     (F.MOSTLY_IQ2_S,     T.IQ2_XS),
+    "IQ2_M":     (F.MOSTLY_IQ2_M,     T.IQ2_S),
+    "IQ3_XXS":   (F.MOSTLY_IQ3_XXS,   T.IQ3_XXS),
+    "IQ3_XS":    (F.MOSTLY_IQ3_XS,    T.IQ3_S),
+    "IQ3_S":     (F.MOSTLY_IQ3_S,     T.IQ3_S),
+    "IQ3_M":     (F.MOSTLY_IQ3_M,     T.IQ3_S),
+    "IQ4_NL":    (F.MOSTLY_IQ4_NL,    T.IQ4_NL),
+    "IQ4_XS":    (F.MOSTLY_IQ4_XS,    T.IQ4_XS),
+    "Q2_K_S":    (F.MOSTLY_Q2_K_S,    T.Q2_K),
+    "TQ1_0":     (F.MOSTLY_TQ1_0,     T.TQ1_0),
+    "TQ2_0":     (F.MOSTLY_TQ2_0,     T.TQ2_0),
+    "MXFP4_MOE": (F.MOSTLY_MXFP4_MOE, T.MXFP4),
 }
 
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 
-# types a map rule may name (the ones ggufq plans and encodes)
+# types a map rule may name (the ones ggufq plans; Plan.check_encoders says which it cannot encode yet)
 MAP_TYPES: dict[str, T] = {t.name: t for t in (
     T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
-    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+    T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_M, T.IQ1_S,
+    T.TQ1_0, T.TQ2_0, T.MXFP4)}
+
+# the IQ2-and-below mixtures: one branch of llama_tensor_get_type_impl of their own (no 70B / 8-expert bumps)
+IQ2_GROUP = "IQ2_XXS IQ2_XS IQ2_S IQ2_M IQ1_S IQ1_M"
+# types llama-quantize refuses to write without an imatrix (but never for token_embd / output)   [tensor_requires_imatrix]
+NEEDS_IMATRIX: tuple[T, ...] = (T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S)
+NEEDS_IMATRIX_IN: dict[str, tuple[T, ...]] = {"Q2_K_S": (T.Q2_K,)}   # the only k-quant exception
+IMATRIX_EXEMPT = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
 
 # a type whose block does not divide the row falls back to   [tensor_type_fallback]
 # (32-block types have no smaller block: they, and a fallback that still does not fit, become F16)
@@ -51,6 +77,9 @@ FALLBACK: dict[T, T] = {
     T.Q4_K: T.Q5_0,
     T.Q5_K: T.Q5_1,
     T.Q6_K: T.Q8_0,
+    T.IQ1_S: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_S: T.IQ4_NL,
+    T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL,
+    T.TQ1_0: T.Q4_0, T.TQ2_0: T.Q4_0,
 }
 
 
@@ -227,6 +256,7 @@ class Ctx(NamedTuple):
     default: T          # the --type's default matrix type
     nx: int             # row length (ne[0])
     i_layer: int        # llama.cpp's layer counter for this category (ffn_*), or the layer from the name (experts)
+    i_count: int        # the plain counter of this category (ffn_*), experts or not
     n_layer: int
     i_wv: int           # index among attn_v-like tensors (i_attention_wv)
     n_wv: int           # number of attn_v-like tensors (n_attention_wv)
@@ -234,6 +264,7 @@ class Ctx(NamedTuple):
     n_expert: int
     is_70b: bool
     has_imatrix: bool
+    n_mat: int = 1      # ne[2]: matrices stacked in the tensor (experts)
 
     @property
     def falcon(self) -> bool:
@@ -257,50 +288,109 @@ R = Rule
 
 # Per category: ordered rules, the first that applies picks the type (none: the --type default).
 # Then BUMPS of that category are applied in order, each seeing the type chosen so far.
+# llama_tensor_get_type_impl tests MXFP4_MOE first, then the IQ2-and-below mixtures, then the rest
+# category by category; each list keeps that order (a rule names its --types, so rules of different
+# --types never compete).
+_FFN = (FFN_UP, FFN_GATE, FFN_DOWN)
+
+
+def _mxfp4_moe(cat: str) -> tuple[Rule, ...]:
+    """MXFP4_MOE: expert tensors (ne[2] > 1) MXFP4, everything else Q8_0 (bailingmoe3: its FFN experts only)."""
+    expert = (lambda c: c.n_mat > 1) if cat in _FFN else (lambda c: c.n_mat > 1 and c.arch != "bailingmoe3")
+    return (R("MXFP4_MOE", expert, T.MXFP4, "MXFP4_MOE, expert tensor"),
+            R("MXFP4_MOE", ALWAYS, T.Q8_0, "MXFP4_MOE, not an expert tensor"))
+
+
+def _iq2s(c: Ctx) -> bool:
+    return c.ftype in ("IQ2_S", "IQ2_M")
+
+
 PRESET_RULES: dict[str, tuple[Rule, ...]] = {
     # output.weight, and token_embd.weight when there is no output.weight (tied embeddings)
     OUTPUT: (
+        R("MXFP4_MOE", ALWAYS,                                   T.Q8_0, "MXFP4_MOE output"),
         R("*",      lambda c: c.falcon,                          T.Q8_0, "falcon output"),
         R("*",      lambda c: c.nx % block_size(c.default) != 0, T.Q8_0, "output row {nx} not a multiple of {bs} ({default.name})"),
+        R(IQ2_GROUP + " IQ3_XXS", ALWAYS,                        T.Q5_K, "output"),
         R("*",      lambda c: c.default != T.Q8_0,               T.Q6_K, "output"),
     ),
-    TOKEN_EMBD: (),
-    ATTN_V: (
+    TOKEN_EMBD: _mxfp4_moe(TOKEN_EMBD) + (
+        R("IQ2_XXS IQ2_XS IQ1_S IQ1_M", ALWAYS,                  T.Q2_K, "token_embd"),
+        R("IQ2_S IQ2_M IQ3_XXS",        ALWAYS,                  T.IQ3_S, "token_embd"),
+        R("TQ1_0 TQ2_0",                ALWAYS,                  T.Q4_K, "token_embd"),
+    ),
+    ATTN_V: _mxfp4_moe(ATTN_V) + (
+        R(IQ2_GROUP, lambda c: c.n_gqa >= 4 or c.n_expert >= 4,  T.Q4_K, "attn_v, n_gqa {n_gqa} >= 4 or n_expert {n_expert} >= 4"),
+        R(IQ2_GROUP, _iq2s,                                      T.IQ3_S, "attn_v"),
+        R(IQ2_GROUP, ALWAYS,                                     T.Q2_K, "attn_v"),
         R("Q2_K",          lambda c: c.n_gqa >= 4,                      T.Q4_K, "attn_v, n_gqa {n_gqa} >= 4"),
         R("Q2_K",          ALWAYS,                                      T.Q3_K, "attn_v, n_gqa {n_gqa} < 4"),
+        R("Q2_K_S",        lambda c: c.n_gqa >= 4,                      T.Q4_K, "attn_v, n_gqa {n_gqa} >= 4"),
+        R("IQ3_XXS",       lambda c: c.n_gqa >= 4,                      T.Q4_K, "attn_v, n_gqa {n_gqa} >= 4"),
+        R("IQ3_XXS",       lambda c: not c.has_imatrix,                 T.IQ3_S, "attn_v, no imatrix"),
+        R("IQ3_XS IQ3_S",  lambda c: c.n_gqa >= 4,                      T.Q4_K, "attn_v, n_gqa {n_gqa} >= 4"),
+        R("IQ3_M",         ALWAYS,                                      T.Q4_K, "attn_v"),
         R("Q3_K_M",        lambda c: c.i_wv < 2,                        T.Q5_K, "attn_v #{i_wv} < 2"),
         R("Q3_K_M",        ALWAYS,                                      T.Q4_K, "attn_v #{i_wv} >= 2"),
         R("Q3_K_L",        ALWAYS,                                      T.Q5_K, "attn_v"),
+        R("IQ4_NL IQ4_XS", lambda c: c.n_gqa >= 4,                      T.Q5_K, "attn_v, n_gqa {n_gqa} >= 4"),
         R("Q4_K_M Q5_K_M", lambda c: use_more_bits(c.i_wv, c.n_wv),     T.Q6_K, "use_more_bits(attn_v, layer {i_wv})"),
         R("Q4_K_S",        lambda c: c.i_wv < 4,                        T.Q5_K, "attn_v #{i_wv} < 4"),
     ),
-    ATTN_K: (
-        R("*",      lambda c: c.n_expert == 8,                   T.Q8_0, "attn_k, 8 experts"),
+    ATTN_K: _mxfp4_moe(ATTN_K) + (
+        R(IQ2_GROUP, lambda c: c.n_expert == 8,                  T.Q4_K, "attn_k, 8 experts"),
+        R("*",       lambda c: c.n_expert == 8,                  T.Q8_0, "attn_k, 8 experts"),
+        R("IQ3_XS",  ALWAYS,                                     T.IQ3_XXS, "attn_k"),
+        R("IQ3_XXS", ALWAYS,                                     T.IQ2_S, "attn_k"),
     ),
-    FFN_DOWN: (
+    ATTN_Q: _mxfp4_moe(ATTN_Q) + (
+        R("IQ3_XS",  ALWAYS,                                     T.IQ3_XXS, "attn_q"),
+        R("IQ3_XXS", ALWAYS,                                     T.IQ2_S, "attn_q"),
+    ),
+    FFN_DOWN: _mxfp4_moe(FFN_DOWN) + (
+        R(IQ2_GROUP, lambda c: c.i_count < c.n_layer // 8 and _iq2s(c), T.IQ3_S, "ffn_down #{i_count} < n_layer/8"),
+        R(IQ2_GROUP, lambda c: c.i_count < c.n_layer // 8,        T.Q2_K, "ffn_down #{i_count} < n_layer/8"),
         R("Q2_K",   ALWAYS,                                                   T.Q3_K, "ffn_down"),
+        R("Q2_K_S", lambda c: c.i_layer < c.n_layer // 8,                     T.Q4_K, "ffn_down layer {i_layer} < n_layer/8"),
+        R("IQ3_XXS", lambda c: not c.has_imatrix and c.i_layer < c.n_layer // 8, T.Q4_K, "no imatrix, ffn_down layer {i_layer} < n_layer/8"),
+        R("IQ3_XXS", lambda c: not c.has_imatrix,                             T.Q3_K, "no imatrix, ffn_down"),
         R("Q3_K_M", lambda c: c.i_layer < c.n_layer // 16,                    T.Q5_K, "ffn_down layer {i_layer} < n_layer/16"),
         R("Q3_K_M", lambda c: not c.falcon or use_more_bits(c.i_layer, c.n_layer), T.Q4_K, "ffn_down layer {i_layer}"),
+        R("IQ3_M",  lambda c: c.i_layer < c.n_layer // 8,                     T.Q4_K, "ffn_down layer {i_layer} < n_layer/8"),
+        R("IQ3_M",  lambda c: c.n_expert == 8 and use_more_bits(c.i_layer, c.n_layer), T.Q4_K, "8 experts, use_more_bits(ffn_down, layer {i_layer})"),
         R("Q3_K_L", lambda c: c.falcon,                                       T.Q4_K, "falcon ffn_down"),
         R("Q3_K_L", ALWAYS,                                                   T.Q5_K, "ffn_down"),
         R("Q4_K_M", lambda c: c.falcon and c.i_layer < c.n_layer // 16,       T.Q6_K, "falcon ffn_down layer {i_layer} < n_layer/16"),
         R("Q4_K_M", lambda c: c.falcon and use_more_bits(c.i_layer, c.n_layer), T.Q5_K, "falcon use_more_bits(ffn_down, layer {i_layer})"),
         R("Q4_K_M", lambda c: not c.falcon and use_more_bits(c.i_layer, c.n_layer), T.Q6_K, "use_more_bits(ffn_down, layer {i_layer})"),
+        R("IQ4_NL IQ4_XS", lambda c: not c.has_imatrix and c.i_layer < c.n_layer // 8, T.Q5_K, "no imatrix, ffn_down layer {i_layer} < n_layer/8"),
         R("Q5_K_M", lambda c: use_more_bits(c.i_layer, c.n_layer),            T.Q6_K, "use_more_bits(ffn_down, layer {i_layer})"),
         R("Q4_K_S", lambda c: not c.falcon and c.i_layer < c.n_layer // 8,    T.Q5_K, "ffn_down layer {i_layer} < n_layer/8"),
         R("Q4_0",   lambda c: c.has_imatrix and c.i_layer < c.n_layer // 8,   T.Q4_1, "imatrix, ffn_down layer {i_layer} < n_layer/8"),
         R("Q5_0",   lambda c: c.has_imatrix and c.i_layer < c.n_layer // 8,   T.Q5_1, "imatrix, ffn_down layer {i_layer} < n_layer/8"),
     ),
-    ATTN_OUTPUT: (
-        R("Q2_K Q3_K_S Q3_K_M Q4_K_S Q4_K_M", lambda c: not c.falcon and c.n_expert == 8, T.Q5_K, "attn_output, 8 experts"),
+    ATTN_OUTPUT: _mxfp4_moe(ATTN_OUTPUT) + (
+        R(IQ2_GROUP, lambda c: c.n_expert == 8,                  T.Q5_K, "attn_output, 8 experts"),
+        R("IQ1_S IQ1_M", ALWAYS,                                 T.IQ2_XXS, "attn_output"),
+        R("IQ2_S IQ2_M", ALWAYS,                                 T.IQ3_S, "attn_output"),
+        R("Q2_K Q3_K_S Q3_K_M Q4_K_S Q4_K_M IQ3_XS IQ3_XXS IQ4_NL IQ3_S IQ3_M IQ4_XS",
+          lambda c: not c.falcon and c.n_expert == 8,            T.Q5_K, "attn_output, 8 experts"),
         R("Q2_K",   lambda c: not c.falcon and c.n_expert != 8,  T.Q3_K, "attn_output"),
-        R("Q3_K_M", lambda c: not c.falcon and c.n_expert != 8,  T.Q4_K, "attn_output"),
+        R("IQ3_XXS", lambda c: not c.falcon and c.n_expert != 8, T.IQ3_S, "attn_output"),
+        R("Q3_K_M IQ3_M", lambda c: not c.falcon and c.n_expert != 8, T.Q4_K, "attn_output"),
         R("Q3_K_L", lambda c: not c.falcon and c.n_expert != 8,  T.Q5_K, "attn_output"),
         R("Q3_K_L", lambda c: c.falcon,                          T.Q4_K, "falcon attn_output"),
     ),
+    FFN_GATE: _mxfp4_moe(FFN_GATE) + (
+        R("IQ3_XS", lambda c: c.n_layer // 8 <= c.i_layer < 7 * c.n_layer // 8, T.IQ3_XXS, "ffn_gate layer {i_layer} in the middle 3/4"),
+    ),
+    FFN_UP: _mxfp4_moe(FFN_UP) + (
+        R("IQ3_XS", lambda c: c.n_layer // 8 <= c.i_layer < 7 * c.n_layer // 8, T.IQ3_XXS, "ffn_up layer {i_layer} in the middle 3/4"),
+    ),
+    OTHER: _mxfp4_moe(OTHER),
 }
 PRESET_RULES[ATTN_QKV] = PRESET_RULES[ATTN_KV_B] = PRESET_RULES[ATTN_V]
-
+# (llama.cpp's separate ATTENTION_QKV branch is never reached: attn_qkv is attn_v-like and taken above)
 
 
 @dataclass(frozen=True)
@@ -311,8 +401,13 @@ class Bump:
     why: str
 
 
+def _bumped(c: Ctx) -> bool:
+    """The attn_v bumps belong to the general branch: not MXFP4_MOE's, not the IQ2-and-below one."""
+    return c.ftype != "MXFP4_MOE" and c.ftype not in IQ2_GROUP.split()
+
+
 _ATTN_V_BUMPS = (
-    Bump(lambda c, t: c.is_70b and t in (T.Q3_K, T.Q4_K), T.Q5_K, "70B attn_v"),
-    Bump(lambda c, t: c.n_expert == 8,                     T.Q8_0, "attn_v, 8 experts"),
+    Bump(lambda c, t: _bumped(c) and c.is_70b and t in (T.Q3_K, T.Q4_K), T.Q5_K, "70B attn_v"),
+    Bump(lambda c, t: _bumped(c) and c.n_expert == 8,                     T.Q8_0, "attn_v, 8 experts"),
 )
 BUMPS: dict[str, tuple[Bump, ...]] = {ATTN_V: _ATTN_V_BUMPS, ATTN_QKV: _ATTN_V_BUMPS, ATTN_KV_B: _ATTN_V_BUMPS}

@@ -62,7 +62,18 @@ def quantize(qtype: GGMLQuantizationType, rows: np.ndarray, imatrix: Optional[np
         assert imatrix.shape == (k,)
         imp = imatrix.ctypes.data
     lib = _lib()
+    if imp is None and requires_imatrix(qtype):
+        raise ValueError(f"ggml cannot quantize {qtype.name} without an imatrix")
     lib.ggml_quantize_init(int(qtype))
     written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n, k, imp)
     assert written == out.nbytes, (written, out.nbytes)
     return out
+
+
+def requires_imatrix(qtype: GGMLQuantizationType) -> bool:
+    """ggml_quantize_requires_imatrix: ggml_quantize_chunk aborts the process for these types
+    without an imatrix (IQ2_XXS, IQ2_XS, IQ1_S); never call :func:`quantize` so for them."""
+    lib = _lib()
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return bool(lib.ggml_quantize_requires_imatrix(int(qtype)))
