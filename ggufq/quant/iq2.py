@@ -185,6 +185,9 @@ def _xxs_groups(xb, weight, g: Grid):
             raise RuntimeError("IQ2_XXS: a point off the grid (ggml aborts here)")
         scale[act] = s
         gidx[act] = gi
+    done = np.zeros(G, dtype=bool)
+    done[act] = True
+    signs[~done] = 0                    # skipped groups write nothing
     return scale, gidx, signs
 
 
@@ -241,3 +244,115 @@ def _need_imatrix(qtype, imatrix):
 def encode_iq2_xxs(rows: np.ndarray, imatrix=None) -> np.ndarray:
     _need_imatrix(T.IQ2_XXS, imatrix)
     return by_chunks(T.IQ2_XXS, _encode_iq2_xxs, rows, imatrix)
+
+
+def _xs_groups(xb, weight, g: Grid, parity: bool, eps):
+    """The per-16 search shared by quantize_row_iq2_xs_impl and quantize_row_iq2_s_impl.
+
+    xb/weight [G, 16] -> (scale [G], grid idx [G, 2], signs [G, 2]).
+    """
+    G = xb.shape[0]
+    kmax = 3
+    waux = np.sqrt(weight)
+    xval, signs = split_signs(xb, weight, parity=parity)
+    scale = np.zeros(G, dtype=F32)
+    gidx = np.zeros((G, 2), dtype=np.int64)
+    mx = xval.max(axis=1)
+    act = np.flatnonzero(~(mx < eps))
+    if act.size:
+        xv, w, wa, mx = xval[act], weight[act], waux[act], mx[act]
+        best = np.zeros(act.size, dtype=F32)
+        s = (mx / F32(5)).astype(F32)                       # scale = max/(2*kMaxQ-1)
+        L = np.zeros(xv.shape, dtype=np.int8)               # memset(L, 0, 16): code 0 is on both grids
+        on = np.ones((act.size, 2), dtype=bool)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for i_s in range(-9, 10):
+                id_ = _trial_id(i_s, mx)
+                this_scale = F32(1) / id_
+                gi, on_aux = snap(g, _round_levels(id_, xv, kmax), xv, wa, this_scale)
+                Laux = _levels(g, gi)
+                sumqx, sumq2 = _fit(w, xv, Laux)
+                upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+                s = np.where(upd, sumqx / sumq2, s).astype(F32)
+                best = np.where(upd, s * sumqx, best).astype(F32)
+                L[upd] = Laux[upd]
+                on[upd] = on_aux[upd]
+            redo = ~on.all(axis=1) & (s > 0)
+            if redo.any():
+                # only the halves that were off the grid are redone, at 1/scale and snapped with ``scale``
+                p = np.flatnonzero(redo)
+                gi, _ = snap(g, _round_levels(F32(1) / s[p], xv[p], kmax), xv[p], wa[p], s[p])
+                Lp = _levels(g, gi).reshape(-1, 2, 8)
+                Lold = L[p].reshape(-1, 2, 8)
+                Lnew = np.where(on[p][:, :, None], Lold, Lp).reshape(-1, 16)
+                L[p] = Lnew
+                sumqx, sumq2 = _fit(w[p], xv[p], Lnew)
+                s[p] = np.where(sumq2 > 0, sumqx / sumq2, s[p])
+        neg = s < 0
+        if neg.any():                   # flip the scale and the signs
+            s[neg] = -s[neg]
+            flipped = ~signs[act[neg]]
+            signs[act[neg]] = flipped & 127 if parity else flipped
+        gi = g.kmap[g.codes(L.reshape(-1, 2, 8))]
+        if (gi < 0).any():
+            raise RuntimeError("IQ2_XS/IQ2_S: a point off the grid (ggml aborts here)")
+        scale[act] = s
+        gidx[act] = gi
+    done = np.zeros(G, dtype=bool)
+    done[act] = True
+    signs[~done] = 0                    # skipped groups write nothing
+    return scale, gidx, signs
+
+
+def _nibbles(l: np.ndarray) -> np.ndarray:
+    """4-bit scales [nb, 16] -> bytes [nb, 8]: even sub-block in the low nibble."""
+    l = l.astype(np.uint8)
+    return l[:, 0::2] | (l[:, 1::2] << 4)
+
+
+def _encode_iq2_xs(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    nb = x.shape[0]
+    g = iq_grid(T.IQ2_XS)
+    sigma2 = _sigma2(x)
+    weight = qw * np.sqrt(sigma2[:, None] + x * x)
+    scales, gidx, signs = _xs_groups(x.reshape(-1, 16), weight.reshape(-1, 16), g, True, GROUP_MAX_EPS)
+    max_scale, d, l = _super_scales(scales.reshape(nb, 16))
+    q2 = (gidx.astype(np.uint16) | (signs.astype(np.uint16) << 9)).reshape(nb, 32)
+    sc = _nibbles(l)
+    zero = ~(max_scale > 0)             # ``if (!max_scale)``: d = 0, qs zeroed, scales stay 0
+    q2[zero] = 0
+    sc[zero] = 0
+    d = np.where(zero, F32(0), d)
+    return np.concatenate([fp16_bytes(d), q2.astype("<u2").view(np.uint8), sc], axis=1)
+
+
+def _encode_iq2_s(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
+    nb = x.shape[0]
+    g = iq_grid(T.IQ2_S)
+    sigma2 = F32(2) * seq_sum(x * x) / F32(QK_K)            # 2*sumx2/QK_K
+    if qw is not None:
+        weight = qw * np.sqrt(sigma2[:, None] + x * x)
+    else:
+        weight = F32(0.25) * sigma2[:, None] + x * x
+    scales, gidx, signs = _xs_groups(x.reshape(-1, 16), weight.reshape(-1, 16), g, False, GROUP_MAX_EPS_IQ2_S)
+    max_scale, d, l = _super_scales(scales.reshape(nb, 16))
+    gidx = gidx.reshape(nb, 32)
+    qs = (gidx & 255).astype(np.uint8)
+    hi = (gidx >> 8).astype(np.uint8).reshape(nb, 8, 4)
+    qh = hi[..., 0] | (hi[..., 1] << 2) | (hi[..., 2] << 4) | (hi[..., 3] << 6)
+    sc = _nibbles(l)
+    zero = ~(max_scale > 0)             # ``if (!max_scale) continue``: d and scales stay 0, qs/qh/signs are kept
+    sc[zero] = 0
+    d = np.where(zero, F32(0), (d * F32(0.9875)).astype(F32))
+    return np.concatenate([fp16_bytes(d), qs, signs.reshape(nb, 32), qh, sc], axis=1)
+
+
+@register(T.IQ2_XS)
+def encode_iq2_xs(rows: np.ndarray, imatrix=None) -> np.ndarray:
+    _need_imatrix(T.IQ2_XS, imatrix)
+    return by_chunks(T.IQ2_XS, _encode_iq2_xs, rows, imatrix)
+
+
+@register(T.IQ2_S)
+def encode_iq2_s(rows: np.ndarray, imatrix=None) -> np.ndarray:
+    return by_chunks(T.IQ2_S, _encode_iq2_s, rows, imatrix)
