@@ -104,15 +104,9 @@ def snap(g: Grid, l: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.n
     return gi, on
 
 
-_QT: dict[int, np.ndarray] = {}
-
-
 def _qtab(g: Grid) -> np.ndarray:
-    """q = 2*l + 1 of every grid coordinate, transposed [8, n_grid] (best_neighbour's layout)."""
-    n = len(g.levels)
-    if n not in _QT:
-        _QT[n] = np.ascontiguousarray((2 * g.levels.astype(F32) + 1).T)
-    return _QT[n]
+    """q of each level: ggml's grid coordinate ``2*l + 1``."""
+    return 2 * np.arange(g.n_levels, dtype=F32) + F32(1)
 
 
 def _levels(g: Grid, gi: np.ndarray) -> np.ndarray:

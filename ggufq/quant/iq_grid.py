@@ -22,7 +22,7 @@ first-minimum search over the whole row (``np.argmin``) returns what ggml's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType as T
 F32 = np.float32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grid:
     levels: np.ndarray      # int8 [n_grid, dim]: l of each coordinate (ggml's pos = 2*l + 1)
     kmap: np.ndarray        # int32 [kmap_size]: grid index of code u, -1 off the grid
@@ -43,6 +43,26 @@ class Grid:
     @property
     def dim(self) -> int:
         return self.levels.shape[1]
+
+    @cached_property
+    def n_levels(self) -> int:
+        return int(self.levels.max()) + 1
+
+    @cached_property
+    def flat_terms(self) -> np.ndarray:
+        """int8 [dim, n_flat]: ``i*n_levels + level`` of coordinate i of every neighbour-list entry."""
+        lv = self.levels[self.nbr_flat].T.astype(np.int16)                 # [dim, n_flat]
+        off = (np.arange(self.dim, dtype=np.int16) * self.n_levels)[:, None]
+        return np.ascontiguousarray(lv + off).astype(np.int8 if self.dim * self.n_levels < 128 else np.int16)
+
+    @lru_cache(maxsize=None)
+    def flat_prefix(self, P: int) -> np.ndarray:
+        """int16 [n_flat]: each neighbour-list entry's first P levels as one index (l0 most significant)."""
+        lv = self.levels[self.nbr_flat].astype(np.int16)
+        c = np.zeros(lv.shape[0], dtype=np.int16)
+        for i in range(P):
+            c = c * self.n_levels + lv[:, i]
+        return c
 
     def codes(self, L: np.ndarray) -> np.ndarray:
         """Pack levels ``L [..., dim]`` (0 <= l < 2**bits) into codes u, as ``u |= l << bits*i``."""
@@ -124,47 +144,61 @@ def iq_grid(qtype: T) -> Grid:
 
 
 def best_neighbour(g: Grid, u: np.ndarray, xval: np.ndarray, weight: np.ndarray, scale: np.ndarray,
-                   qT: np.ndarray, qsel: np.ndarray | None = None) -> np.ndarray:
+                   qv: np.ndarray) -> np.ndarray:
     """ggml's neighbour scan for off-grid codes: the first minimum of ``sum_i (w*diff)*diff`` over the list.
 
-    ``diff = scale*q - x``; ``u [m]`` off-grid codes; ``xval``/``weight [m, dim]``;
-    ``scale [m]``; ``qT`` float32 ``[dim, n_grid]``: the q of each grid
-    coordinate (contiguous, transposed), or ``[dim, k*n_grid]`` holding k tables
-    side by side with ``qsel [m]`` choosing one per query. The sum runs over the
-    coordinates in order, as in iq2_find_best_neighbour /
+    ``diff = scale*q - x`` with ``q = qv[l]`` for a coordinate at level l;
+    ``u [m]`` off-grid codes; ``xval``/``weight [m, dim]``; ``scale [m]``;
+    ``qv`` float32 ``[n_levels]`` (shared) or ``[m, n_levels]`` (per query). The
+    sum runs over the coordinates in order, as in iq2_find_best_neighbour /
     iq1_find_best_neighbour2 (``d2 < best``: the first of equal scores wins).
     Returns grid indices int64 [m].
+
+    Every term ``(w*diff)*diff`` depends only on the query, the coordinate and
+    its level, so the terms are tabulated per query ([m, dim, n_levels]) and so
+    are the running sums over the first few coordinates (one entry per
+    combination of their levels); each candidate then costs one lookup of that
+    partial sum plus the remaining terms, added in the C order -- the same
+    float32 operations on the same values.
     """
     m = u.shape[0]
     if m == 0:
         return np.zeros(0, dtype=np.int64)
+    dim, nlev = g.dim, g.n_levels
     row = g.nbr_row[u]
     cnt = g.nbr_count[row]
     seg = np.zeros(m, dtype=np.int64)
     np.cumsum(cnt[:-1], out=seg[1:])
     total = int(seg[-1] + cnt[-1])
-    # flat candidate list: query j's neighbours at seg[j] .. seg[j]+cnt[j]
+    # tabulate more leading coordinates when the lists are long (tables cost nlev**P per query)
+    per_q = total / m
+    P = 1
+    while P < dim and nlev ** (P + 1) <= 128 and nlev ** (P + 1) < 4 * per_q:
+        P += 1
+    # flat candidate list: query j's neighbours at seg[j] .. seg[j]+cnt[j]; pos indexes the neighbour table
     pos = np.arange(total, dtype=np.int64)
     pos += np.repeat(g.nbr_start[row] - seg, cnt)
-    cand = g.nbr_flat[pos]
-    if qsel is None:
-        q = np.take(qT, cand, axis=1)                                      # [dim, total]
-    else:
-        q = np.take(qT, cand + np.repeat(qsel.astype(np.int64) * len(g.levels), cnt), axis=1)
-    xT = np.repeat(np.ascontiguousarray(xval.T, dtype=F32), cnt, axis=1)
-    wT = np.repeat(np.ascontiguousarray(weight.T, dtype=F32), cnt, axis=1)
-    s = np.repeat(scale.astype(F32), cnt)
-    d2 = np.zeros(total, dtype=F32)
-    diff = np.empty(total, dtype=F32)
-    for i in range(g.dim):
-        np.multiply(s, q[i], out=diff)
-        diff -= xT[i]
-        wT[i] *= diff
-        wT[i] *= diff
-        d2 += wT[i]
-    d2[np.isnan(d2)] = np.inf                       # NaN never passes ``d2 < best``
+    # terms[j, i, l] = (w*diff)*diff, diff = scale*q(l) - x
+    qv = np.asarray(qv, dtype=F32)
+    qv = qv[None, None, :] if qv.ndim == 1 else qv[:, None, :]
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = scale.astype(F32)[:, None, None] * qv - xval.astype(F32)[:, :, None]
+        terms = weight.astype(F32)[:, :, None] * diff
+        terms *= diff                                                     # [m, dim, nlev]
+        terms[np.isnan(terms)] = np.inf             # NaN never passes ``d2 < best``; inf neither
+        # running sums over the first P coordinates for every combination of their levels
+        part = np.zeros((m, 1), dtype=F32) + terms[:, 0, :]              # d2 = 0; d2 += t0
+        for i in range(1, P):
+            part = (part[:, :, None] + terms[:, i, None, :]).reshape(m, -1)
+        d2 = np.take(part, np.repeat(np.arange(0, m * part.shape[1], part.shape[1], dtype=np.int64), cnt)
+                     + g.flat_prefix(P)[pos])
+        base = np.repeat(np.arange(0, m * dim * nlev, dim * nlev, dtype=np.int64), cnt)
+        tflat = terms.reshape(-1)
+        ft = g.flat_terms
+        for i in range(P, dim):
+            d2 += np.take(tflat, base + ft[i][pos])
     mn = np.minimum.reduceat(d2, seg)
     hit = np.flatnonzero(d2 == np.repeat(mn, cnt))
-    qh = np.searchsorted(seg, hit, side="right") - 1
+    qh = np.searchsorted(seg, hit, side="right")
     first = hit[np.r_[True, qh[1:] != qh[:-1]]]
-    return cand[first].astype(np.int64)
+    return g.nbr_flat[pos[first]].astype(np.int64)
