@@ -106,26 +106,28 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
     """
     n, G = sx.shape
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        pos = sq > 0
-        score = np.where(pos, (sx * sx) / sq, F32(-np.inf))
-        M = score.max(axis=0)
-        sqmin = np.where(pos, sq, F32(np.inf)).min(axis=0)
-        sqmax = sq.max(axis=0)
-        sane = np.isfinite(M) & (M > 1e-30) & (M * sqmin >= 1e-30) & (M * sqmax <= 1e36)
+        score = sx * sx
+        score /= sq                                         # sq <= 0: -inf, nan or huge; checked below
+        M = np.fmax.reduce(score, axis=0)                   # nan (0/0) is skipped
+        # products best*sumq2 stay in float32's normal range
+        sqmin = np.where(sq > 0, sq, F32(np.inf)).min(axis=0)
+        sane = np.isfinite(M) & (M > 1e-30) & (M * sqmin >= 1e-30) & (M * sq.max(axis=0) <= 1e36)
         near = np.zeros((n, G), dtype=bool)
         todo = np.flatnonzero(sane)
         for t in _NEAR:
             if todo.size == 0:
                 break
-            sc = score[:, todo]
+            sc = score if todo.size == G else score[:, todo]
             thr = M[todo] * F32(1 - t)
             nr = sc >= thr
-            lo = np.where(nr, F32(-np.inf), sc).max(axis=0)
-            ok = lo < thr * F32(1 - _GAP)
+            lo = np.where(nr, F32(-np.inf), sc)
+            lo = np.fmax.reduce(lo, axis=0)
+            ok = ~(lo >= thr * F32(1 - _GAP))               # nan: no other candidate
             near[:, todo[ok]] = nr[:, ok]
             todo = todo[~ok]
         rest = np.r_[todo, np.flatnonzero(~sane)]
-        near[:, rest] = pos[:, rest]
+        if rest.size:
+            near[:, rest] = sq[:, rest] > 0
     win = np.full(G, -1, dtype=np.int64)
     scale = np.zeros(G, dtype=F32)
     grp, cand = np.nonzero(near.T)                          # members of each group, in candidate order
