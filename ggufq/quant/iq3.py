@@ -58,7 +58,7 @@ class Grid:
     kmap: np.ndarray        # int32 [4096]
     nb_idx: np.ndarray      # int16 [4096, max_nb]
     nb_cnt: np.ndarray      # int32 [4096]
-    nb_vals: np.ndarray     # float32 [4, max_nb, 4096]: nb_vals[i, j, u] = values[nb_idx[u, j], i]
+    nb_vals: np.ndarray     # float32 [max_nb, 4096, 4]: nb_vals[j, u] = values[nb_idx[u, j]]
 
 
 @lru_cache(maxsize=None)
@@ -87,7 +87,7 @@ def grid(grid_size: int) -> Grid:
     width = int(cnt.max())
     col = np.arange(width)
     nb = np.where(col[None, :] < cnt[:, None], order[:, :width], order[:, :1]).astype(np.int16)
-    vals = np.ascontiguousarray(gpos[nb].transpose(2, 1, 0), dtype=np.float32)
+    vals = np.ascontiguousarray(gpos[nb].transpose(1, 0, 2), dtype=np.float32)
     return Grid(levels.astype(np.int8), gpos.astype(np.float32), kmap, nb, cnt, vals)
 
 
@@ -95,31 +95,33 @@ def _best_neighbour(g: Grid, u: np.ndarray, qi: np.ndarray, x4: np.ndarray, w4: 
                     scale: np.ndarray) -> np.ndarray:
     """iq3_find_best_neighbour for many off-grid quads -> grid index [m] (the first neighbour with
     the smallest weighted distance). u: the quads' codes [m]; qi: their rows in the per-quad tables
-    x4 (xval) and w4 (waux), both [4, n_quads]; scale: [m]."""
+    x4 (xval) and w4 (waux), both [n_quads, 4]; scale: [m]."""
     m = u.shape[0]
     cnt = g.nb_cnt[u]
     # longest neighbour lists first: neighbour j is then tried by a prefix of the quads
-    order = np.argsort((np.uint8(255) - cnt.astype(np.uint8)), kind="stable")   # radix sort
-    us, qo, sc = u[order], qi[order], scale[order]
-    x, w = x4[:, qo], w4[:, qo]
-    n_gt = m - np.cumsum(np.bincount(cnt, minlength=g.nb_idx.shape[1] + 1))   # quads with > j neighbours
-    best = np.full(m, np.finfo(F32).max, dtype=F32)                         # float best_d2 = FLT_MAX;
+    order = np.argsort(np.uint8(255) - cnt.astype(np.uint8), kind="stable")      # a radix sort
+    us, qo = u.take(order), qi.take(order)
+    x, w = x4.take(qo, axis=0), w4.take(qo, axis=0)                               # [m, 4]
+    sc = np.repeat(scale.take(order), 4).reshape(m, 4)
+    n_gt = m - np.cumsum(np.bincount(cnt, minlength=g.nb_idx.shape[1] + 1))     # quads with > j neighbours
+    best = np.full(m, np.finfo(F32).max, dtype=F32)                           # float best_d2 = FLT_MAX;
     pick = np.zeros(m, dtype=np.int32)
-    d2, diff, t = (np.empty(m, dtype=F32) for _ in range(3))
+    d2 = np.empty(m, dtype=F32)
+    diff, t = np.empty((m, 4), dtype=F32), np.empty((m, 4), dtype=F32)
     for j in range(int(cnt.max())):
         n = int(n_gt[j])
-        uj = us[:n]
-        for i in range(4):
-            # float diff = scale*q - xval[i]; d2 += weight[i]*diff*diff;   (i = 0..3, in order)
-            q = g.nb_vals[i, j].take(uj)
-            np.multiply(sc[:n], q, out=diff[:n])
-            np.subtract(diff[:n], x[i, :n], out=diff[:n])
-            np.multiply(w[i, :n], diff[:n], out=t[:n])
-            np.multiply(t[:n], diff[:n], out=t[:n] if i else d2[:n])
-            if i:
-                np.add(d2[:n], t[:n], out=d2[:n])
-        better = d2[:n] < best[:n]                                          # if (d2 < best_d2)
-        np.copyto(best[:n], d2[:n], where=better)
+        q = g.nb_vals[j].take(us[:n], axis=0)                                     # [n, 4]
+        # float diff = scale*q - xval[i]; d2 += weight[i]*diff*diff;   (i = 0..3, in order)
+        df, tt, d = diff[:n], t[:n], d2[:n]
+        np.multiply(sc[:n], q, out=df)
+        np.subtract(df, x[:n], out=df)
+        np.multiply(w[:n], df, out=tt)
+        np.multiply(tt, df, out=tt)
+        np.add(tt[:, 0], tt[:, 1], out=d)
+        np.add(d, tt[:, 2], out=d)
+        np.add(d, tt[:, 3], out=d)
+        better = d < best[:n]                                                     # if (d2 < best_d2)
+        np.copyto(best[:n], d, where=better)
         np.copyto(pick[:n], j, where=better)
     out = np.empty(m, dtype=np.int32)
     out[order] = g.nb_idx[us, pick]
@@ -127,8 +129,8 @@ def _best_neighbour(g: Grid, u: np.ndarray, qi: np.ndarray, x4: np.ndarray, w4: 
 
 
 def _quad_table(aT: np.ndarray) -> np.ndarray:
-    """[32, n] (element 4k+i of group g) -> [4, 8*n] (element i of quad k*n + g)."""
-    return np.ascontiguousarray(aT.reshape(8, 4, -1).transpose(1, 0, 2)).reshape(4, -1)
+    """[32, n] (element 4k+i of group g) -> [8*n, 4] (element i of quad k*n + g)."""
+    return np.ascontiguousarray(aT.reshape(8, 4, -1).transpose(0, 2, 1)).reshape(-1, 4)
 
 
 def _codes(L: np.ndarray) -> np.ndarray:
@@ -165,12 +167,20 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
     Laux = _round_levels(F32(0.5) * (id_[None] * xvT[:, :, None] - F32(1)))                 # [32, n, S]
     L4 = Laux.reshape(8, 4, n, id_.shape[1])
     u = _codes(L4)                                                                          # [8, n, S]
-    off = g.kmap[u] < 0
-    k, gi, si = np.nonzero(off)
-    x4, w4 = _quad_table(xvT), _quad_table(waT)                                          # [4, 8*n]
-    if k.size:
-        best = _best_neighbour(g, u[k, gi, si], k * n + gi, x4, w4, this_scale[gi, si])
-        L4[k, :, gi, si] = g.levels[best]
+    offg = g.kmap[u] < 0                                                                # [8, n, S]
+    off = np.flatnonzero(offg)                      # quad k of group gi at trial si: ((k*n + gi)*S + si)
+    x4, w4 = _quad_table(xvT), _quad_table(waT)                                          # [8*n, 4]
+    if off.size:
+        nS = n * id_.shape[1]
+        gs = off % nS                                                                    # gi*S + si
+        best = _best_neighbour(g, u.reshape(-1).take(off), off // id_.shape[1], x4, w4,
+                               this_scale.reshape(-1).take(gs))
+        # Laux[4k+i, gi, si] is at (4k+i)*nS + gs = 4*(off - gs) + i*nS + gs
+        pos = 4 * (off - gs) + gs
+        lv = g.levels.take(best, axis=0)
+        flat = Laux.reshape(-1)
+        for i in range(4):
+            flat[pos + i * nS] = lv[:, i]
     sumqx, sumq2 = _sums((wT * xvT)[:, :, None], wT[:, :, None], Laux)                    # [n, S]
 
     # if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2; best = scale*sumqx; ... }
@@ -190,7 +200,7 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
     L[:, found] = Laux[:, cols[found], pick[found]]
     # is_on_grid starts true for IQ3_XXS, false for IQ3_S
     on_grid = np.full((8, n), xxs)
-    on_grid[:, found] = ~off[:, cols[found], pick[found]]
+    on_grid[:, found] = ~offg[:, cols[found], pick[found]]
 
     # quads off the grid are requantized with the chosen scale (IQ3_S: every quad of such a group)
     redo = (~on_grid).any(axis=0) & (scale > 0)
@@ -202,8 +212,8 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
         sc = scale[gidx]
         id2 = F32(1) / scale                                   # float id = 1/scale;
         qi = k * n + gidx
-        Lq = _round_levels(F32(0.5) * (id2[gidx] * x4[:, qi] - F32(1)))         # [4, m]
-        uq = _codes(Lq[None])[0]
+        Lq = _round_levels(F32(0.5) * (id2[gidx, None] * x4[qi] - F32(1)))      # [m, 4]
+        uq = _codes(Lq.T[None])[0]
         gidq = g.kmap[uq]
         o = gidq < 0
         if o.any():
