@@ -124,7 +124,7 @@ def _best_neighbour(g: Grid, u: np.ndarray, qi: np.ndarray, x4: np.ndarray, w4: 
         np.copyto(best[:n], d, where=better)
         np.copyto(pick[:n], j, where=better)
     out = np.empty(m, dtype=np.int32)
-    out[order] = g.nb_idx[us, pick]
+    out[order] = g.nb_idx.reshape(-1).take(us * g.nb_idx.shape[1] + pick)
     return out
 
 
