@@ -160,3 +160,75 @@ def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny, real_imatrix):
         assert im is not None, name
         same, _ = same_blocks(qtype, x, im)
         assert same.mean() >= MIN_IDENTICAL, f"{qtype.name} {name}: {same.mean():.4f} of blocks identical"
+
+
+# ---------------------------------------------------------------- error feedback into the codebooks
+
+@pytest.fixture(scope="module")
+def gate_moments():
+    """blk.1.ffn_gate rows and the moments of its inputs over two disjoint pieces of held-out text."""
+    import sentencepiece as spm
+    from ggufq import calib
+    from ggufq.convert import prepare
+    from conftest import TINY
+    text = HELDOUT.read_text() if HELDOUT.exists() else (TINY / "README.md").read_text() * 20
+    sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
+    ids = np.array(sp.encode(text[:60000]), np.int64)
+    assert ids.size >= 2 * 8 * 127, ids.size
+    p = prepare(TINY)
+    out = []
+    for part in (ids[:8 * 127], ids[8 * 127:16 * 127]):
+        toks = np.concatenate([np.ones((8, 1), np.int64), part.reshape(8, 127)], axis=1)   # BOS + text
+        with p.model:
+            out.append(calib.Moments(calib.Forward(p), toks).get("blk.1.ffn_gate.weight"))
+    with p.model:
+        rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, 256)
+    return rows.astype(np.float32), out[0], out[1]
+
+
+def _out_err(qtype, rows, blocks, m):
+    """E||(W - W_q) x||^2 summed over rows, x with second moment m."""
+    e = (rows - dequantize(blocks, qtype).reshape(rows.shape)).astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", e, m, e))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_error_feedback_lowers_the_output_error(qtype, gate_moments):
+    """Quad-wise GPTQ under the ggml encoder's own scales: the product error drops well below the
+    plain encoding weighted by diag(H), on the text the moments came from and on another text."""
+    from ggufq.quant import gptq, iq3_gptq
+    rows, m, m_other = gate_moments
+    h = gptq.Hessian.from_moment(m)
+    base = encode(qtype, rows, h.diag)
+    got = iq3_gptq.encode(qtype, rows, h, start=encode)
+    assert got.shape == base.shape and got.dtype == np.uint8
+    # the super-block scales are the start encoder's (first block: no error has reached it yet)
+    assert (got[:, :2] == base[:, :2]).all()
+    assert _out_err(qtype, rows, got, m) / _out_err(qtype, rows, base, m) < 0.8
+    assert _out_err(qtype, rows, got, m_other) / _out_err(qtype, rows, base, m_other) < 0.95
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_error_feedback_without_correlations_is_the_exact_grid_search(qtype, gate_moments):
+    """With a diagonal H there is nothing to feed forward: every quad must be the grid point (under
+    the decoded group scale and the stored signs) with the least h-weighted squared error."""
+    from gguf import quants as gq
+    from ggufq.quant import gptq, iq3_gptq
+    rows, m, _ = gate_moments
+    rows = rows[:32]
+    hd = np.diag(m).copy()
+    h = gptq.Hessian.from_moment(np.diag(hd), damp=0.0)
+    got = iq3_gptq.encode(qtype, rows, h, start=encode)
+    deq = dequantize(got, qtype).reshape(rows.shape)
+    cls = gq.IQ3_XXS if qtype == T.IQ3_XXS else gq.IQ3_S
+    cls.init_grid()
+    grid4 = cls.grid.reshape(cls.grid_shape).astype(np.float64)
+    db = iq3_gptq._group_scales(qtype, got.reshape(-1, row_nbytes(qtype, 256))).reshape(len(rows), -1)
+    for r in range(len(rows)):
+        for quad in range(0, rows.shape[1] // 4, 5):
+            c = slice(4 * quad, 4 * quad + 4)
+            s = np.where(deq[r, c] < 0, -1.0, 1.0)
+            cand = db[r, quad // 8] * s * grid4                      # every grid point, same signs
+            e_all = ((rows[r, c] - cand) ** 2 * hd[c]).sum(axis=1)
+            e_got = ((rows[r, c] - deq[r, c]) ** 2 * hd[c]).sum()
+            assert e_got <= e_all.min() * (1 + 1e-5) + 1e-12, (r, quad)
