@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 Encoder = Callable[[np.ndarray, Optional[np.ndarray]], np.ndarray]
 
 # one module per block family
-_MODULES = ("floats", "legacy", "q2_k", "q3_k", "q4_k", "q6_k", "iq4", "ternary", "mxfp4", "iq2", "iq1")
+_MODULES = ("floats", "legacy", "q2_k", "q3_k", "q4_k", "q6_k", "iq4", "ternary", "mxfp4", "iq2", "iq1", "iq3")
 _ENCODERS: dict[GGMLQuantizationType, Encoder] = {}
 _loaded = False
 
