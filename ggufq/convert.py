@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as T
 from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
 from .imatrix import load as load_imatrix
 from .source import Model, open_model
-from .write import Job, write_gguf
+from .write import Job, check_target, write_gguf
 
 
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
@@ -68,7 +68,14 @@ def output_type_label(plan: plans.Plan) -> str:
 
 def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
     """general.* naming from the model card / folder, as llama.cpp's converter derives it."""
-    md = gguf.Metadata.load(None, p.model.path, name, p.n_params)
+    try:
+        md = gguf.Metadata.load(None, p.model.path, name, p.n_params)
+    except GgufqError:
+        raise
+    except Exception as e:      # the model card's YAML front matter, written by strangers
+        raise GgufqError(f"{p.model.path.name}/README.md: malformed model card front matter "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "fix or remove its YAML header") from None
     if md.name is None:
         md.name = p.model.path.name
     if md.size_label is None and p.n_params > 0:
@@ -111,7 +118,10 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             split_max_tensors: int = 0, split_max_size: int = 0,
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
             method: str = "kquant", calib_tokens: int = CALIB_TOKENS, calib_cache: Optional[int] = None,
-            plan_kw: Optional[dict] = None) -> Result:
+            plan_kw: Optional[dict] = None, allow_nonfinite: bool = False, before_commit=None,
+            protect: tuple = ()) -> Result:
+    """``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every
+    file of the model folder, the imatrix and ``protect`` -- are never overwritten)."""
     t0 = time.monotonic()
     from .quant.hqq import METHODS
     if method not in METHODS:
@@ -121,8 +131,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
     plan.check_encoders()
     path = resolve_output(p, plan, out, name)
-    if path.exists() and not force:
-        raise GgufqError(f"{path} exists; pass --force to overwrite")
+    inputs = [*p.model.input_files(), *(Path(x) for x in (imatrix, *protect) if x is not None)]
+    check_target(path, force, inputs)
     im = load_imatrix(imatrix) if imatrix is not None else None
     vocab = vocabs.load(p.model.path, p.model.config, pre=vocab_pre)
     md = metadata_for(p, name)
@@ -169,7 +179,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     with p.model:
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
                            split_max_tensors=split_max_tensors, split_max_size=split_max_size,
-                           progress=progress, label=f"{plan.ftype}")
+                           progress=progress, label=f"{plan.ftype}", allow_nonfinite=allow_nonfinite,
+                           before_commit=before_commit, protect=inputs, notes=notes)
     if hessians is not None:
         notes.append(hessians.summary())
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)

@@ -1,26 +1,68 @@
 """The ``ggufq`` command. Each subcommand lives in its own module here and only
-wires a stage of the package together; errors the user can act on
-(:class:`ggufq.GgufqError`, OSError) become one line on stderr and exit 1."""
+wires a stage of the package together.
+
+Every failure is one line on stderr: errors the user can act on
+(:class:`ggufq.GgufqError`, OSError) exit 1, usage errors keep click's exit 2, and
+anything unexpected is reported as one ``ggufq: error: internal error ...`` line,
+exit 1 (``GGUFQ_DEBUG=1`` shows the traceback). SIGINT, SIGTERM and SIGHUP
+(:mod:`ggufq.procs`) unwind the command so its temporary output is removed, print
+one line and exit 128 + the signal number (130, 143, 129)."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
-import click
+if os.path.basename(sys.argv[0] if sys.argv else "") == "ggufq":     # the console script
+    from ..procs import early_handlers
+    early_handlers()
+
+import importlib  # noqa: E402
+
+import click  # noqa: E402
 
 from .. import GgufqError, __version__
+from ..procs import Interrupted, install_handlers
 
 # subcommand modules; each defines `command` (a click.Command)
 _COMMANDS = ("convert", "plan", "inspect", "eval")
 
 
+def _say(line: str) -> None:
+    try:
+        click.echo(line, err=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        import signal
+
+        from ..procs import SIGNALS
+        old = {s: signal.getsignal(s) for s in SIGNALS}
+        install_handlers()
+        try:
+            return super().main(*args, **kwargs)
+        except Interrupted as e:
+            _say(f"ggufq: {e.message}")
+            sys.exit(e.exit_code)
+        finally:
+            for s, h in old.items():
+                try:
+                    signal.signal(s, h if h is not None else signal.SIG_DFL)
+                except (ValueError, TypeError):
+                    pass
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GgufqError as e:
-            click.echo(f"ggufq: error: {e}", err=True)
+            _say(f"ggufq: error: {' '.join(str(e).split(chr(10)))}")
             sys.exit(1)
         except BrokenPipeError:
             # output piped into `head` and the like: stop quietly
@@ -29,11 +71,25 @@ class _Group(click.Group):
             sys.exit(0)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            click.echo(f"ggufq: error: {e.strerror or e}{where}", err=True)
+            _say(f"ggufq: error: {e.strerror or e}{where}")
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("ggufq: interrupted", err=True)
+            _say("ggufq: interrupted")
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except MemoryError:
+            _say("ggufq: error: out of memory (a malformed input claiming huge sizes, or too small a machine)")
+            sys.exit(1)
+        except RecursionError:
+            _say("ggufq: error: an input is nested too deeply to read")
+            sys.exit(1)
+        except Exception as e:
+            if os.environ.get("GGUFQ_DEBUG"):
+                raise
+            _say(f"ggufq: error: internal error ({type(e).__name__}: {_first_line(e)}); an input is probably "
+                 "malformed -- rerun with GGUFQ_DEBUG=1 for the traceback and report it")
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
