@@ -71,7 +71,8 @@ def replace(path: Path, data: bytes | str) -> None:
 
 def edit_json(path: Path, fn) -> None:
     doc = json.loads(Path(path).read_text())
-    doc = fn(doc) or doc
+    res = fn(doc)
+    doc = res if isinstance(res, dict) else doc
     replace(path, json.dumps(doc))
 
 
