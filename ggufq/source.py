@@ -349,13 +349,17 @@ def read_json(path: Path, required: bool = True) -> Optional[dict]:
 
 
 def check_folder_files(path: Path) -> None:
-    """Every file ggufq may read from the folder is a regular file inside it."""
+    """Every file ggufq may read from the folder is a regular file inside it, and every JSON one
+    is strict JSON holding an object (gguf-py's SpecialVocab would otherwise take the last of
+    duplicate keys, or skip a file it cannot parse)."""
     for name in FOLDER_FILES:
         if os.path.lexists(path / name):
             try:
                 contained(path, name, path.name)
             except FileNotFoundError:
                 raise GgufqError(f"{path.name}: {name} is a broken link") from None
+            if name.endswith(".json") and name not in ("config.json", "model.safetensors.index.json"):
+                read_json(path / name)
 
 
 def open_model(path: os.PathLike | str) -> Model:

@@ -39,6 +39,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
+# where an unexpected exception came from (a module of the traceback) -> the input to blame
+_BLAME = (
+    (("ggufq/vocab/", "gguf/vocab.py"), "the tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, "
+                                        "special_tokens_map.json, added_tokens.json) are malformed"),
+    (("gguf/metadata.py",), "the model card (README.md front matter) is malformed"),
+    (("ggufq/arch/",), "config.json holds a value of the wrong type or size"),
+    (("ggufq/imatrix.py",), "the --imatrix file is malformed"),
+    (("ggufq/plan/maps.py",), "the --map file is malformed"),
+    (("ggufq/ollama.py",), "the chat template or tokenizer metadata is malformed"),
+    (("gguf/gguf_reader.py", "ggufq/plan/gguf_header.py", "ggufq/cli/inspect.py"), "the GGUF file is malformed"),
+)
+
+
+def _blame(e: BaseException) -> str:
+    import traceback
+    files = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(e.__traceback__)]
+    for f in reversed(files):
+        for parts, what in _BLAME:
+            if any(p in f for p in parts):
+                return what
+    return "an input is probably malformed"
+
+
 class _Group(click.Group):
     def main(self, *args, **kwargs):
         import signal
@@ -87,8 +110,8 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("GGUFQ_DEBUG"):
                 raise
-            _say(f"ggufq: error: internal error ({type(e).__name__}: {_first_line(e)}); an input is probably "
-                 "malformed -- rerun with GGUFQ_DEBUG=1 for the traceback and report it")
+            _say(f"ggufq: error: {_blame(e)} ({type(e).__name__}: {_first_line(e)}); fix it, or rerun with "
+                 "GGUFQ_DEBUG=1 for the traceback and report it if the input is fine")
             sys.exit(1)
 
 
