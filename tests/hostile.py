@@ -237,11 +237,12 @@ def expect_error(r: Run, *contains: str, rc: int = 1, prefix: str = "ggufq: erro
     return line
 
 
-def check_case(args, watch, *contains: str, rc: int = 1, cwd=None, runner=run_forked, **kw) -> Run:
+def check_case(args, watch, *contains: str, rc: int = 1, cwd=None, runner=run_forked,
+               prefix: str = "ggufq: error: ", **kw) -> Run:
     """Run one malformed case and assert the whole contract, including nothing new under ``watch``."""
     before = tree(*watch)
     r = runner(*args, cwd=cwd, **kw)
-    expect_error(r, *contains, rc=rc)
+    expect_error(r, *contains, rc=rc, prefix=prefix)
     assert tree(*watch) == before, f"files changed: {tree(*watch) ^ before}"
     no_process_left()
     return r

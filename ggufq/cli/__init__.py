@@ -69,8 +69,28 @@ class _Group(click.Group):
         from ..procs import SIGNALS
         old = {s: signal.getsignal(s) for s in SIGNALS}
         install_handlers()
+        standalone = kwargs.pop("standalone_mode", True)
         try:
-            return super().main(*args, **kwargs)
+            if not standalone:
+                return super().main(*args, standalone_mode=False, **kwargs)
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except click.exceptions.UsageError as e:
+                if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:    # bare `ggufq`
+                    click.echo(e.ctx.get_help())
+                    sys.exit(e.exit_code)
+                # click's usage errors, as one line (exit 2); --help shows the usage
+                where = f" (ggufq {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent else \
+                    " (ggufq --help)"
+                _say(f"ggufq: error: {' '.join(e.format_message().split())}{where}")
+                sys.exit(e.exit_code)
+            except click.exceptions.ClickException as e:
+                _say(f"ggufq: error: {' '.join(e.format_message().split())}")
+                sys.exit(e.exit_code)
+            except click.exceptions.Abort:
+                _say("ggufq: interrupted")
+                sys.exit(130)
+            sys.exit(rv if isinstance(rv, int) else 0)
         except Interrupted as e:
             _say(f"ggufq: {e.message}")
             sys.exit(e.exit_code)
