@@ -5,8 +5,9 @@
   call it themselves). On Linux the kernel sends the worker SIGKILL when its parent dies
   (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``getppid()`` and exits
   the worker within :data:`WATCH_INTERVAL` seconds. It also makes the worker ignore
-  SIGINT: a terminal's Ctrl-C reaches the whole process group, and only the parent
-  decides what happens (it terminates its workers), so workers print no tracebacks.
+  SIGINT, SIGTERM and SIGHUP: a terminal's Ctrl-C or hang-up (or ``kill -- -PGID``)
+  reaches the whole process group, and only the parent decides what happens (it kills
+  its workers), so a worker never dies first and never prints a traceback.
 * :class:`WorkerPool` -- a ``ProcessPoolExecutor`` whose ``close()`` on an error or
   interrupt path kills and reaps its workers at once (``shutdown(wait=False)`` alone
   leaves them running and can hang the interpreter's exit on the pool's threads).
@@ -14,6 +15,11 @@
   the main process once, so ``finally`` blocks remove temporary output; later signals
   are remembered but do not interrupt the cleanup. Exit code 128 + signal number
   (130 / 143 / 129), as shells report it.
+* :func:`deferred` -- a block in which a signal is only recorded, and raised when the
+  block ends: around forks (at-fork hooks hold locks; an exception raised inside one is
+  swallowed and leaves the lock taken, a hang later), pool shutdown, renames into place
+  and cleanup. :func:`check` re-raises a signal that library code swallowed
+  ("Exception ignored in ..."); long loops call it at safe points.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTER
 
 _main_pid: Optional[int] = None
 _caught: list[int] = []
+_state = {"defer": 0, "delivered": False}
 
 
 class Interrupted(BaseException):
@@ -63,14 +70,14 @@ def _pdeathsig(sig: int) -> bool:
 
 
 def die_with_parent(parent_pid: Optional[int] = None) -> None:
-    """Make this (worker) process die with its parent and ignore the terminal's Ctrl-C.
+    """Make this (worker) process die with its parent and leave SIGINT/SIGTERM/SIGHUP to the parent.
 
     Call it first in a worker. ``parent_pid`` is the parent's pid as the parent saw it
     (default: ``os.getppid()`` now); if the parent is already gone the worker exits at once.
     """
     parent = parent_pid if parent_pid is not None else os.getppid()
     for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN if s == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(s, signal.SIG_IGN)
     if not _pdeathsig(signal.SIGKILL):
         def watch() -> None:
             import time
@@ -84,20 +91,59 @@ def die_with_parent(parent_pid: Optional[int] = None) -> None:
 
 def _handler(signum, frame) -> None:
     if os.getpid() != _main_pid:
-        # a forked child that has not yet run die_with_parent: never run the parent's cleanup here
-        if signum != signal.SIGINT:
-            os._exit(128 + signum)
+        # a forked child that has not yet run die_with_parent: never run the parent's cleanup
+        # here; the parent, which got the same signal, kills it
         return
     _caught.append(signum)
-    if len(_caught) == 1:
+    if len(_caught) == 1 and not _state["defer"]:
         raise Interrupted(signum)
-    # a second signal while cleaning up: remembered, the cleanup goes on
+    # deferred, or a second signal while cleaning up: remembered, the work or cleanup goes on
+
+
+class deferred:
+    """``with deferred():`` -- signals inside the block are raised when it ends (not inside it).
+
+    ``raise_at_exit=False`` for cleanup in ``finally`` blocks (an Interrupted may already be on
+    its way out): the signal stays recorded for :func:`check`."""
+
+    def __init__(self, raise_at_exit: bool = True):
+        self.raise_at_exit = raise_at_exit
+
+    def __enter__(self):
+        _state["defer"] += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        _state["defer"] -= 1
+        if self.raise_at_exit and exc_type is None and not _state["defer"]:
+            check()
+        return False
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal arrived that has not ended the run yet (deferred,
+    or swallowed by library code); a no-op otherwise. Cheap: call it in long loops."""
+    if _caught and not _state["delivered"] and not _state["defer"] and os.getpid() == _main_pid:
+        _state["delivered"] = True
+        raise Interrupted(_caught[0])
+
+
+def pending() -> bool:
+    """A signal arrived that has not ended the run yet."""
+    return bool(_caught) and not _state["delivered"]
+
+
+def delivered() -> None:
+    """The run is ending because of the signal: :func:`check` stays quiet from now on."""
+    _state["delivered"] = True
 
 
 def install_handlers() -> None:
     """Route SIGINT/SIGTERM/SIGHUP of this (main) process to :class:`Interrupted`."""
     global _main_pid
     _main_pid = os.getpid()
+    _caught.clear()
+    _state.update(defer=0, delivered=False)
     for s in SIGNALS:
         signal.signal(s, _handler)
 
@@ -206,7 +252,15 @@ class WorkerPool(ProcessPoolExecutor):
         super().__init__(max_workers=max_workers, mp_context=mp_context or mp.get_context(),
                          initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
 
+    def submit(self, *args, **kwargs):
+        with deferred():                 # the first submit forks the workers
+            return super().submit(*args, **kwargs)
+
     def close(self, ok: bool = True) -> None:
+        with deferred(raise_at_exit=False):
+            self._close(ok)
+
+    def _close(self, ok: bool) -> None:
         if ok:
             self.shutdown(wait=True)
             return

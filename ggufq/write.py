@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from collections import deque
 from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -38,7 +39,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import GgufqError, quant
 from .arch import OutTensor
-from .procs import WorkerPool
+from .procs import WorkerPool, check as check_signals, deferred, pending
 from .progress import Progress
 
 CHUNK_ELEMENTS = 1 << 22          # ~16 MiB of float32 per chunk
@@ -179,10 +180,11 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         check_target(extra, force, protect)
     if not path.parent.is_dir():
         raise GgufqError(f"{path.parent}: no such directory")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     w = None
     pool = None
     ok = False
+    with deferred():                    # the folder exists only with the try that removes it
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         w = gguf.GGUFWriter(tmpdir / path.name, arch, split_max_tensors=split_max_tensors,
                             split_max_size=split_max_size)
@@ -220,6 +222,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                     if last >= 0:
                         finish(last)
                     last = i
+                check_signals()
                 bad[i][0] += n_bad
                 bad[i][1] += n_over
                 fouts[i].write(data)
@@ -246,17 +249,21 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         _commit(moves)
         ok = True
         return finals
+    except BrokenProcessPool:
+        raise GgufqError("an encoder process died (killed, or out of memory?); nothing was written -- "
+                         "try fewer --jobs") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise GgufqError(f"disk full while writing {path} (nothing was left behind)") from None
         raise
     finally:
-        _FORKED_JOBS = ()
-        if pool is not None:
-            pool.close(ok=ok)
-        if w is not None:
-            w.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with deferred(raise_at_exit=False):
+            _FORKED_JOBS = ()
+            if pool is not None:
+                pool.close(ok=ok)
+            if w is not None:
+                w.close()
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _bad_values(job: Job, n_bad: int, n_over: int) -> str:
@@ -289,28 +296,26 @@ def check_target(dst: Path, force: bool, protect: Sequence[Path] = ()) -> None:
 
 
 def _commit(moves: Sequence[tuple[Path, Path]]) -> None:
-    """Rename every file into place with SIGINT/SIGTERM/SIGHUP held off; if one rename
-    fails, the files already placed are removed again."""
-    import signal
-    from .procs import SIGNALS
-    blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    placed: list[Path] = []
-    try:
-        for src, dst in moves:
-            os.replace(src, dst)
-            placed.append(dst)
-    except BaseException:
-        for dst in placed:
-            try:
-                os.unlink(dst)
-            except OSError:
-                pass
-        raise
-    finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    """Rename every file into place with SIGINT/SIGTERM/SIGHUP deferred; if one rename
+    fails, the files already placed are removed again. A signal during the renames is
+    raised after them, the files placed removed again: interrupted means nothing written."""
+    with deferred():
+        placed: list[Path] = []
+        err: Optional[BaseException] = None
+        try:
+            for src, dst in moves:
+                os.replace(src, dst)
+                placed.append(dst)
+        except BaseException as e:
+            err = e
+        if err is not None or pending():
+            for dst in placed:
+                try:
+                    os.unlink(dst)
+                except OSError:
+                    pass
+        if err is not None:
+            raise err
 
 
 def _finish(w: gguf.GGUFWriter, fout, job: Job, written: int) -> None:

@@ -196,9 +196,13 @@ def finish(pid: int, out, err, timeout: float = 120.0) -> Run:
         if got:
             break
         if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGABRT)          # faulthandler (PYTHONFAULTHANDLER) dumps every thread
+            time.sleep(1.0)
             os.kill(pid, signal.SIGKILL)
             os.wait4(pid, 0)
-            raise AssertionError(f"ggufq hung (no exit within {timeout} s)")
+            err.seek(0)
+            raise AssertionError(f"ggufq hung (no exit within {timeout} s):\n" +
+                                 err.read().decode("utf-8", "replace")[-6000:])
         time.sleep(0.005)
     rc = os.waitstatus_to_exitcode(status)
     out.seek(0)
@@ -215,7 +219,8 @@ def run_forked(*args, cwd=None, timeout: float = 120.0) -> Run:
 
 def run_exec(*args, cwd=None, timeout: float = 120.0, new_group: bool = False):
     """The CLI in a fresh interpreter; returns the Popen (for signal tests) if ``timeout`` is None."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONFAULTHANDLER="1")
     out = tempfile.TemporaryFile()
     err = tempfile.TemporaryFile()
     p = subprocess.Popen([sys.executable, "-m", "ggufq", *map(str, args)], cwd=cwd, env=env, stdout=out,

@@ -21,7 +21,7 @@ import importlib  # noqa: E402
 import click  # noqa: E402
 
 from .. import GgufqError, __version__
-from ..procs import Interrupted, install_handlers
+from ..procs import Interrupted, delivered, install_handlers
 
 # subcommand modules; each defines `command` (a click.Command)
 _COMMANDS = ("convert", "plan", "inspect", "eval")
@@ -67,8 +67,16 @@ class _Group(click.Group):
         import signal
 
         from ..procs import SIGNALS
+        import threading
         old = {s: signal.getsignal(s) for s in SIGNALS}
+        old_hooks = sys.unraisablehook, threading.excepthook
         install_handlers()
+        if not os.environ.get("GGUFQ_DEBUG"):
+            # exceptions Python can only print (in __del__, at-fork hooks, a pool's helper threads:
+            # "Exception ignored in ...", "Bad file descriptor" while a pool is torn down) would add
+            # tracebacks after the one line; a signal swallowed there is raised again (procs.check)
+            sys.unraisablehook = lambda *a: None
+            threading.excepthook = lambda *a: None
         standalone = kwargs.pop("standalone_mode", True)
         try:
             if not standalone:
@@ -92,9 +100,11 @@ class _Group(click.Group):
                 sys.exit(130)
             sys.exit(rv if isinstance(rv, int) else 0)
         except Interrupted as e:
+            delivered()
             _say(f"ggufq: {e.message}")
             sys.exit(e.exit_code)
         finally:
+            sys.unraisablehook, threading.excepthook = old_hooks
             for s, h in old.items():
                 try:
                     signal.signal(s, h if h is not None else signal.SIG_DFL)
