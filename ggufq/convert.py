@@ -85,8 +85,11 @@ def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
 
 def default_output_name(p: Prepared, plan: plans.Plan, name: Optional[str] = None) -> str:
     md = metadata_for(p, name)
-    return gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label,
-                                  output_type_label(plan)) + ".gguf"
+    stem = gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label,
+                                  output_type_label(plan))
+    # the name comes from the model card (strangers): no control characters, no leading dot, bounded
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "-" for c in stem).lstrip(".")[:200] or "model"
+    return stem + ".gguf"
 
 
 def resolve_output(p: Prepared, plan: plans.Plan, out: Optional[os.PathLike | str], name: Optional[str] = None) -> Path:
