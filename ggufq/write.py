@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from . import GgufqError, quant
 from .arch import OutTensor
@@ -71,22 +71,52 @@ def _encode(encoder: Encoder, qtype: T, rows: np.ndarray, imatrix: Optional[np.n
     return encoder(qtype, rows, imatrix).tobytes()
 
 
+# byte offsets of the F16 scale fields (d, dmin/m) in each block of ggml's quantized types
+# (block_q4_0 ... block_q6_K in ggml-common.h); every such field is at most max|w| in magnitude,
+# so they can overflow only when a chunk holds values of 65504 or more
+F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+              T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def _overflowed_blocks(qtype: T, data: bytes) -> int:
+    """Blocks of ``data`` whose F16 scale fields are inf/NaN."""
+    bsize = GGML_QUANT_SIZES[qtype][1]
+    blocks = np.frombuffer(data, dtype=np.uint8).reshape(-1, bsize)
+    bad = np.zeros(len(blocks), dtype=bool)
+    for off in F16_FIELDS.get(qtype, ()):
+        half = blocks[:, off].astype(np.uint16) | (blocks[:, off + 1].astype(np.uint16) << 8)
+        bad |= (half & 0x7C00) == 0x7C00
+    return int(np.count_nonzero(bad))
+
+
 def _work(encoder: Encoder, qtype: T, rows: np.ndarray, imatrix, allow_nonfinite: bool) -> tuple[bytes, int, int]:
-    """(encoded bytes, non-finite count, count beyond F16's range for an F16 target).
+    """(encoded bytes, non-finite weights, values F16 cannot hold: weights for an F16 target,
+    blocks whose F16 scale overflowed for a quantized one).
 
     The normal path costs one min and one max over the chunk; the counts are taken only when
-    those say something is wrong. A bad chunk is not encoded (b"") unless ``allow_nonfinite``.
+    those say something is wrong. A bad chunk is not kept (b"") unless ``allow_nonfinite``.
     """
     lo, hi = (float(rows.min()), float(rows.max())) if rows.size else (0.0, 0.0)
-    if np.isfinite(lo) and np.isfinite(hi) and (qtype != T.F16 or max(-lo, hi) < F16_INF):
+    big = max(-lo, hi)
+    if np.isfinite(lo) and np.isfinite(hi) and (big < 65504.0 or qtype in (T.F32, T.BF16)):
         return _encode(encoder, qtype, rows, imatrix), 0, 0
     finite = np.isfinite(rows)
     n_bad = int(rows.size - np.count_nonzero(finite))
-    n_over = int(np.count_nonzero(np.abs(np.where(finite, rows, 0)) >= F16_INF)) if qtype == T.F16 else 0
-    if not allow_nonfinite:
-        return b"", n_bad, n_over
+    if n_bad and not allow_nonfinite:
+        return b"", n_bad, 0
+    if qtype == T.F16:
+        n_over = int(np.count_nonzero(np.abs(np.where(finite, rows, 0)) >= F16_INF))
+        if n_over and not allow_nonfinite:
+            return b"", n_bad, n_over
     with np.errstate(all="ignore"):
-        return _encode(encoder, qtype, rows, imatrix), n_bad, n_over
+        data = _encode(encoder, qtype, rows, imatrix)
+    if qtype in F16_FIELDS and not n_bad:
+        n_over = _overflowed_blocks(qtype, data)
+        if n_over and not allow_nonfinite:
+            return b"", n_bad, n_over
+    elif qtype != T.F16:
+        n_over = 0
+    return data, n_bad, n_over
 
 
 def _ranges(job: Job) -> Iterator[tuple[int, int]]:
@@ -270,8 +300,10 @@ def _bad_values(job: Job, n_bad: int, n_over: int) -> str:
     what = []
     if n_bad:
         what.append(f"{n_bad} non-finite (NaN/Inf) weights")
-    if n_over:
+    if n_over and job.qtype == T.F16:
         what.append(f"{n_over} weights beyond F16's range (|x| >= 65520 become inf)")
+    elif n_over:
+        what.append(f"weights too large for {job.qtype.name}: {n_over} blocks whose F16 scale overflows")
     return f"tensor {job.tensor.name} has {' and '.join(what)}"
 
 

@@ -163,6 +163,8 @@ def _poison(m, values, count):
     ([np.nan], "Q4_K_M", "output.weight has 37 non-finite"),
     ([np.inf, -np.inf], "Q8_0", "output.weight has 37 non-finite"),
     ([1e5, -2e5], "F16", "output.weight has 37 weights beyond F16's range"),
+    ([3e9], "Q4_K_M", "weights too large for Q6_K: 1 blocks whose F16 scale overflows"),
+    ([3e9], "Q8_0", "weights too large for Q8_0: 2 blocks whose F16 scale overflows"),
 ])
 def test_nonfinite_weights_refused(values, ftype, want, tmp_path):
     m = model_copy(tmp_path / "m")
@@ -186,6 +188,16 @@ def test_allow_nonfinite_writes_and_warns_once(tmp_path):
     assert "RuntimeWarning" not in r.err
     assert [p.name for p in out.iterdir()] == ["x.gguf"]
     no_process_left()
+
+
+def test_large_weights_that_fit_pass_in_every_type(tmp_path):
+    """Weights far beyond F16's range still make finite Q8_0 scales (d = max/127): no complaint."""
+    m = model_copy(tmp_path / "m")
+    _poison(m, [1e6], 16)
+    out = tmp_path / "o"
+    out.mkdir()
+    r = run_forked("convert", m, "-o", out / "x.gguf", "-t", "Q8_0", "-q")
+    assert r.rc == 0 and r.err == "", r.err
 
 
 def test_large_but_f16_range_weights_pass(tmp_path):
