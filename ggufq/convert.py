@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as T
 from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
 from .imatrix import load as load_imatrix
 from .source import Model, open_model
-from .write import Job, write_gguf
+from .write import Job, check_target, write_gguf
 
 
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
@@ -68,7 +68,14 @@ def output_type_label(plan: plans.Plan) -> str:
 
 def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
     """general.* naming from the model card / folder, as llama.cpp's converter derives it."""
-    md = gguf.Metadata.load(None, p.model.path, name, p.n_params)
+    try:
+        md = gguf.Metadata.load(None, p.model.path, name, p.n_params)
+    except GgufqError:
+        raise
+    except Exception as e:      # the model card's YAML front matter, written by strangers
+        raise GgufqError(f"{p.model.path.name}/README.md: malformed model card front matter "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "fix or remove its YAML header") from None
     if md.name is None:
         md.name = p.model.path.name
     if md.size_label is None and p.n_params > 0:
@@ -78,8 +85,11 @@ def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
 
 def default_output_name(p: Prepared, plan: plans.Plan, name: Optional[str] = None) -> str:
     md = metadata_for(p, name)
-    return gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label,
-                                  output_type_label(plan)) + ".gguf"
+    stem = gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label,
+                                  output_type_label(plan))
+    # the name comes from the model card (strangers): no control characters, no leading dot, bounded
+    stem = "".join(c if c.isprintable() and c not in "/\\" else "-" for c in stem).lstrip(".")[:200] or "model"
+    return stem + ".gguf"
 
 
 def resolve_output(p: Prepared, plan: plans.Plan, out: Optional[os.PathLike | str], name: Optional[str] = None) -> Path:
@@ -111,7 +121,10 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             split_max_tensors: int = 0, split_max_size: int = 0,
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
             method: str = "kquant", calib_tokens: int = CALIB_TOKENS, calib_cache: Optional[int] = None,
-            plan_kw: Optional[dict] = None) -> Result:
+            plan_kw: Optional[dict] = None, allow_nonfinite: bool = False, before_commit=None,
+            protect: tuple = ()) -> Result:
+    """``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every
+    file of the model folder, the imatrix and ``protect`` -- are never overwritten)."""
     t0 = time.monotonic()
     from .quant.hqq import METHODS
     if method not in METHODS:
@@ -122,8 +135,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     plan.check_encoders()
     plan.check_imatrix(imatrix is not None or method in SELF_CALIBRATED)
     path = resolve_output(p, plan, out, name)
-    if path.exists() and not force:
-        raise GgufqError(f"{path} exists; pass --force to overwrite")
+    inputs = [*p.model.input_files(), *(Path(x) for x in (imatrix, *protect) if x is not None)]
+    check_target(path, force, inputs)
     im = load_imatrix(imatrix) if imatrix is not None else None
     if im is not None and method not in SELF_CALIBRATED:
         plan.check_imatrix(True, covered=im.entries)
@@ -172,7 +185,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     with p.model:
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
                            split_max_tensors=split_max_tensors, split_max_size=split_max_size,
-                           progress=progress, label=f"{plan.ftype}")
+                           progress=progress, label=f"{plan.ftype}", allow_nonfinite=allow_nonfinite,
+                           before_commit=before_commit, protect=inputs, notes=notes)
     if hessians is not None:
         notes.append(hessians.summary())
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)

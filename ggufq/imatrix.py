@@ -52,7 +52,12 @@ class Imatrix:
 def _load_gguf(path: Path) -> Imatrix:
     import gguf
 
-    r = gguf.GGUFReader(path)
+    from .plan.gguf_header import check
+    try:
+        check(path)                     # every count against the file size before gguf-py allocates
+        r = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
+        raise GgufqError(f"{path}: not a readable GGUF imatrix ({e})") from None
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     for t in r.tensors:
@@ -68,6 +73,8 @@ def _load_gguf(path: Path) -> Imatrix:
         if c is None:
             raise GgufqError(f"{path}: imatrix entry {name} has sums but no counts")
         c = np.round(c)
+        if c.size == 0 or s.size % c.size or not np.all(np.isfinite(c)):
+            raise GgufqError(f"{path}: imatrix entry {name} has {s.size} sums for {c.size} counts")
         per = s.reshape(c.size, -1)
         out = np.where(c[:, None] > 0, per / np.maximum(c[:, None], 1), 1.0)
         entries[name] = out.reshape(-1).astype(np.float32)
@@ -80,11 +87,17 @@ def _load_gguf(path: Path) -> Imatrix:
             return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
         return f.parts[f.data[0]].tolist()[0]
 
-    if field("imatrix.chunk_size") is None or field("imatrix.datasets") is None:
-        raise GgufqError(f"{path}: imatrix metadata missing (imatrix.datasets / imatrix.chunk_size)")
-    return Imatrix(path, entries, datasets=list(field("imatrix.datasets") or []),
-                   chunk_count=int(field("imatrix.chunk_count") or 0),
-                   chunk_size=int(field("imatrix.chunk_size") or 0))
+    try:
+        datasets, chunk_size, chunk_count = (field("imatrix.datasets"), field("imatrix.chunk_size"),
+                                             field("imatrix.chunk_count"))
+        if chunk_size is None or datasets is None:
+            raise GgufqError(f"{path}: imatrix metadata missing (imatrix.datasets / imatrix.chunk_size)")
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+            raise ValueError("imatrix.datasets is not a list of strings")
+        return Imatrix(path, entries, datasets=datasets, chunk_count=int(chunk_count or 0),
+                       chunk_size=int(chunk_size))
+    except (ValueError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise GgufqError(f"{path}: malformed imatrix metadata ({e})") from None
 
 
 def _load_legacy(path: Path) -> Imatrix:
@@ -111,6 +124,8 @@ def _load_legacy(path: Path) -> Imatrix:
         name = data[pos:pos + ln].decode("utf-8", "replace")
         pos += ln
         ncall, nval = take("<ii")
+        if ncall < 0:
+            raise GgufqError(f"{path}: corrupt imatrix entry {name!r} (negative call count)")
         if nval < 1 or pos + 4 * nval > len(data):
             raise GgufqError(f"{path}: truncated imatrix file")
         v = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
@@ -127,10 +142,11 @@ def _load_legacy(path: Path) -> Imatrix:
 
 
 def load(path: os.PathLike | str) -> Imatrix:
+    from .source import open_regular
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise GgufqError(f"{path}: imatrix file not found")
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, f"imatrix {path}"), "rb") as f:
         magic = f.read(4)
     im = _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
     bad = [k for k, v in im.entries.items() if not np.all(np.isfinite(v))]

@@ -30,6 +30,7 @@ Reference (read, not copied): Ollama v0.32.15 (commit b7871fc0d1d82fe109536efa3e
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,14 +109,45 @@ def check(arch: str, tensor_types: Iterable) -> list[str]:
 
 # --------------------------------------------------------------------------- rendering Jinja
 
-def render_jinja(chat_template: str, messages: list[dict], *, bos: str = "", eos: str = "",
-                 add_generation_prompt: bool = True, **extra) -> str:
-    """Render a Hugging Face chat template as transformers does (sandboxed jinja2,
-    trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now)."""
+# Limits for rendering a chat template written by strangers (it runs in a forked child,
+# ggufq.procs.run_limited): wall time, memory beyond the parent's, output size.
+RENDER_SECONDS = 2.0
+RENDER_MEMORY = 256 << 20
+RENDER_OUTPUT = 1 << 20
+_MAX_POW = 4096          # the largest exponent/operand size the sandbox's ** and * accept
+
+
+class TemplateLimitError(Exception):
+    """The chat template exceeded the rendering limits (time, memory or output size)."""
+
+
+def _sandbox():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Limited(ImmutableSandboxedEnvironment):
+        """jinja2's immutable sandbox, refusing ``**`` and sequence ``*`` results that cannot be small."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > 64 and \
+                        isinstance(left, (int, float)) and abs(left) > 1:
+                    raise TemplateLimitError("the chat template computes a power too large to render")
+            elif operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                            len(seq) * n > RENDER_OUTPUT:
+                        raise TemplateLimitError("the chat template repeats a string or list beyond the output limit")
+            return super().call_binop(context, operator, left, right)
+
+    return Limited
+
+
+def _render_unlimited(chat_template: str, messages: list[dict], bos: str, eos: str,
+                      add_generation_prompt: bool, extra: dict) -> str:
     from datetime import datetime
 
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
         raise TemplateError(msg)
@@ -123,13 +155,55 @@ def render_jinja(chat_template: str, messages: list[dict], *, bos: str = "", eos
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = _sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(chat_template).render(messages=messages, bos_token=bos, eos_token=eos,
-                                                 add_generation_prompt=add_generation_prompt, **extra)
+    out, size = [], 0
+    for piece in env.from_string(chat_template).generate(messages=messages, bos_token=bos, eos_token=eos,
+                                                         add_generation_prompt=add_generation_prompt, **extra):
+        out.append(piece)
+        size += len(piece)
+        if size > RENDER_OUTPUT:
+            raise TemplateLimitError(f"the rendered prompt is longer than {RENDER_OUTPUT} characters")
+    return "".join(out)
+
+
+def _render_child(chat_template, messages, bos, eos, add_generation_prompt, extra) -> bytes:
+    from jinja2.exceptions import TemplateError
+    try:
+        return b"o" + _render_unlimited(chat_template, messages, bos, eos, add_generation_prompt,
+                                        extra).encode("utf-8", "surrogatepass")
+    except TemplateLimitError as e:
+        return b"l" + str(e).encode("utf-8", "replace")
+    except TemplateError as e:
+        return b"t" + str(e).encode("utf-8", "replace")
+    except Exception as e:
+        return b"e" + f"{type(e).__name__}: {e}".encode("utf-8", "replace")[:1000]
+
+
+def render_jinja(chat_template: str, messages: list[dict], *, bos: str = "", eos: str = "",
+                 add_generation_prompt: bool = True, **extra) -> str:
+    """Render a Hugging Face chat template as transformers does (sandboxed jinja2,
+    trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now) -- in a forked child
+    with :data:`RENDER_SECONDS`, :data:`RENDER_MEMORY` and :data:`RENDER_OUTPUT` limits
+    (:class:`TemplateLimitError` beyond them): the template comes from the model folder."""
+    from jinja2.exceptions import TemplateError
+
+    from .procs import LimitExceeded, run_limited
+    try:
+        res = run_limited(_render_child, (chat_template, messages, bos, eos, add_generation_prompt, extra),
+                          timeout=RENDER_SECONDS, max_memory=RENDER_MEMORY, max_output=4 * RENDER_OUTPUT + 16)
+    except LimitExceeded as e:
+        raise TemplateLimitError(f"rendering the chat template {e}") from None
+    kind, body = res[:1], res[1:].decode("utf-8", "surrogatepass" if res[:1] == b"o" else "replace")
+    if kind == b"o":
+        return body
+    if kind == b"l":
+        raise TemplateLimitError(body)
+    if kind == b"t":
+        raise TemplateError(body)
+    raise ValueError(body)
 
 
 # --------------------------------------------------------------------------- families
@@ -297,6 +371,8 @@ def recognise(chat_template: Optional[str], bos: str = "", eos: str = "", add_bo
             rendered.append(prompt_after_bos(chat_template, probe, bos, eos, add_bos))
         except TemplateError:
             rendered.append(None)                  # e.g. "Only user and assistant roles are supported!"
+        except TemplateLimitError:
+            raise
         except Exception:
             return None                            # a template jinja2 cannot render at all
     if rendered[0] is None or rendered[1] is None:
@@ -352,10 +428,16 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
     for n in names:
         n = str(n)
         lines.append(f"FROM {n if Path(n).is_absolute() else './' + n}")
-    match = recognise(chat_template, bos, eos, add_bos)
+    try:
+        match, limited = recognise(chat_template, bos, eos, add_bos), None
+    except TemplateLimitError as e:
+        match, limited = None, str(e)
     stops = []
     if match is None:
-        if chat_template:
+        if limited:
+            notes.append(f"{limited} (limits: {RENDER_SECONDS:g} s, {RENDER_OUTPUT >> 20} MiB of text): "
+                         "no TEMPLATE written")
+        elif chat_template:
             notes.append("chat template not recognised as ChatML, Llama 3, Llama 2 or Mistral [INST]: no TEMPLATE "
                          "written; Ollama autodetects one from the GGUF's tokenizer.chat_template or renders "
                          "that Jinja template itself")
@@ -522,8 +604,12 @@ def write_modelfile(out_gguf_path, model_dir: Path, modelfile_path: Optional[Pat
               f"ollama create NAME -f {target.name}")
     text, notes = modelfile(names, info.chat_template, bos=info.bos, eos=info.eos, add_bos=info.add_bos,
                             eos_texts=eos_texts, license_text=license_text(model_dir), header=header)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     warnings = [f"Ollama: {w}" for w in check(info.arch, info.tensor_types)]
     return [f"wrote {target}"] + [f"Modelfile: {n}" for n in notes] + warnings

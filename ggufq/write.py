@@ -6,6 +6,18 @@ encoded, so memory holds a few chunks whatever the model size. Everything goes
 to a temporary folder beside the target; files are flushed, fsynced and renamed
 into place only when complete. On any error or interrupt the temporary folder
 is removed and no partial output is left behind.
+
+Whatever else belongs to the output (an Ollama Modelfile, a validation run) is
+done by ``before_commit`` on the complete files while they are still in the
+temporary folder; nothing is renamed into place unless it succeeds. No existing
+file is replaced without ``force``, and never a file of ``protect`` (the inputs).
+
+Every chunk is checked for NaN/Inf (and, for an F16 target, for values F16
+cannot hold) in the worker before it is encoded, with one vectorised min/max;
+such a tensor is an error naming it and the count unless ``allow_nonfinite``.
+Encoder workers belong to a :class:`ggufq.procs.WorkerPool`: they die with the
+parent, and any error or signal kills and reaps them before the temporary
+folder goes.
 """
 from __future__ import annotations
 
@@ -15,20 +27,23 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from . import GgufqError, quant
 from .arch import OutTensor
+from .procs import WorkerPool, check as check_signals, deferred, pending
 from .progress import Progress
 
 CHUNK_ELEMENTS = 1 << 22          # ~16 MiB of float32 per chunk
+F16_INF = 65520.0                 # the smallest magnitude that rounds to inf in IEEE half (max finite 65504)
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
 
 
@@ -56,6 +71,54 @@ def _encode(encoder: Encoder, qtype: T, rows: np.ndarray, imatrix: Optional[np.n
     return encoder(qtype, rows, imatrix).tobytes()
 
 
+# byte offsets of the F16 scale fields (d, dmin/m) in each block of ggml's quantized types
+# (block_q4_0 ... block_q6_K in ggml-common.h); every such field is at most max|w| in magnitude,
+# so they can overflow only when a chunk holds values of 65504 or more
+F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+              T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def _overflowed_blocks(qtype: T, data: bytes) -> int:
+    """Blocks of ``data`` whose F16 scale fields are inf/NaN."""
+    bsize = GGML_QUANT_SIZES[qtype][1]
+    blocks = np.frombuffer(data, dtype=np.uint8).reshape(-1, bsize)
+    bad = np.zeros(len(blocks), dtype=bool)
+    for off in F16_FIELDS.get(qtype, ()):
+        half = blocks[:, off].astype(np.uint16) | (blocks[:, off + 1].astype(np.uint16) << 8)
+        bad |= (half & 0x7C00) == 0x7C00
+    return int(np.count_nonzero(bad))
+
+
+def _work(encoder: Encoder, qtype: T, rows: np.ndarray, imatrix, allow_nonfinite: bool) -> tuple[bytes, int, int]:
+    """(encoded bytes, non-finite weights, values F16 cannot hold: weights for an F16 target,
+    blocks whose F16 scale overflowed for a quantized one).
+
+    The normal path costs one min and one max over the chunk; the counts are taken only when
+    those say something is wrong. A bad chunk is not kept (b"") unless ``allow_nonfinite``.
+    """
+    lo, hi = (float(rows.min()), float(rows.max())) if rows.size else (0.0, 0.0)
+    big = max(-lo, hi)
+    if np.isfinite(lo) and np.isfinite(hi) and (big < 65504.0 or qtype in (T.F32, T.BF16)):
+        return _encode(encoder, qtype, rows, imatrix), 0, 0
+    finite = np.isfinite(rows)
+    n_bad = int(rows.size - np.count_nonzero(finite))
+    if n_bad and not allow_nonfinite:
+        return b"", n_bad, 0
+    if qtype == T.F16:
+        n_over = int(np.count_nonzero(np.abs(np.where(finite, rows, 0)) >= F16_INF))
+        if n_over and not allow_nonfinite:
+            return b"", n_bad, n_over
+    with np.errstate(all="ignore"):
+        data = _encode(encoder, qtype, rows, imatrix)
+    if qtype in F16_FIELDS and not n_bad:
+        n_over = _overflowed_blocks(qtype, data)
+        if n_over and not allow_nonfinite:
+            return b"", n_bad, n_over
+    elif qtype != T.F16:
+        n_over = 0
+    return data, n_bad, n_over
+
+
 def _ranges(job: Job) -> Iterator[tuple[int, int]]:
     t = job.tensor
     step = chunk_rows(t.row_len)
@@ -75,9 +138,9 @@ def _read(job: Job, lo: int, hi: int) -> np.ndarray:
 _FORKED_JOBS: Sequence[Job] = ()
 
 
-def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights) -> bytes:
+def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights, allow_nonfinite: bool):
     job = _FORKED_JOBS[i]
-    return _encode(encoder, job.qtype, _read(job, lo, hi), weights)
+    return _work(encoder, job.qtype, _read(job, lo, hi), weights, allow_nonfinite)
 
 
 def _weights(job: Job):
@@ -86,26 +149,27 @@ def _weights(job: Job):
     return job.imatrix() if callable(job.imatrix) else job.imatrix
 
 
-def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[Executor], bool]:
+def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[WorkerPool], bool]:
     """(pool, whether its workers read rows themselves)."""
     global _FORKED_JOBS
     if n_jobs <= 1:
         return None, False
     if "fork" in mp.get_all_start_methods():
         _FORKED_JOBS = jobs
-        return ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("fork")), True
-    return ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("spawn")), False
+        return WorkerPool(n_jobs, mp_context=mp.get_context("fork")), True
+    return WorkerPool(n_jobs, mp_context=mp.get_context("spawn")), False
 
 
 def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
-             workers_read: bool = False) -> Iterator[tuple[int, int, bytes]]:
-    """(job index, elements, bytes) per chunk, in file order; a bounded window of chunks in flight."""
+             workers_read: bool = False, allow_nonfinite: bool = False) -> Iterator[tuple[int, int, tuple]]:
+    """(job index, elements, (bytes, non-finite, beyond F16)) per chunk, in file order;
+    a bounded window of chunks in flight."""
     if pool is None:
         for i, job in enumerate(jobs):
             wts = _weights(job)
             for lo, hi in _ranges(job):
                 rows = _read(job, lo, hi)
-                yield i, rows.size, _encode(encoder, job.qtype, rows, wts)
+                yield i, rows.size, _work(encoder, job.qtype, rows, wts, allow_nonfinite)
         return
     window: deque[tuple[int, int, Future]] = deque()
     limit = 2 * getattr(pool, "_max_workers", 2)
@@ -114,9 +178,9 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
             if workers_read:
-                fut = pool.submit(_read_and_encode, encoder, i, lo, hi, wts)
+                fut = pool.submit(_read_and_encode, encoder, i, lo, hi, wts, allow_nonfinite)
             else:
-                fut = pool.submit(_encode, encoder, job.qtype, _read(job, lo, hi), wts)
+                fut = pool.submit(_work, encoder, job.qtype, _read(job, lo, hi), wts, allow_nonfinite)
             window.append((i, n, fut))
             while len(window) >= limit:
                 j, n, fut = window.popleft()
@@ -129,19 +193,31 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
 def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None], jobs: Sequence[Job], *,
                encoder: Encoder = quant.encode, n_jobs: int = 1, force: bool = False,
                split_max_tensors: int = 0, split_max_size: int = 0,
-               progress: bool = True, label: str = "writing") -> list[Path]:
-    """Write a complete GGUF (or its shards) atomically; returns the final paths."""
+               progress: bool = True, label: str = "writing", allow_nonfinite: bool = False,
+               before_commit: Optional[Callable[[list[Path], list[Path]], list[tuple[Path, Path]]]] = None,
+               protect: Sequence[Path] = (), notes: Optional[list] = None) -> list[Path]:
+    """Write a complete GGUF (or its shards) atomically; returns the final paths.
+
+    ``before_commit(tmp_paths, final_paths)`` runs on the complete files before anything is
+    renamed into place and returns further ``(tmp file, final path)`` pairs to place with them.
+    ``protect``: files never replaced, even with ``force`` (the conversion's inputs).
+    """
     global _FORKED_JOBS
     path = Path(path)
-    if path.exists() and not force:
-        raise GgufqError(f"{path} exists; pass --force to overwrite")
+    check_target(path, force, protect)
+    # what before_commit will place, known from the target's name: refused now, not after the work
+    for extra in getattr(before_commit, "targets", lambda p: [])(path):
+        check_target(extra, force, protect)
     if not path.parent.is_dir():
         raise GgufqError(f"{path.parent}: no such directory")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    w = gguf.GGUFWriter(tmpdir / path.name, arch, split_max_tensors=split_max_tensors,
-                        split_max_size=split_max_size)
+    w = None
     pool = None
+    ok = False
+    with deferred():                    # the folder exists only with the try that removes it
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        w = gguf.GGUFWriter(tmpdir / path.name, arch, split_max_tensors=split_max_tensors,
+                            split_max_size=split_max_size)
         add_metadata(w)
         for job in jobs:
             w.add_tensor_info(job.tensor.name, job.tensor.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.qtype)
@@ -156,48 +232,122 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             w.write_padding(fout, fout.tell())
         pool, workers_read = _pool(n_jobs, jobs)
         total = sum(j.n_elements for j in jobs)
+        allowed: list[str] = []
         with Progress(total, label, n_items=len(jobs), enabled=progress) as bar:
             written = [0] * len(jobs)
+            bad = [[0, 0] for _ in jobs]
             last = -1
-            for i, n, data in _encoded(jobs, encoder, pool, workers_read):
+
+            def finish(k: int) -> None:
+                if any(bad[k]):
+                    msg = _bad_values(jobs[k], *bad[k])
+                    if not allow_nonfinite:
+                        raise GgufqError(msg + "; fix the weights, or pass --allow-nonfinite to write them anyway")
+                    allowed.append(msg)
+                _finish(w, fouts[k], jobs[k], written[k])
+                bar.advance(items=1)
+
+            for i, n, (data, n_bad, n_over) in _encoded(jobs, encoder, pool, workers_read, allow_nonfinite):
                 if i != last:
                     if last >= 0:
-                        _finish(w, fouts[last], jobs[last], written[last])
-                        bar.advance(items=1)
+                        finish(last)
                     last = i
+                check_signals()
+                bad[i][0] += n_bad
+                bad[i][1] += n_over
                 fouts[i].write(data)
                 written[i] += len(data)
                 bar.advance(n, nbytes=len(data), item=jobs[i].tensor.name)
             if last >= 0:
-                _finish(w, fouts[last], jobs[last], written[last])
-                bar.advance(items=1)
-        finals = []
+                finish(last)
+        if notes is not None:
+            notes += [f"warning: {m} (written anyway: --allow-nonfinite)" for m in allowed]
         for fout in w.fout:
             fout.flush()
             os.fsync(fout.fileno())
         names = [Path(f.name) for f in w.fout]
         w.close()
-        for src in names:
-            dst = path.parent / src.name
-            if dst.exists() and not force:
-                raise GgufqError(f"{dst} exists; pass --force to overwrite")
-            finals.append(dst)
-        for src, dst in zip(names, finals):
-            os.replace(src, dst)
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.close(ok=True)
             pool = None
+        finals = [path.parent / src.name for src in names]
+        moves = list(zip(names, finals))
+        if before_commit is not None:
+            moves += before_commit(names, finals)
+        for _, dst in moves:
+            check_target(dst, force, protect)
+        _commit(moves)
+        ok = True
         return finals
+    except BrokenProcessPool:
+        raise GgufqError("an encoder process died (killed, or out of memory?); nothing was written -- "
+                         "try fewer --jobs") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise GgufqError(f"disk full while writing {path} (nothing was left behind)") from None
         raise
     finally:
-        _FORKED_JOBS = ()
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        w.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        with deferred(raise_at_exit=False):
+            _FORKED_JOBS = ()
+            if pool is not None:
+                pool.close(ok=ok)
+            if w is not None:
+                w.close()
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _bad_values(job: Job, n_bad: int, n_over: int) -> str:
+    what = []
+    if n_bad:
+        what.append(f"{n_bad} non-finite (NaN/Inf) weights")
+    if n_over and job.qtype == T.F16:
+        what.append(f"{n_over} weights beyond F16's range (|x| >= 65520 become inf)")
+    elif n_over:
+        what.append(f"weights too large for {job.qtype.name}: {n_over} blocks whose F16 scale overflows")
+    return f"tensor {job.tensor.name} has {' and '.join(what)}"
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_target(dst: Path, force: bool, protect: Sequence[Path] = ()) -> None:
+    """Refuse an existing ``dst`` without ``force``, and any of ``protect`` (inputs) always."""
+    if not os.path.lexists(dst):
+        return
+    for p in protect:
+        if same_file(dst, p):
+            raise GgufqError(f"{dst} is one of the conversion's inputs; choose another output")
+    if not force:
+        raise GgufqError(f"{dst} exists; pass --force to overwrite")
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        raise GgufqError(f"{dst} is a directory")
+
+
+def _commit(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Rename every file into place with SIGINT/SIGTERM/SIGHUP deferred; if one rename
+    fails, the files already placed are removed again. A signal during the renames is
+    raised after them, the files placed removed again: interrupted means nothing written."""
+    with deferred():
+        placed: list[Path] = []
+        err: Optional[BaseException] = None
+        try:
+            for src, dst in moves:
+                os.replace(src, dst)
+                placed.append(dst)
+        except BaseException as e:
+            err = e
+        if err is not None or pending():
+            for dst in placed:
+                try:
+                    os.unlink(dst)
+                except OSError:
+                    pass
+        if err is not None:
+            raise err
 
 
 def _finish(w: gguf.GGUFWriter, fout, job: Job, written: int) -> None:

@@ -1,26 +1,121 @@
 """The ``ggufq`` command. Each subcommand lives in its own module here and only
-wires a stage of the package together; errors the user can act on
-(:class:`ggufq.GgufqError`, OSError) become one line on stderr and exit 1."""
+wires a stage of the package together.
+
+Every failure is one line on stderr: errors the user can act on
+(:class:`ggufq.GgufqError`, OSError) exit 1, usage errors keep click's exit 2, and
+anything unexpected is reported as one ``ggufq: error: internal error ...`` line,
+exit 1 (``GGUFQ_DEBUG=1`` shows the traceback). SIGINT, SIGTERM and SIGHUP
+(:mod:`ggufq.procs`) unwind the command so its temporary output is removed, print
+one line and exit 128 + the signal number (130, 143, 129)."""
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
-import click
+if os.path.basename(sys.argv[0] if sys.argv else "") == "ggufq":     # the console script
+    from ..procs import early_handlers
+    early_handlers()
+
+import importlib  # noqa: E402
+
+import click  # noqa: E402
 
 from .. import GgufqError, __version__
+from ..procs import Interrupted, delivered, install_handlers
 
 # subcommand modules; each defines `command` (a click.Command)
 _COMMANDS = ("convert", "plan", "inspect", "eval")
 
 
+def _say(line: str) -> None:
+    try:
+        click.echo(line, err=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+# where an unexpected exception came from (a module of the traceback) -> the input to blame
+_BLAME = (
+    (("ggufq/vocab/", "gguf/vocab.py"), "the tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, "
+                                        "special_tokens_map.json, added_tokens.json) are malformed"),
+    (("gguf/metadata.py",), "the model card (README.md front matter) is malformed"),
+    (("ggufq/arch/",), "config.json holds a value of the wrong type or size"),
+    (("ggufq/imatrix.py",), "the --imatrix file is malformed"),
+    (("ggufq/plan/maps.py",), "the --map file is malformed"),
+    (("ggufq/ollama.py",), "the chat template or tokenizer metadata is malformed"),
+    (("gguf/gguf_reader.py", "ggufq/plan/gguf_header.py", "ggufq/cli/inspect.py"), "the GGUF file is malformed"),
+)
+
+
+def _blame(e: BaseException) -> str:
+    import traceback
+    files = [f.filename.replace(os.sep, "/") for f in traceback.extract_tb(e.__traceback__)]
+    for f in reversed(files):
+        for parts, what in _BLAME:
+            if any(p in f for p in parts):
+                return what
+    return "an input is probably malformed"
+
+
 class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        import signal
+
+        from ..procs import SIGNALS
+        import threading
+        old = {s: signal.getsignal(s) for s in SIGNALS}
+        old_hooks = sys.unraisablehook, threading.excepthook
+        install_handlers()
+        if not os.environ.get("GGUFQ_DEBUG"):
+            # exceptions Python can only print (in __del__, at-fork hooks, a pool's helper threads:
+            # "Exception ignored in ...", "Bad file descriptor" while a pool is torn down) would add
+            # tracebacks after the one line; a signal swallowed there is raised again (procs.check)
+            sys.unraisablehook = lambda *a: None
+            threading.excepthook = lambda *a: None
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            if not standalone:
+                return super().main(*args, standalone_mode=False, **kwargs)
+            try:
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+            except click.exceptions.UsageError as e:
+                if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:    # bare `ggufq`
+                    click.echo(e.ctx.get_help())
+                    sys.exit(e.exit_code)
+                # click's usage errors, as one line (exit 2); --help shows the usage
+                where = f" (ggufq {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent else \
+                    " (ggufq --help)"
+                _say(f"ggufq: error: {' '.join(e.format_message().split())}{where}")
+                sys.exit(e.exit_code)
+            except click.exceptions.ClickException as e:
+                _say(f"ggufq: error: {' '.join(e.format_message().split())}")
+                sys.exit(e.exit_code)
+            except click.exceptions.Abort:
+                _say("ggufq: interrupted")
+                sys.exit(130)
+            sys.exit(rv if isinstance(rv, int) else 0)
+        except Interrupted as e:
+            delivered()
+            _say(f"ggufq: {e.message}")
+            sys.exit(e.exit_code)
+        finally:
+            sys.unraisablehook, threading.excepthook = old_hooks
+            for s, h in old.items():
+                try:
+                    signal.signal(s, h if h is not None else signal.SIG_DFL)
+                except (ValueError, TypeError):
+                    pass
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GgufqError as e:
-            click.echo(f"ggufq: error: {e}", err=True)
+            _say(f"ggufq: error: {' '.join(str(e).split(chr(10)))}")
             sys.exit(1)
         except BrokenPipeError:
             # output piped into `head` and the like: stop quietly
@@ -29,11 +124,25 @@ class _Group(click.Group):
             sys.exit(0)
         except OSError as e:
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            click.echo(f"ggufq: error: {e.strerror or e}{where}", err=True)
+            _say(f"ggufq: error: {e.strerror or e}{where}")
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("ggufq: interrupted", err=True)
+            _say("ggufq: interrupted")
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except MemoryError:
+            _say("ggufq: error: out of memory (a malformed input claiming huge sizes, or too small a machine)")
+            sys.exit(1)
+        except RecursionError:
+            _say("ggufq: error: an input is nested too deeply to read")
+            sys.exit(1)
+        except Exception as e:
+            if os.environ.get("GGUFQ_DEBUG"):
+                raise
+            _say(f"ggufq: error: {_blame(e)} ({type(e).__name__}: {_first_line(e)}); fix it, or rerun with "
+                 "GGUFQ_DEBUG=1 for the traceback and report it if the input is fine")
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,12 +13,15 @@ def parse_size(text: str) -> int:
     """'500M', '2G', '1.5G', '4096' -> bytes (K/M/G/T powers of 1000, as llama-gguf-split)."""
     t = text.strip().upper().removesuffix("B")
     mult = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}.get(t[-1:], 1)
+    import math
     try:
         n = float(t[:-1] if mult > 1 else t)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size like 500M or 2G") from None
-    if n <= 0:
-        raise click.BadParameter("must be positive")
+    if not math.isfinite(n) or n * mult >= 2 ** 63:
+        raise click.BadParameter(f"{text!r} is not a size like 500M or 2G")
+    if n * mult < 1:
+        raise click.BadParameter(f"{text!r}: must be at least one byte")
     return int(n * mult)
 
 
@@ -74,11 +77,14 @@ def _default_jobs() -> int:
               help="Chunks of --ctx tokens --validate evaluates (0: the whole text).")
 @click.option("--ctx", "val_ctx", type=click.IntRange(min=8), default=512, show_default=True,
               help="Context length for --validate.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write tensors that hold NaN/Inf (or values beyond F16's range for an F16 target) "
+                   "instead of refusing them.")
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib_cache, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
-            name, force, quiet):
+            allow_nonfinite, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
@@ -97,40 +103,61 @@ def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib
     plan_kw = {"preset": preset, "rules": load_map(map_file) if map_file else None}
 
     progress = not quiet and sys.stderr.isatty()
-    res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
-                  progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw, method=method,
-                  calib_tokens=calib_tokens, calib_cache=parse_size(calib_cache),
-                  split_max_size=parse_size(split_max_size) if split_max_size else 0,
-                  split_max_tensors=split_max_tensors or 0)
-    notes = list(res.notes)
+    n_jobs = jobs or _default_jobs()
+    sizes = dict(calib_cache=parse_size(calib_cache), split_max_size=parse_size(split_max_size) if split_max_size else 0)
+    extra_notes: list[str] = []
+    val_lines: list[str] = []
+
+    def before_commit(tmp_paths, finals):
+        """The rest of the output, made from the complete files before anything is placed."""
+        from pathlib import Path
+
+        from ..write import check_target
+        moves = []
+        if ollama:
+            from ..ollama import modelfile_path_for, write_modelfile
+            final_mf = modelfile_path_for(finals[0])
+            check_target(final_mf, force, protect)
+            tmp_mf = Path(tmp_paths[0]).parent / final_mf.name
+            notes = write_modelfile(tmp_paths if len(tmp_paths) > 1 else tmp_paths[0], model_dir, tmp_mf)
+            extra_notes.extend(f"wrote {final_mf}" if n.startswith("wrote ") else n for n in notes)
+            moves.append((tmp_mf, final_mf))
+        if validate:
+            val_lines.append(_validate(model_dir, tmp_paths[0], val_text, val_chunks, val_ctx, n_jobs, progress))
+        return moves
+
     if ollama:
-        from ..ollama import write_modelfile
-        notes += write_modelfile(res.paths if len(res.paths) > 1 else res.paths[0], model_dir)
+        from ..ollama import modelfile_path_for
+        before_commit.targets = lambda path: [modelfile_path_for(path)]
+    protect = tuple(p for p in (map_file, val_text) if p)
+    res = convert(model_dir, out, ftype, jobs=n_jobs, force=force,
+                  progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw, method=method,
+                  calib_tokens=calib_tokens, calib_cache=sizes["calib_cache"],
+                  split_max_size=sizes["split_max_size"], split_max_tensors=split_max_tensors or 0,
+                  allow_nonfinite=allow_nonfinite, protect=protect,
+                  before_commit=before_commit if (ollama or validate) else None)
+    notes = list(res.notes) + extra_notes
     if not quiet:
         for line in notes:
             click.echo(line, err=True)
         where = ", ".join(str(p) for p in res.paths)
         click.echo(f"wrote {where}: {fmt_bytes(res.nbytes)}, {res.plan.bits_per_weight:.4f} bits/weight, "
                    f"{res.plan.ftype}, {len(res.plan.entries)} tensors in {fmt_secs(res.seconds)}", err=True)
-    if validate:
-        _validate(model_dir, res, val_text, val_chunks, val_ctx, jobs or _default_jobs(), progress)
+    elif any(n.startswith("warning:") for n in notes):
+        for line in notes:
+            if line.startswith("warning:"):
+                click.echo(line, err=True)
+    for text in val_lines:
+        click.echo(text)
 
 
-def _validate(model_dir, res, text, chunks, ctx, jobs, progress) -> None:
-    """PPL/KLD of the new file against a temporary F16 reference written beside it."""
-    import tempfile
-    from pathlib import Path
-
+def _validate(model_dir, out, text, chunks, ctx, jobs, progress) -> str:
+    """PPL/KLD of the new file (still in its temporary folder) against a temporary F16
+    reference written beside it, in the same temporary folder; returns the table."""
     from ..convert import convert
     from ..eval import evaluate
     from ..eval.report import format_result
 
-    out = res.paths[0]
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.validate-", dir=out.parent))
-    try:
-        ref = convert(model_dir, tmpdir / "reference-F16.gguf", "F16", jobs=jobs, progress=progress).paths[0]
-        r = evaluate(out, ref=ref, text=text, ctx=ctx, chunks=chunks, progress=progress, label="validate")
-        click.echo(format_result(r))
-    finally:
-        import shutil
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    ref = convert(model_dir, out.parent / "reference-F16.gguf", "F16", jobs=jobs, progress=progress).paths[0]
+    r = evaluate(out, ref=ref, text=text, ctx=ctx, chunks=chunks, progress=progress, label="validate")
+    return format_result(r)

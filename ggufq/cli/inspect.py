@@ -26,11 +26,19 @@ def _value(field) -> object:
 
 
 def read_summary(path: str) -> dict:
+    """Everything ``inspect`` shows. The header is walked with bounds first
+    (:func:`ggufq.plan.gguf_header.check`), so gguf-py's reader never sees a count it could not hold."""
     import gguf
+
+    from ..plan.gguf_header import check
+    try:
+        check(path)
+    except ValueError as e:
+        raise GgufqError(f"{path}: not a readable GGUF file ({e})") from None
     try:
         r = gguf.GGUFReader(path)
-    except (ValueError, IndexError, EOFError) as e:
-        raise GgufqError(f"{path}: not a readable GGUF file ({e})") from None
+    except (ValueError, IndexError, EOFError, KeyError, TypeError, OverflowError) as e:
+        raise GgufqError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {}
     for name, f in r.fields.items():
         if name.startswith("GGUF."):

@@ -15,6 +15,7 @@ from ..plan.report import format_table, to_json
 def tensor_list(model: Path):
     """(specs, info) of an HF model folder (through ggufq's converter) or of a GGUF file."""
     if model.is_file() and model.suffix == ".gguf":
+        _check_gguf_hparams(model)
         return specs_from_gguf(model)
     if not model.is_dir():
         raise GgufqError(f"{model}: not a model folder or a .gguf file")
@@ -23,6 +24,26 @@ def tensor_list(model: Path):
     except ImportError:
         raise GgufqError("this ggufq has no converter (ggufq.convert.tensor_specs); pass a .gguf file") from None
     return tensor_specs(model)
+
+
+def _check_gguf_hparams(model: Path) -> None:
+    """The header keys the plan reads have the types and sizes a real model has."""
+    from ..plan.gguf_header import read_header
+    try:
+        kv, tensors = read_header(model)
+    except (ValueError, OSError) as e:
+        raise GgufqError(f"cannot read GGUF {model}: {e}") from None
+    arch = kv.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise GgufqError(f"{model}: no general.architecture")
+    for key in ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+                "expert_count"):
+        v = kv.get(f"{arch}.{key}")
+        if v is not None and (isinstance(v, (bool, float, str)) or not 0 <= v <= 1 << 24):
+            raise GgufqError(f"{model}: {arch}.{key} = {v!r} is not a plausible count")
+    n_layer = kv.get(f"{arch}.block_count") or 0
+    if n_layer > len(tensors):
+        raise GgufqError(f"{model}: {arch}.block_count = {n_layer} but the file has {len(tensors)} tensors")
 
 
 @click.command("plan")

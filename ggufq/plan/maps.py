@@ -38,6 +38,7 @@ from .rules import MAP_TYPES
 
 _LAYER_RE = re.compile(r"blk\.(\d+)\.")
 _RULE_KEYS = {"pattern", "layers", "type"}
+MAX_LAYER = 1 << 16          # far above any model's layer count; layer sets are built from ranges
 
 
 def layer_of(name: str) -> Optional[int]:
@@ -90,7 +91,7 @@ def _parse_layers(value, where: str) -> frozenset[int]:
         if isinstance(item, bool):
             raise bad
         if isinstance(item, int):
-            if item < 0:
+            if item < 0 or item >= MAX_LAYER:
                 raise bad
             layers.add(item)
             continue
@@ -104,6 +105,8 @@ def _parse_layers(value, where: str) -> frozenset[int]:
             hi = int(m.group(2)) if m.group(2) is not None else lo
             if hi < lo:
                 raise bad
+            if hi >= MAX_LAYER:
+                raise GgufqError(f"{where}: layer {hi} in {value!r} is beyond any model (layers are below {MAX_LAYER})")
             layers.update(range(lo, hi + 1))
     return frozenset(layers)
 
@@ -137,6 +140,8 @@ def parse_map(text: str, name: str = "map") -> list[MapRule]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise GgufqError(f"{name}: TOML syntax error: {e}") from None
+    except RecursionError:
+        raise GgufqError(f"{name}: TOML nested too deeply") from None
     extra = set(doc) - {"rule"}
     if extra:
         raise GgufqError(f"{name}: unknown key {sorted(extra)[0]!r}; a map holds [[rule]] tables only")
@@ -167,7 +172,9 @@ def load_map(path) -> list[MapRule]:
     """Rules of the TOML map file at ``path`` (GgufqError, one line, when it is unreadable or wrong)."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        from ..source import open_regular
+        with open(open_regular(p, f"map file {p}"), "rb") as f:
+            data = f.read(1 << 24)
     except OSError as e:
         raise GgufqError(f"cannot read map file {p}: {e.strerror or e}") from None
     try:

@@ -1,0 +1,116 @@
+"""Signals during a conversion with encoder workers: SIGINT to the process group (a terminal's
+Ctrl-C), SIGTERM and SIGHUP end with the temporary output removed, the workers gone, one line
+and exit 128 + signal; a SIGKILLed parent leaves no worker behind for more than a second.
+Each is repeated at random moments to catch races."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from hostile import TINY, finish, no_process_left, run_exec, spawn_forked
+
+REPEAT = 20
+WANT = {signal.SIGINT: (130, "ggufq: interrupted"), signal.SIGTERM: (143, "ggufq: stopped by SIGTERM"),
+        signal.SIGHUP: (129, "ggufq: stopped by SIGHUP")}
+
+
+def _wait_for_tmp(out, pid, timeout=60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.listdir(out):
+            return True
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            raise AssertionError("ggufq ended before writing")
+        time.sleep(0.002)
+    return False
+
+
+def _one(tmp_path, k, sig, group: bool, rng, extra=()):
+    out = tmp_path / f"o{k}"
+    out.mkdir()
+    pid, o, e = spawn_forked(["convert", TINY, "-o", out / "x.gguf", "-t", "Q4_K_M", "-j", "2", *extra],
+                             new_group=True)
+    assert _wait_for_tmp(out, pid)
+    time.sleep(rng.uniform(0, 0.5))
+    (os.killpg if group else os.kill)(pid, sig)
+    r = finish(pid, o, e, timeout=60)
+    assert "Traceback" not in r.err, r.err
+    if r.rc == 0:                    # finished before the signal: a complete output, nothing else
+        assert sorted(os.listdir(out)) == ["x.gguf"]
+        return False
+    assert (r.rc, r.lines) == (WANT[sig][0], [WANT[sig][1]]), (r.rc, r.err)
+    assert os.listdir(out) == [], os.listdir(out)
+    no_process_left(grace=1.0)
+    return True
+
+
+@pytest.mark.parametrize("sig,group", [(signal.SIGINT, True), (signal.SIGINT, False),
+                                       (signal.SIGTERM, False), (signal.SIGHUP, True)],
+                         ids=["SIGINT-group", "SIGINT", "SIGTERM", "SIGHUP-group"])
+def test_signal_during_encoding(sig, group, tmp_path):
+    rng = random.Random(int(sig) * 7 + group)
+    hit = sum(_one(tmp_path, k, sig, group, rng) for k in range(REPEAT))
+    assert hit >= REPEAT // 2, f"only {hit} of {REPEAT} signals arrived during the conversion"
+
+
+def test_sigkill_of_the_parent_takes_the_workers(tmp_path):
+    rng = random.Random(5)
+    for k in range(REPEAT // 2):
+        out = tmp_path / f"o{k}"
+        out.mkdir()
+        pid, o, e = spawn_forked(["convert", TINY, "-o", out / "x.gguf", "-t", "Q4_K_M", "-j", "2"], new_group=True)
+        assert _wait_for_tmp(out, pid)
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(pid, signal.SIGKILL)
+        finish(pid, o, e, timeout=30)
+        no_process_left(grace=1.0)      # workers: PR_SET_PDEATHSIG (or the parent watch) within a second
+
+
+def test_sigint_while_starting_a_fresh_interpreter(tmp_path):
+    """Ctrl-C at any moment from the start, imports included: one line, 130, nothing left."""
+    rng = random.Random(11)
+    for k in range(12):
+        out = tmp_path / f"o{k}"
+        out.mkdir()
+        p, o, e = run_exec("convert", TINY, "-o", out / "x.gguf", "-t", "Q4_K_M", "-j", "2", timeout=None,
+                           new_group=True)
+        time.sleep(0.15 + rng.uniform(0, 1.5))
+        os.killpg(p.pid, signal.SIGINT)
+        r = finish(p.pid, o, e, timeout=60)
+        p.returncode = r.rc
+        assert "Traceback" not in r.err, r.err
+        if r.rc == 0:
+            continue
+        if r.rc == -signal.SIGINT:       # before the interpreter ran any of ggufq: the default action
+            assert r.err == "" and os.listdir(out) == []
+            continue
+        assert (r.rc, r.lines) == (130, ["ggufq: interrupted"]), (r.rc, r.err)
+        assert os.listdir(out) == []
+        no_process_left(grace=1.0)
+
+
+def test_second_signal_during_cleanup_changes_nothing(tmp_path):
+    rng = random.Random(3)
+    for k in range(REPEAT // 2):
+        out = tmp_path / f"o{k}"
+        out.mkdir()
+        pid, o, e = spawn_forked(["convert", TINY, "-o", out / "x.gguf", "-t", "Q4_K_M", "-j", "2"], new_group=True)
+        assert _wait_for_tmp(out, pid)
+        time.sleep(rng.uniform(0, 0.4))
+        os.killpg(pid, signal.SIGINT)
+        time.sleep(rng.uniform(0, 0.01))
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        r = finish(pid, o, e, timeout=60)
+        assert "Traceback" not in r.err, r.err
+        if r.rc == 0:
+            continue
+        assert (r.rc, r.lines) == (130, ["ggufq: interrupted"]), (r.rc, r.err)
+        assert os.listdir(out) == []
+        no_process_left(grace=1.0)
