@@ -31,7 +31,7 @@ from ..plan import TensorSpec
 
 MT = gguf.MODEL_TENSOR
 
-_MODULES = ("llama", "qwen")
+_MODULES = ("llama", "qwen", "gemma", "phi3", "olmo2", "granite")
 _REGISTRY: dict[str, "ArchRecord"] = {}
 _loaded = False
 
@@ -115,6 +115,7 @@ class ArchRecord:
     skip_tensors: tuple[str, ...] = ()    # HF tensors never written (Gemma drops lm_head)
     norm_offset: float = 0.0              # added to every HF "*norm.weight" on the way in (Gemma: +1)
     vocab_rows_from_tokenizer: bool = False  # token_embd rows cut to the tokenizer's size (Gemma 3)
+    common_keys: bool = True              # False: the arch writes all its hparams itself (Phi-3)
     keys: Optional[Callable] = None       # (cfg, writer) after the common keys: arch-specific hparams
     keys_after_ftype: Optional[Callable] = None  # (cfg, writer) after general.file_type (Llama's vocab_size)
     generated: Optional[Callable] = None  # (cfg) -> [OutTensor] tensors made from the config (rope_freqs)

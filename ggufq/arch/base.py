@@ -163,6 +163,9 @@ class TextArch:
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         """TextModel.set_gguf_parameters, then the record's own keys (all before general.file_type)."""
         c = self.cfg
+        if not self.record.common_keys:
+            self.record.keys(self, w)
+            return
         w.add_block_count(self.n_layer)
         if (n_ctx := c.find("max_position_embeddings", "n_ctx", "n_positions", "max_length",
                             "max_sequence_length", "model_max_length")) is not None:

@@ -92,7 +92,12 @@ def vocab_size_and_rope_dims(a, w: gguf.GGUFWriter) -> None:
 
 
 def llama_vocab(vocab, model_dir, a):
-    """LlamaModel.set_vocab: Granite's small tokenizer (vocab 49152) adds no BOS."""
+    """LlamaModel.set_vocab: tokenizer_config.json's add_prefix_space is copied; Granite's small
+    tokenizer (vocab 49152) adds no BOS."""
+    from ..vocab import read_json
+    tc = read_json(model_dir / "tokenizer_config.json") or {}
+    if tc.get("add_prefix_space") is not None:
+        vocab.add_space_prefix = bool(tc["add_prefix_space"])
     if a.cfg.get("vocab_size", 32000) == 49152:
         vocab.extra["tokenizer.ggml.add_bos_token"] = (False, gguf.GGUFValueType.BOOL)
     return vocab

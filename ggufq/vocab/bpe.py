@@ -69,7 +69,6 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
     if tok_json is None:
         raise GgufqError(f"{model_dir}: no tokenizer.json")
     _check_byte_level(tok_json, path)
-    tok_config = read_json(model_dir / "tokenizer_config.json") or {}
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
@@ -132,7 +131,6 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
 
-    add_space_prefix = tok_config.get("add_prefix_space")      # llama.cpp's llama converter copies it
     return Vocab(model="gpt2", tokens=[t.encode("utf-8") for t in tokens], token_types=[int(t) for t in types],
-                 pre=pre, add_space_prefix=add_space_prefix if isinstance(add_space_prefix, bool) else None,
+                 pre=pre,
                  special=special)
