@@ -22,6 +22,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 from synthetic_archs import FAMILIES, QWEN2_VOCAB, make_arch  # noqa: E402
 
 TOL = 1e-4
+# ggml computes GELU through a table indexed by the fp16-rounded input (GGML_GELU_FP16), ~1e-3 per
+# activation; the HF reference uses tanh GELU in float32. Emulating the table halves the gap (1.3e-4 ->
+# 6e-5 on gemma3), so the rest is float32 noise of the deeper pre/post-norm block.
+TOL_GELU = 3e-4
 FAMS = sorted(FAMILIES)
 
 
@@ -58,7 +62,9 @@ def test_f32_logits_match_reference(fam, synth, tmp_path):
     got = llama_logits(out, ids).astype(np.float64)
     rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
     print(f"\n{fam}: max rel err {rel.max():.2e}")
-    assert rel.max() < TOL, f"{fam}: max rel err {rel.max():.3g} at position {int(rel.argmax())}"
+    from ggufq.arch import record_for
+    tol = TOL_GELU if record_for(cfg).forward.act == "gelu_tanh" else TOL
+    assert rel.max() < tol, f"{fam}: max rel err {rel.max():.3g} at position {int(rel.argmax())}"
 
 
 MIXED = ["Hello world! The quick brown fox.", "  leading spaces, trailing   ", "tabs\tand\nnew lines\n\n",
@@ -121,3 +127,31 @@ def test_phi3_qkv_that_does_not_split_is_one_line(tmp_path):
     cfg["num_key_value_heads"] = 1  # qkv has rows for 2 kv heads
     (d / "config.json").write_text(json.dumps(cfg))
     _bad(d, tmp_path, msg="qkv_proj")
+
+
+def _edit_tokenizer(d, fn):
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    fn(tj)
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+
+
+def test_unknown_hash_pre_tokenizer_from_regex(tmp_path):
+    """A tokenizer.json whose chktxt hash llama.cpp does not list (merges changed) is identified from
+    its own normalizer + pre-tokenizer regex, and convert says what it chose; an unknown regex stays a
+    one-line error with the --vocab-pre hint."""
+    import gguf
+    _need_vocab("qwen3")
+    d = make_arch(tmp_path / "m", "qwen3", hidden=64, layers=1, heads=2, kv_heads=1, ff=128, shards=1)
+    _edit_tokenizer(d, lambda tj: tj["model"].__setitem__("merges", tj["model"]["merges"][:-50000]))
+    out = tmp_path / "m.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "pre-tokenizer 'qwen2' chosen from tokenizer.json's normalizer NFC" in r.stderr
+    f = gguf.GGUFReader(out).fields["tokenizer.ggml.pre"]
+    assert bytes(f.parts[-1]).decode() == "qwen2"
+
+    def odd(tj):
+        tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    _edit_tokenizer(d, odd)
+    out.unlink()
+    _bad(d, tmp_path, msg="--vocab-pre")

@@ -313,17 +313,15 @@ class TextArch:
             read = _permuted(t, self.n_head if mt == MT.ATTN_Q else self.n_head_kv)
         if rec.norm_offset and hf.endswith("norm.weight"):
             off, dtype, inner = np.float32(rec.norm_offset), t.dtype, read
-            # llama.cpp adds the offset to the tensor in its own dtype (a bf16 sum is rounded to bf16)
+            # llama.cpp adds the offset after widening bf16 to float32 but keeps F16 as F16 (the sum is
+            # rounded to half there)
             read = lambda lo, hi: round_to_dtype(inner(lo, hi) + off, dtype)   # noqa: E731
         return read
 
 
 def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values rounded to a safetensors dtype (to nearest, ties to even) and back."""
-    if dtype == "BF16":
-        b = np.ascontiguousarray(x, np.float32).view(np.uint32)
-        b = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-        return b.view(np.float32)
+    """float32 values as llama.cpp's converter holds a tensor of that safetensors dtype: F16 stays
+    half (rounded to nearest even), everything else is widened to float32."""
     if dtype == "F16":
         return x.astype(np.float16).astype(np.float32)
     return x

@@ -32,6 +32,7 @@ class Vocab:
     add_space_prefix: Optional[bool] = None     # tokenizer.ggml.add_space_prefix
     special: Optional[gguf.SpecialVocab] = None  # special ids, add_bos/eos, merges, chat template
     extra: dict = field(default_factory=dict)   # any other tokenizer.ggml.* key -> value
+    notes: list = field(default_factory=list)   # what was decided on the user's behalf (printed by convert)
 
     def write(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
