@@ -155,3 +155,25 @@ def test_unknown_hash_pre_tokenizer_from_regex(tmp_path):
     _edit_tokenizer(d, odd)
     out.unlink()
     _bad(d, tmp_path, msg="--vocab-pre")
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_plan_types_equal_llama_cpp(fam, tmp_path):
+    """Every tensor's Q4_K_M / Q3_K_M / Q2_K / Q5_K_M type equals llama.cpp's own choice
+    (llama_quant_compute_types through ctypes) on rows that k-quants fit (hidden 256, 8 layers)."""
+    pytest.importorskip("llama_cpp")
+    from ggufq.convert import tensor_specs
+    from ggufq.plan import llama_ref, make_plan
+    if not llama_ref.available():
+        pytest.skip("llama.cpp's libllama not found")
+    _need_vocab(fam)
+    d = make_arch(tmp_path / fam, fam, hidden=256, layers=8, heads=4, kv_heads=1, ff=768, vocab=2048, shards=2)
+    specs, info = tensor_specs(d)
+    for ft in ("Q4_K_M", "Q3_K_M", "Q2_K", "Q5_K_M"):
+        plan = make_plan(specs, info, ft)
+        ref = llama_ref.compute_types(specs, info, ft, n_ff=768)
+        quantized = [e for e in plan.entries if ref.get(e.name) is not None]
+        assert len(quantized) >= 8 * 4
+        bad = [(e.name, e.qtype.name, ref[e.name].name) for e in quantized if ref[e.name] != e.qtype]
+        assert not bad, (ft, bad[:4])
+        assert len({e.qtype for e in quantized}) >= 2, ft   # a real mixture, not one type everywhere

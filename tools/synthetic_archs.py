@@ -93,8 +93,10 @@ FAMILIES = {
     "granite": ("GraniteForCausalLM", "granite", "bpe"),
 }
 SIZES = {   # 1B-scale shapes of the published small models
-    "1B": {"qwen3": dict(hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, ff=6144),       # Qwen3-1.7B
-           "gemma3": dict(hidden=1152, layers=26, heads=4, kv_heads=1, head_dim=256, ff=6912)},      # gemma-3-1b
+    # Qwen3-1.7B's widths with 16 of its 28 layers (1.1 B parameters); gemma-3-1b (1.0 B, its 262144 vocab
+    # padded from the 8192-piece tokenizer)
+    "1B": {"qwen3": dict(hidden=2048, layers=16, heads=16, kv_heads=8, head_dim=128, ff=6144),
+           "gemma3": dict(hidden=1152, layers=26, heads=4, kv_heads=1, head_dim=256, ff=6912, vocab=262144)},
 }
 
 
