@@ -161,7 +161,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         from .importance import importance_for
         with p.model:
             free = importance_for(p)
-    notes: list[str] = []
+    notes: list[str] = list(vocab.notes)
     hessians = None
     if method in SELF_CALIBRATED and calib_tokens > 0 and plan_has_quantized(plan):
         from . import calib

@@ -1,9 +1,12 @@
 """A NumPy reference forward pass of a Hugging Face Llama-family folder.
 
-Independent of ggufq on purpose: it parses the safetensors files itself and follows
-the Hugging Face conventions (``transformers``' modeling_llama / mistral / qwen2), not
-llama.cpp's, so comparing it with llama.cpp running a converted GGUF checks the whole
-conversion (names, Q/K permutation, rope layout, biases, tied output, rope_freqs).
+Independent of ggufq's converter on purpose: it parses the safetensors files itself and
+follows the Hugging Face conventions (``transformers``' modeling_llama / mistral / qwen2 /
+qwen3 / gemma3 / phi3 / smollm3 / olmo2 / granite), not llama.cpp's, so comparing it with
+llama.cpp running a converted GGUF checks the whole conversion (names, Q/K permutation, rope
+layout, biases, norm offsets, tied output, rope_freqs). The few facts that tell the families
+apart (activation, q/k norms, post-norms, multipliers) are read from ggufq's arch record, so a
+wrong record shows up as llama.cpp disagreeing with this forward.
 
 - safetensors: 8-byte little-endian header length, JSON header, raw data; BF16, F16, F32.
 - Q/K as stored by HF (rotate-half RoPE, no permutation), GQA, RMSNorm in float32,
@@ -105,27 +108,63 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
+# family -> HF names of (attention pre-norm, attention post-norm, MLP pre-norm, MLP post-norm)
+NORMS = {
+    "llama": ("input_layernorm", None, "post_attention_layernorm", None),
+    "gemma3": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "olmo2": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+}
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
 class Reference:
-    """``Reference(model_dir).logits(tokens) -> float [n_tokens, vocab]``."""
+    """``Reference(model_dir).logits(tokens) -> float [n_tokens, vocab]``.
+
+    The HF-side facts of an architecture (activation, norm offset, q/k norms, post-norms,
+    multipliers, rope-less layers, fused tensors) come from ggufq's arch record
+    (``ArchRecord.forward``); tensor names, rope and attention follow transformers' modeling code.
+    """
 
     def __init__(self, model_dir, dtype=np.float32):
+        from ggufq.arch import record_for
         self.config, self.t = load_folder(model_dir)
         c = self.config
-        arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
-        if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
-            raise NotImplementedError(arch)
-        self.arch = arch
+        if isinstance(c.get("text_config"), dict):
+            c = self.config = {**c, **c["text_config"]}
+        rec = record_for(c)
+        self.arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
+        self.f = rec.forward
+        self.family = "gemma3" if rec.name in ("gemma2", "gemma3") else "olmo2" if rec.name == "olmo2" else "llama"
         self.dtype = dtype
         self.n_layer = c["num_hidden_layers"]
         self.n_embd = c["hidden_size"]
         self.n_head = c["num_attention_heads"]
         self.n_kv = c.get("num_key_value_heads") or self.n_head
         self.head_dim = c.get("head_dim") or self.n_embd // self.n_head
+        if rec.name == "granite":
+            self.head_dim = self.n_embd // self.n_head
         self.eps = c.get("rms_norm_eps", 1e-6)
         self.inv_freq, self.attn_scaling = rope_inv_freq(c, self.head_dim)
         self.window = None
-        if arch == "MistralForCausalLM" and c.get("sliding_window"):
+        if self.arch == "MistralForCausalLM" and c.get("sliding_window"):
             self.window = int(c["sliding_window"])
+        # Gemma 3: sliding layers use the local rope base and the window
+        self.sliding = [False] * self.n_layer
+        if self.family == "gemma3" and c.get("sliding_window"):
+            pattern = c.get("sliding_window_pattern", 6)
+            types = c.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                             for i in range(self.n_layer)]
+            self.sliding = [t == "sliding_attention" for t in types]
+            local = dict(c, rope_theta=c.get("rope_local_base_freq", 10000.0), rope_scaling=None)
+            self.inv_freq_local, _ = rope_inv_freq(local, self.head_dim)
+        self.use_rope = [True] * self.n_layer
+        if self.f.no_rope_every:
+            nrl = c.get("no_rope_layers")
+            self.use_rope = [bool(x) for x in nrl] if nrl else \
+                [(i + 1) % self.f.no_rope_every != 0 for i in range(self.n_layer)]
 
     def w(self, name: str) -> Optional[np.ndarray]:
         raw = self.t.get(name)
@@ -135,6 +174,8 @@ class Reference:
         h = x.astype(np.float32) if self.dtype == np.float32 else x
         var = np.mean(h * h, axis=-1, keepdims=True)
         h = h / np.sqrt(var + h.dtype.type(self.eps))
+        if self.f.norm_offset:
+            weight = weight + weight.dtype.type(self.f.norm_offset)
         return (weight * h).astype(self.dtype)
 
     def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
@@ -142,50 +183,102 @@ class Reference:
         b = self.w(prefix + ".bias")
         return y + b if b is not None else y
 
+    def _norm(self, x: np.ndarray, p: str, which: int) -> np.ndarray:
+        name = NORMS[self.family][which]
+        return x if name is None else self._rms(x, self.w(p + name + ".weight"))
+
+    def _cfg(self, key: Optional[str], default: float) -> float:
+        v = self.config.get(key) if key else None
+        return float(v) if v is not None else default
+
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
         n, H, KV, hd = len(tokens), self.n_head, self.n_kv, self.head_dim
+        f = self.f
         emb_raw = self.t["model.embed_tokens.weight"]
         x = to_float((emb_raw[0][tokens], emb_raw[1]), self.dtype)
+        if f.embed_scale == "sqrt_embd":
+            x = x * self.dtype(np.float32(self.n_embd ** 0.5))
+        elif f.embed_scale:
+            x = x * self.dtype(self._cfg(f.embed_scale, 1.0))
 
         pos = np.arange(n, dtype=np.float32)
-        freqs = np.outer(pos, self.inv_freq).astype(np.float32)
-        ang = np.concatenate([freqs, freqs], axis=-1)
-        cos = (np.cos(ang) * self.attn_scaling).astype(self.dtype)[None]
-        sin = (np.sin(ang) * self.attn_scaling).astype(self.dtype)[None]
+
+        def cos_sin(inv):
+            freqs = np.outer(pos, inv).astype(np.float32)
+            ang = np.concatenate([freqs, freqs], axis=-1)
+            return ((np.cos(ang) * self.attn_scaling).astype(self.dtype)[None],
+                    (np.sin(ang) * self.attn_scaling).astype(self.dtype)[None])
+        cs_full = cos_sin(self.inv_freq)
+        cs_local = cos_sin(self.inv_freq_local) if any(self.sliding) else None
         i, j = np.arange(n)[:, None], np.arange(n)[None, :]
         visible = j <= i
         if self.window is not None:
             visible &= (i - j) < self.window
         neg = np.where(visible, 0.0, -np.inf).astype(self.dtype)
-        scale = 1.0 / math.sqrt(hd)   # a Python float keeps the array dtype
+        if self.family == "gemma3" and any(self.sliding):
+            win = int(self.config["sliding_window"])
+            neg_local = np.where(visible & ((i - j) < win), 0.0, -np.inf).astype(self.dtype)
+        if f.attn_scale == "query_pre_attn_scalar":
+            scale = float(self.config["query_pre_attn_scalar"]) ** -0.5
+        elif f.attn_scale:
+            scale = self._cfg(f.attn_scale, 1.0 / math.sqrt(hd))
+        else:
+            scale = 1.0 / math.sqrt(hd)   # a Python float keeps the array dtype
+        res = self._cfg(f.residual_scale, 1.0)
 
         for L in range(self.n_layer):
             p = f"model.layers.{L}."
-            h = self._rms(x, self.w(p + "input_layernorm.weight"))
-            q = self._linear(h, p + "self_attn.q_proj").reshape(n, H, hd).transpose(1, 0, 2)
-            k = self._linear(h, p + "self_attn.k_proj").reshape(n, KV, hd).transpose(1, 0, 2)
-            v = self._linear(h, p + "self_attn.v_proj").reshape(n, KV, hd).transpose(1, 0, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = self._norm(x, p, 0)
+            if f.fused_qkv:
+                qkv = self._linear(h, p + "self_attn.qkv_proj")
+                q, k, v = qkv[:, :H * hd], qkv[:, H * hd:(H + KV) * hd], qkv[:, (H + KV) * hd:]
+            else:
+                q = self._linear(h, p + "self_attn.q_proj")
+                k = self._linear(h, p + "self_attn.k_proj")
+                v = self._linear(h, p + "self_attn.v_proj")
+            if f.qk_norm == "full":
+                q = self._rms(q, self.w(p + "self_attn.q_norm.weight"))
+                k = self._rms(k, self.w(p + "self_attn.k_norm.weight"))
+            q = q.reshape(n, H, hd).transpose(1, 0, 2)
+            k = k.reshape(n, KV, hd).transpose(1, 0, 2)
+            v = v.reshape(n, KV, hd).transpose(1, 0, 2)
+            if f.qk_norm == "head":
+                q = self._rms(q, self.w(p + "self_attn.q_norm.weight"))
+                k = self._rms(k, self.w(p + "self_attn.k_norm.weight"))
+            if self.use_rope[L]:
+                cos, sin = cs_local if self.sliding[L] else cs_full
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
             rep = H // KV
             k = np.repeat(k, rep, axis=0)
             v = np.repeat(v, rep, axis=0)
-            s = (q @ k.transpose(0, 2, 1)) * scale + neg
+            s = (q @ k.transpose(0, 2, 1)) * scale + (neg_local if self.sliding[L] else neg)
             s = s.astype(np.float32) if self.dtype == np.float32 else s
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s = (s / s.sum(axis=-1, keepdims=True)).astype(self.dtype)
             a = (s @ v).transpose(1, 0, 2).reshape(n, H * hd)
-            x = x + self._linear(a, p + "self_attn.o_proj")
-            h = self._rms(x, self.w(p + "post_attention_layernorm.weight"))
-            g = self._linear(h, p + "mlp.gate_proj")
-            u = self._linear(h, p + "mlp.up_proj")
-            x = x + self._linear((g / (1 + np.exp(-g))) * u, p + "mlp.down_proj")
+            x = x + self._norm(self._linear(a, p + "self_attn.o_proj"), p, 1) * self.dtype(res)
+            h = self._norm(x, p, 2)
+            if f.fused_gate_up:
+                gu = self._linear(h, p + "mlp.gate_up_proj")
+                g, u = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
+            else:
+                g = self._linear(h, p + "mlp.gate_proj")
+                u = self._linear(h, p + "mlp.up_proj")
+            act = _gelu_tanh(g) if f.act == "gelu_tanh" else g / (1 + np.exp(-g))
+            x = x + self._norm(self._linear(act * u, p + "mlp.down_proj"), p, 3) * self.dtype(res)
 
         x = self._rms(x, self.w("model.norm.weight"))
         tied = self.config.get("tie_word_embeddings", False) or "lm_head.weight" not in self.t
         head = self.w("model.embed_tokens.weight" if tied else "lm_head.weight")
-        return x @ head.T
+        out = x @ head.T
+        if f.logit_scale:
+            out = out / self.dtype(self._cfg(f.logit_scale, 1.0))
+        if f.final_softcap and self.config.get(f.final_softcap):
+            cap = float(self.config[f.final_softcap])
+            out = np.tanh(out / cap) * cap
+        return out
 
 
 def hf_tokenize(model_dir, text: str, add_bos: bool = True) -> list[int]:

@@ -102,11 +102,12 @@ def measure(cmd: list[str], env=None) -> dict:
             "tree_pss_mib": s.peak_pss / 1024}
 
 
-def ensure_model(work: Path, size: str) -> Path:
-    d = work / f"synthetic-llama-{size}"
+def ensure_model(work: Path, size: str, arch: str = "llama") -> Path:
+    d = work / f"synthetic-{arch}-{size}"
     if not (d / "config.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(d), "--size", size, "-q"],
-                       check=True)
+        extra = [] if arch == "llama" else ["--arch", arch]
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(d), "--size", size, "-q",
+                        *extra], check=True)
     return d
 
 
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-convert", type=Path, default=LLAMA_CONVERT,
                     help="llama.cpp's convert_hf_to_gguf.py (env GGUFQ_LLAMA_CONVERT); needs torch")
     ap.add_argument("--skip-llama", action="store_true", help="measure ggufq only")
+    ap.add_argument("--arch", nargs="+", default=["llama"],
+                    help="synthetic families (llama; with --sizes 1B also qwen3, gemma3: tools/synthetic_archs.py)")
     ap.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -135,8 +138,8 @@ def main(argv=None) -> int:
         return 2
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = []
-    for size in a.sizes:
-        d = ensure_model(a.work, size)
+    for size, arch in [(s_, a_) for a_ in a.arch for s_ in a.sizes]:
+        d = ensure_model(a.work, size, arch)
         out = a.work / f"out-{size}.gguf"
         runs = [("ggufq", [sys.executable, "-m", "ggufq", "convert", str(d), "-o", str(out), "--type", a.type,
                            "-j", str(a.jobs), "-q", "-f"])]
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
                                        OUTTYPE[a.type], "--outfile", str(out)]))
         for tool, cmd in runs:
             m = measure(cmd, env=env)
-            m.update(size=size, tool=tool, model_gib=model_bytes(d) / 2**30, out_gib=out.stat().st_size / 2**30)
+            m.update(size=size if arch == "llama" else f"{arch} {size}", tool=tool, model_gib=model_bytes(d) / 2**30, out_gib=out.stat().st_size / 2**30)
             out.unlink()
             results.append(m)
             print(f"{size} {tool}: {m['wall_s']:.1f} s, max RSS {m['max_rss_mib']:.0f} MiB, "

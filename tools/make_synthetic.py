@@ -158,7 +158,22 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=VOCAB, help=f"config vocab_size (default {VOCAB}; >= 8192)")
     ap.add_argument("--shard-size", type=float, default=1.0, help="GiB per shard (default 1)")
     ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("--arch", default=None, help="an architecture family of tools/synthetic_archs.py "
+                    "(qwen3, gemma3, phi3, smollm3, olmo2, granite) instead of the Llama shapes")
+    ap.add_argument("--hidden", type=int, default=128, help="with --arch and no --size: hidden size")
+    ap.add_argument("--shards", type=int, default=3, help="with --arch: number of safetensors shards")
     a = ap.parse_args(argv)
+    if a.arch is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from synthetic_archs import SIZES as ARCH_SIZES, make_arch
+        shape = dict(ARCH_SIZES.get(a.size, {}).get(a.arch) or {}) if "--size" in (argv or sys.argv) else {}
+        if not shape:
+            shape = dict(hidden=a.hidden, layers=a.layers or 2, heads=4, kv_heads=2, ff=2 * a.hidden)
+        elif a.layers is not None:
+            shape["layers"] = a.layers
+        make_arch(a.out_dir, a.arch, shards=a.shards, seed=a.seed, scale=0.0 if "--size" in (argv or sys.argv) else 1.0,
+                  quiet=a.quiet, **shape)
+        return 0
     if a.vocab < 8192:
         ap.error("--vocab must cover the 8192-piece tokenizer")
     write_model(a.out_dir, a.size, a.seed, a.layers, a.vocab, int(a.shard_size * 2**30), a.quiet)

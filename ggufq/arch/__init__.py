@@ -1,24 +1,38 @@
-"""Per-architecture mapping: HF config -> GGUF hyperparameters, HF tensors -> GGUF tensors.
+"""Architectures as data: an :class:`ArchRecord` per HF class, read by every stage.
 
-One small module per architecture family registers its class under the HF
-``architectures`` names it handles. An arch knows nothing of files or
-quantization: it turns a :class:`ggufq.source.Model` into GGUF metadata and a
-list of :class:`OutTensor` whose ``read(lo, hi)`` yields float32 rows (Q/K
-permutations and generated tensors such as ``rope_freqs`` happen there).
+gguf-py already names every tensor of every llama.cpp architecture
+(``MODEL_TENSORS[arch]``, ``TENSOR_NAMES``) and maps the HF spellings to them
+(``TensorNameMap``). So an architecture here is only a record of its
+*deviations* from the common dense decoder -- rope layout, norm offset, q/k
+norms, biases, fused tensors, config defaults, the few extra GGUF keys -- and
+:class:`ggufq.arch.base.TextArch` turns (record, config.json) into GGUF
+metadata and a list of :class:`OutTensor` whose ``read(lo, hi)`` yields float32
+rows (Q/K permutations, norm offsets, generated tensors such as ``rope_freqs``
+happen there). The same record tells the plan (``model_info``), the data-free
+importance (which norm feeds which matrix) and the tests' reference forward
+(``forward`` facts) what the model is. An arch knows nothing of files or
+quantization.
+
+Adding an architecture: one module under ``ggufq/arch`` that calls
+:func:`register` with a record (see docs/DESIGN.md, "How to add an
+architecture", with Qwen3 as the worked example).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Type
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
+import gguf
 import numpy as np
 
 from .. import GgufqError
 from ..plan import TensorSpec
 
-_MODULES = ("llama", "mistral", "qwen2")
-_REGISTRY: dict[str, Type] = {}
+MT = gguf.MODEL_TENSOR
+
+_MODULES = ("llama", "qwen", "gemma", "phi3", "olmo2", "granite")
+_REGISTRY: dict[str, "ArchRecord"] = {}
 _loaded = False
 
 
@@ -45,13 +59,84 @@ class OutTensor:
         return TensorSpec(self.name, self.shape)
 
 
-def register(*hf_names: str):
-    def deco(cls):
-        for n in hf_names:
-            _REGISTRY[n] = cls
-        cls.hf_names = tuple(hf_names)
-        return cls
-    return deco
+# the layer of a Llama-style pre-norm decoder: what every record starts from
+LLAMA_LAYER = (MT.ATTN_NORM, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT,
+               MT.FFN_NORM, MT.FFN_GATE, MT.FFN_UP, MT.FFN_DOWN)
+
+# GGUF tensor -> shape in numpy order, in terms of the hyperparameters
+# (E embd, F ff, V vocab, q = n_head*head_dim, kv = n_head_kv*head_dim, hd head_dim, qkv = q + 2 kv)
+SHAPES: dict[MT, tuple[str, ...]] = {
+    MT.TOKEN_EMBD: ("V", "E"), MT.OUTPUT: ("V", "E"), MT.OUTPUT_NORM: ("E",),
+    MT.ATTN_NORM: ("E",), MT.FFN_NORM: ("E",), MT.ATTN_POST_NORM: ("E",), MT.FFN_POST_NORM: ("E",),
+    MT.ATTN_Q: ("q", "E"), MT.ATTN_K: ("kv", "E"), MT.ATTN_V: ("kv", "E"), MT.ATTN_QKV: ("qkv", "E"),
+    MT.ATTN_OUT: ("E", "q"), MT.ATTN_Q_NORM: ("hd",), MT.ATTN_K_NORM: ("hd",),
+    MT.FFN_GATE: ("F", "E"), MT.FFN_UP: ("F", "E"), MT.FFN_DOWN: ("E", "F"),
+}
+
+
+@dataclass(frozen=True)
+class Forward:
+    """How the HF model computes, for the readers that run or model it (reference forward,
+    importance, calibration). Defaults: Llama."""
+    act: str = "silu"                     # gate activation: "silu" | "gelu_tanh"
+    norm_offset: float = 0.0              # HF norms compute x * (offset + w) (Gemma: 1)
+    qk_norm: Optional[str] = None         # "head": RMSNorm per head on q/k; "full": over all of q / k
+    pre_norm: bool = True                 # norm before attention / MLP (OLMo 2 has none)
+    post_norm: bool = False               # norm after attention / MLP, before the residual add
+    embed_scale: Optional[str] = None     # "sqrt_embd" (Gemma) or a config key (Granite)
+    attn_scale: Optional[str] = None      # None: 1/sqrt(head_dim); "query_pre_attn_scalar"; a config key
+    residual_scale: Optional[str] = None  # config key multiplying each block's output (Granite)
+    logit_scale: Optional[str] = None     # config key dividing the logits (Granite)
+    final_softcap: Optional[str] = None   # config key of tanh soft-capping of the logits (Gemma 2/3)
+    attn_softcap: Optional[str] = None    # config key of tanh soft-capping of attention scores (Gemma 2)
+    no_rope_every: int = 0                # every n-th layer has no rope (SmolLM3: 4)
+    fused_qkv: bool = False               # Phi-3: q, k, v in one matrix
+    fused_gate_up: bool = False           # Phi-3: gate and up in one matrix (gate first)
+
+
+@dataclass(frozen=True)
+class ArchRecord:
+    """One architecture's deviations from the common dense decoder.
+
+    Read by :class:`ggufq.arch.base.TextArch` (convert), ``model_info`` (plan),
+    :mod:`ggufq.importance` and the tests' reference forward.
+    """
+    hf_names: tuple[str, ...]             # config.json "architectures" this record converts
+    gguf_arch: gguf.MODEL_ARCH
+    permute_qk: bool = False              # rope NORM (interleaved): Q/K rows permuted from HF's rotate-half
+    layer: tuple[MT, ...] = LLAMA_LAYER   # tensors every layer must have
+    biases: tuple[MT, ...] = ()           # tensors whose .bias every layer must have
+    bias_key: Optional[str] = None        # config key switching ``bias_tensors`` on (e.g. attention_bias)
+    bias_tensors: tuple[MT, ...] = (MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT)
+    shapes: dict = field(default_factory=dict)       # MT -> shape terms, overriding SHAPES
+    defaults: dict = field(default_factory=dict)     # config key -> value or f(config): what transformers'
+                                                     # config class fills in (llama.cpp reads it through it)
+    drop_keys: tuple[str, ...] = ()       # config keys llama.cpp's class pops before writing (Granite head_dim)
+    skip_tensors: tuple[str, ...] = ()    # HF tensors never written (Gemma drops lm_head)
+    norm_offset: float = 0.0              # added to every HF "*norm.weight" on the way in (Gemma: +1)
+    vocab_rows_from_tokenizer: bool = False  # token_embd rows cut to the tokenizer's size (Gemma 3)
+    common_keys: bool = True              # False: the arch writes all its hparams itself (Phi-3)
+    keys: Optional[Callable] = None       # (cfg, writer) after the common keys: arch-specific hparams
+    keys_after_ftype: Optional[Callable] = None  # (cfg, writer) after general.file_type (Llama's vocab_size)
+    generated: Optional[Callable] = None  # (cfg) -> [OutTensor] tensors made from the config (rope_freqs)
+    vocab: Optional[Callable] = None      # (vocab, model_dir, cfg) -> Vocab: tokenizer deviations
+    tokenizer: Optional[str] = None       # force a vocab loader: "spm" | "bpe" | None (what the folder has)
+    forward: Forward = Forward()
+    template_family: Optional[str] = None  # ggufq.ollama template family for this arch (None: detect)
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def derive(self, hf_names: tuple[str, ...], **changes) -> "ArchRecord":
+        """A record for a related arch: this one with ``changes``."""
+        return replace(self, hf_names=tuple(hf_names), **changes)
+
+
+def register(record: ArchRecord) -> ArchRecord:
+    for n in record.hf_names:
+        _REGISTRY[n] = record
+    return record
 
 
 def _load() -> None:
@@ -67,14 +152,20 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def for_config(config: dict):
-    """The arch object for a config.json, or a clear error listing what is supported."""
+def record_for(config: dict) -> ArchRecord:
+    """The record for a config.json, or a clear error listing what is supported."""
     _load()
     names = config.get("architectures") or []
     if isinstance(names, str):
         names = [names]
     for n in names:
         if n in _REGISTRY:
-            return _REGISTRY[n](config)
-    got = ", ".join(names) if names else "none given in config.json"
+            return _REGISTRY[n]
+    got = ", ".join(map(str, names)) if names else "none given in config.json"
     raise GgufqError(f"unsupported architecture ({got}); ggufq converts {', '.join(supported())}")
+
+
+def for_config(config: dict):
+    """The arch object (:class:`ggufq.arch.base.TextArch`) for a config.json."""
+    from .base import TextArch
+    return TextArch(record_for(config), config)

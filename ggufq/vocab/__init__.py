@@ -32,6 +32,7 @@ class Vocab:
     add_space_prefix: Optional[bool] = None     # tokenizer.ggml.add_space_prefix
     special: Optional[gguf.SpecialVocab] = None  # special ids, add_bos/eos, merges, chat template
     extra: dict = field(default_factory=dict)   # any other tokenizer.ggml.* key -> value
+    notes: list = field(default_factory=list)   # what was decided on the user's behalf (printed by convert)
 
     def write(self, w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -52,14 +53,36 @@ class Vocab:
 def load(model_dir: Path, config: dict, pre: Optional[str] = None) -> Vocab:
     """The folder's tokenizer as GGUF metadata; tokenizer.json (BPE) or tokenizer.model (SentencePiece)."""
     model_dir = Path(model_dir)
-    vocab_size = config.get("vocab_size")
-    if (model_dir / "tokenizer.model").is_file():
+    arch = _arch(config)
+    cfg = arch.cfg if arch is not None else None
+    vocab_size = cfg.get("vocab_size") if cfg is not None else config.get("vocab_size")
+    kind = arch.record.tokenizer if arch is not None else None
+    if kind is None:
+        kind = "spm" if (model_dir / "tokenizer.model").is_file() else \
+            "bpe" if (model_dir / "tokenizer.json").is_file() else None
+    if kind == "spm":
         from . import spm
-        return spm.load(model_dir, vocab_size)
-    if (model_dir / "tokenizer.json").is_file():
+        vocab = spm.load(model_dir, vocab_size)
+    elif kind == "bpe":
         from . import bpe
-        return bpe.load(model_dir, vocab_size, pre=pre)
-    raise GgufqError(f"{model_dir}: no tokenizer.model or tokenizer.json")
+        vocab = bpe.load(model_dir, vocab_size, pre=pre)
+    elif kind is None:
+        raise GgufqError(f"{model_dir}: no tokenizer.model or tokenizer.json")
+    else:
+        import importlib
+        vocab = importlib.import_module(f"{__name__}.{kind}").load(model_dir, vocab_size)
+    if arch is not None and arch.record.vocab is not None:
+        vocab = arch.record.vocab(vocab, model_dir, arch)
+    return vocab
+
+
+def _arch(config: dict):
+    """The arch object of a config, or None (a vocabulary can be read without a known arch)."""
+    from .. import arch
+    try:
+        return arch.for_config(config)
+    except GgufqError:
+        return None
 
 
 def looks_special(text: str) -> bool:

@@ -43,6 +43,55 @@ def pre_tokenizer_name(tok) -> tuple[str, Optional[str]]:
     return h, PRE_BY_HASH.get(h)
 
 
+# tokenizer.json pre-tokenizer pipelines -> the llama.cpp pre-tokenizer that splits text the same way
+# (llama-vocab.cpp's regex_exprs for that name; where several names share one regex, the first here).
+# A pipeline is (normalizer types, pre-tokenizer steps), a step being "split:<regex>", "bytelevel",
+# "bytelevel+regex" (ByteLevel with GPT-2's own regex) or "digits" (Digits, individual_digits).
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_BY_PIPELINE: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {
+    ((), ("split:" + _LLAMA3_RE, "bytelevel")): "llama-bpe",
+    (("NFC",), ("split:" + _QWEN2_RE, "bytelevel")): "qwen2",
+    ((), ("bytelevel+regex",)): "gpt-2",
+    ((), ("digits", "bytelevel+regex")): "smollm",
+}
+
+
+def _pipeline(tok_json: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def flat(node, kind):
+        if not node:
+            return []
+        if node.get("type") == "Sequence":
+            return [x for n in node.get(kind, []) for x in flat(n, kind)]
+        return [node]
+    norm = tuple(n.get("type", "?") for n in flat(tok_json.get("normalizer"), "normalizers"))
+    steps = []
+    for n in flat(tok_json.get("pre_tokenizer"), "pretokenizers"):
+        t = n.get("type")
+        if t == "Split":
+            pat = n.get("pattern") or {}
+            steps.append("split:" + str(pat.get("Regex", pat.get("String"))))
+        elif t == "ByteLevel":
+            steps.append("bytelevel+regex" if n.get("use_regex", True) else "bytelevel")
+        elif t == "Digits":
+            steps.append("digits" if n.get("individual_digits") else "digits-grouped")
+        else:
+            steps.append(str(t))
+    return norm, tuple(steps)
+
+
+def pre_from_pipeline(tok_json: dict) -> tuple[Optional[str], str]:
+    """(llama.cpp pre-tokenizer name or None, what in tokenizer.json decided it) from its own
+    normalizer and pre-tokenizer steps, for tokenizers whose chktxt hash llama.cpp does not list."""
+    norm, steps = _pipeline(tok_json)
+    name = PRE_BY_PIPELINE.get((norm, steps))
+    shown = ", ".join(s if not s.startswith("split:") else "Split regex" for s in steps) or "no pre_tokenizer"
+    where = f"normalizer {'+'.join(norm) or 'none'} and pre_tokenizer [{shown}]"
+    return name, where
+
+
 def _check_byte_level(tok_json: dict, path: Path) -> None:
     model = tok_json.get("model") or {}
     if model.get("type") != "BPE":
@@ -69,7 +118,6 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
     if tok_json is None:
         raise GgufqError(f"{model_dir}: no tokenizer.json")
     _check_byte_level(tok_json, path)
-    tok_config = read_json(model_dir / "tokenizer_config.json") or {}
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
@@ -88,12 +136,17 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
     if pre is not None and pre not in LLAMA_CPP_PRE_NAMES:
         raise GgufqError(f"--vocab-pre {pre!r}: llama.cpp knows no such pre-tokenizer (known: "
                          f"{', '.join(sorted(LLAMA_CPP_PRE_NAMES))})")
+    notes = []
     if pre is None:
         h, pre = pre_tokenizer_name(tok)
         if pre is None:
-            raise GgufqError(f"{path}: unknown BPE pre-tokenizer (chktxt hash {h}); llama.cpp does not "
-                             "know it -- pass --vocab-pre NAME (e.g. llama-bpe, qwen2, gpt-2) if you know "
-                             "which one it matches")
+            pre, why = pre_from_pipeline(tok_json)
+            if pre is None:
+                raise GgufqError(f"{path}: unknown BPE pre-tokenizer (chktxt hash {h}, {why}); llama.cpp does "
+                                 "not know it -- pass --vocab-pre NAME (e.g. llama-bpe, qwen2, gpt-2) if you "
+                                 "know which one it matches")
+            notes.append(f"tokenizer: chktxt hash unknown to llama.cpp; pre-tokenizer {pre!r} chosen from "
+                         f"tokenizer.json's {why} (override with --vocab-pre)")
 
     by_id: dict[int, str] = {}
     for text, i in vocab.items():
@@ -132,7 +185,6 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
 
-    add_space_prefix = tok_config.get("add_prefix_space")      # llama.cpp's llama converter copies it
     return Vocab(model="gpt2", tokens=[t.encode("utf-8") for t in tokens], token_types=[int(t) for t in types],
-                 pre=pre, add_space_prefix=add_space_prefix if isinstance(add_space_prefix, bool) else None,
+                 pre=pre, notes=notes,
                  special=special)

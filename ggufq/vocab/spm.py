@@ -69,7 +69,5 @@ def load(model_dir: Path, vocab_size: Optional[int]) -> Vocab:
         tokens[i] = text.encode("utf-8")
 
     special = gguf.SpecialVocab(model_dir, n_vocab=len(tokens))
-    add_space_prefix = tcfg.get("add_prefix_space")
     return Vocab(model="llama", pre="default", tokens=tokens, scores=scores, token_types=types,
-                 add_space_prefix=None if add_space_prefix is None else bool(add_space_prefix),
                  special=special)

@@ -1,0 +1,179 @@
+"""The architectures of ggufq.arch end to end on synthetic checkpoints (tools/synthetic_archs.py):
+
+* ``ggufq convert --type F32`` -> llama-cpp-python logits at every position vs the NumPy reference
+  forward of the HF weights (tests/reference.py): max relative error per position < TOL;
+* tokenizer parity: the GGUF's tokenizer in llama.cpp gives the HF tokenizer's ids on a mixed sample;
+* bad input: a missing config key, a q_norm of the wrong shape, a fused qkv that does not split ->
+  one ``ggufq: error:`` line, exit 1, nothing written.
+
+Parity with llama.cpp's own converter (keys, tensor bytes) is ``tools/arch_parity.py`` (needs torch).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "tools"))
+from synthetic_archs import FAMILIES, QWEN2_VOCAB, make_arch  # noqa: E402
+
+TOL = 1e-4
+# ggml computes GELU through a table indexed by the fp16-rounded input (GGML_GELU_FP16), ~1e-3 per
+# activation; the HF reference uses tanh GELU in float32. Emulating the table halves the gap (1.3e-4 ->
+# 6e-5 on gemma3), so the rest is float32 noise of the deeper pre/post-norm block.
+TOL_GELU = 3e-4
+FAMS = sorted(FAMILIES)
+
+
+def _need_vocab(fam):
+    if FAMILIES[fam][2] == "bpe" and not QWEN2_VOCAB.is_file():
+        pytest.skip(f"{QWEN2_VOCAB} not found (llama.cpp's source tree)")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    made = {}
+
+    def get(fam):
+        if fam not in made:
+            _need_vocab(fam)
+            made[fam] = make_arch(tmp_path_factory.mktemp(fam) / fam, fam, hidden=128, layers=4, heads=4,
+                                  kv_heads=2, ff=256, shards=3, seed=7)
+        return made[fam]
+    return get
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_f32_logits_match_reference(fam, synth, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llama_worker import llama_logits
+    from reference import Reference
+    d = synth(fam)
+    out = tmp_path / f"{fam}.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((d / "config.json").read_text())
+    ids = [cfg["bos_token_id"]] + list(np.random.default_rng(5).integers(3, 8000, 63))
+    ref = Reference(d).logits(ids).astype(np.float64)
+    got = llama_logits(out, ids).astype(np.float64)
+    rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    print(f"\n{fam}: max rel err {rel.max():.2e}")
+    from ggufq.arch import record_for
+    tol = TOL_GELU if record_for(cfg).forward.act == "gelu_tanh" else TOL
+    assert rel.max() < tol, f"{fam}: max rel err {rel.max():.3g} at position {int(rel.argmax())}"
+
+
+MIXED = ["Hello world! The quick brown fox.", "  leading spaces, trailing   ", "tabs\tand\nnew lines\n\n",
+         "digits 0123456789 3.14159 1,000,000", "unicode: café naïve Zürich Ελληνικά", "CJK: 日本語 中文 한국어",
+         "emoji: 🙂 👍🏽", "code: def f(x):\n    return x ** 2  # sq", "<|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.mark.parametrize("fam", ["qwen3", "gemma3", "phi3"])
+def test_tokenizer_parity(fam, synth, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from llama_worker import llama_tokenize
+    d = synth(fam)
+    out = tmp_path / f"{fam}.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q8_0", "-q")
+    assert r.returncode == 0, r.stderr
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        want = [tok.encode(t, add_special_tokens=False).ids for t in MIXED]
+    else:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+        want = [sp.encode(t) for t in MIXED[:-1]]
+    got = llama_tokenize(out, MIXED[:len(want)])
+    for t, a, b in zip(MIXED, want, got):
+        assert b == a, f"{fam}: {t[:40]!r}"
+
+
+def _bad(d, tmp_path, *, msg):
+    out = tmp_path / "bad.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "F16", "-q")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ggufq: error:"), r.stderr
+    assert msg in lines[0], lines[0]
+    assert not out.exists() and not list(tmp_path.glob("*.gguf*"))
+
+
+def test_missing_config_key_is_one_line(tmp_path):
+    _need_vocab("qwen3")
+    d = make_arch(tmp_path / "m", "qwen3", hidden=64, layers=1, heads=2, kv_heads=1, ff=128, shards=1)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["num_attention_heads"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    _bad(d, tmp_path, msg="num_attention_heads")
+
+
+def test_q_norm_of_wrong_shape_is_one_line(tmp_path):
+    _need_vocab("qwen3")
+    d = make_arch(tmp_path / "m", "qwen3", hidden=64, layers=1, heads=2, kv_heads=1, ff=128, shards=1)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["head_dim"] = 16          # q_norm is [32]: the weights say head_dim 32
+    (d / "config.json").write_text(json.dumps(cfg))
+    _bad(d, tmp_path, msg="has shape")
+
+
+def test_phi3_qkv_that_does_not_split_is_one_line(tmp_path):
+    d = make_arch(tmp_path / "m", "phi3", hidden=64, layers=1, heads=2, kv_heads=2, ff=128, shards=1)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_key_value_heads"] = 1  # qkv has rows for 2 kv heads
+    (d / "config.json").write_text(json.dumps(cfg))
+    _bad(d, tmp_path, msg="qkv_proj")
+
+
+def _edit_tokenizer(d, fn):
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    fn(tj)
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+
+
+def test_unknown_hash_pre_tokenizer_from_regex(tmp_path):
+    """A tokenizer.json whose chktxt hash llama.cpp does not list (merges changed) is identified from
+    its own normalizer + pre-tokenizer regex, and convert says what it chose; an unknown regex stays a
+    one-line error with the --vocab-pre hint."""
+    import gguf
+    _need_vocab("qwen3")
+    d = make_arch(tmp_path / "m", "qwen3", hidden=64, layers=1, heads=2, kv_heads=1, ff=128, shards=1)
+    _edit_tokenizer(d, lambda tj: tj["model"].__setitem__("merges", tj["model"]["merges"][:-50000]))
+    out = tmp_path / "m.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "pre-tokenizer 'qwen2' chosen from tokenizer.json's normalizer NFC" in r.stderr
+    f = gguf.GGUFReader(out).fields["tokenizer.ggml.pre"]
+    assert bytes(f.parts[-1]).decode() == "qwen2"
+
+    def odd(tj):
+        tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    _edit_tokenizer(d, odd)
+    out.unlink()
+    _bad(d, tmp_path, msg="--vocab-pre")
+
+
+@pytest.mark.parametrize("fam", FAMS)
+def test_plan_types_equal_llama_cpp(fam, tmp_path):
+    """Every tensor's Q4_K_M / Q3_K_M / Q2_K / Q5_K_M type equals llama.cpp's own choice
+    (llama_quant_compute_types through ctypes) on rows that k-quants fit (hidden 256, 8 layers)."""
+    pytest.importorskip("llama_cpp")
+    from ggufq.convert import tensor_specs
+    from ggufq.plan import llama_ref, make_plan
+    if not llama_ref.available():
+        pytest.skip("llama.cpp's libllama not found")
+    _need_vocab(fam)
+    d = make_arch(tmp_path / fam, fam, hidden=256, layers=8, heads=4, kv_heads=1, ff=768, vocab=2048, shards=2)
+    specs, info = tensor_specs(d)
+    for ft in ("Q4_K_M", "Q3_K_M", "Q2_K", "Q5_K_M"):
+        plan = make_plan(specs, info, ft)
+        ref = llama_ref.compute_types(specs, info, ft, n_ff=768)
+        quantized = [e for e in plan.entries if ref.get(e.name) is not None]
+        assert len(quantized) >= 8 * 4
+        bad = [(e.name, e.qtype.name, ref[e.name].name) for e in quantized if ref[e.name] != e.qtype]
+        assert not bad, (ft, bad[:4])
+        assert len({e.qtype for e in quantized}) >= 2, ft   # a real mixture, not one type everywhere
