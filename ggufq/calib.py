@@ -161,9 +161,11 @@ class SelfCalibration:
     def summary(self) -> str:
         n, t = self.tokens.shape
         s = self.stats
+        tm = s.get("times", {})
         return (f"self-calibration: {n}x{t} tokens generated and input moments collected in "
                 f"{s['seconds']:.1f} s by llama.cpp ({'GPU' if s.get('offload') else 'CPU'}, {s['n_par']} sequences "
-                f"per batch); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
+                f"per batch; decode {tm.get('decode', 0):.1f} s, sampling {tm.get('sample', 0):.1f} s, "
+                f"moment sums {tm.get('sums', 0):.1f} s); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
                 f"{s['model_seconds']:.1f} s, moment scratch {_mib(s['scratch_bytes'])}; peak RSS: "
                 f"worker {_mib(s['worker_rss'])}, ggufq {_mib(_peak_rss())}")
 

@@ -287,6 +287,7 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     gens = [np.random.default_rng([int(req["seed"]), s]) for s in range(n_seq)]
     t0 = time.monotonic()
     step, flush_rows = 0, None
+    times = {"decode": 0.0, "sample": 0.0, "sums": 0.0}
     send(("start", -(-n_seq // n_par) * n_tok, n_par), None)
     mem = llama_cpp.llama_get_memory(ctx)
     for s0 in range(0, n_seq, n_par):
@@ -300,7 +301,9 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
                 batch.n_seq_id[j] = 1
                 batch.seq_id[j][0] = j
                 batch.logits[j] = 1
+            tick = time.monotonic()
             rc = llama_cpp.llama_decode(ctx, batch)
+            tick = _lap(times, "decode", tick)
             if col.error is not None:
                 raise col.error
             if rc != 0:
@@ -308,23 +311,33 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
             if t + 1 < n_tok and given is None:
                 lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(s1 - s0, n_vocab))
                 toks[s0:s1, t + 1] = _sample(lg, gens[s0:s1], float(req["temperature"]))
+                tick = _lap(times, "sample", tick)
             if flush_rows is None:
                 flush_rows = max(1, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
             if col.buffered_tokens() >= flush_rows:
                 col.flush()
+                tick = _lap(times, "sums", tick)
             step += 1
             send(("progress", step), None)
+    tick = time.monotonic()
     col.flush()
     if col.mm is not None:
         col.mm.flush()
+    _lap(times, "sums", tick)
     out = col.index()
-    out.update(n_par=n_par, seconds=time.monotonic() - t0, peak_rss=_peak_rss(),
+    out.update(n_par=n_par, times=times, seconds=time.monotonic() - t0, peak_rss=_peak_rss(),
                offload=bool(supports and mp.n_gpu_layers != 0),
                system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip())
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
     return out, toks
+
+
+def _lap(times: dict, key: str, since: float) -> float:
+    now = time.monotonic()
+    times[key] += now - since
+    return now
 
 
 def _peak_rss() -> int:

@@ -178,3 +178,123 @@ def test_calib_tokens_zero_is_the_data_free_path(tmp_path, tiny):
     assert run_cli("convert", tiny, "-o", b, "--type", "Q4_K_M", "--method", "hqq-fast", "-q").returncode == 0
     # hqq without calibration = hqq-fast for K types (data-free importance, same refinement)
     assert a.read_bytes() == b.read_bytes()
+
+
+# ---- failure paths ---------------------------------------------------------------------------
+
+def _leftovers(d):
+    return sorted(f.name for f in d.iterdir())
+
+
+def test_without_llama_cpp_python_one_line_and_nothing_written(tmp_path, tiny, monkeypatch):
+    from ggufq.convert import convert
+    monkeypatch.setattr(calib, "available", lambda: False)
+    with pytest.raises(GgufqError, match=r"llama-cpp-python.*not installed.*--calib-tokens 0"):
+        convert(tiny, tmp_path / "o.gguf", "Q4_K_M", method="calibrated", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_worker_that_crashes_leaves_nothing(tmp_path, tiny, monkeypatch):
+    """What a GPU build that cannot load looks like from here: the worker dies of a signal."""
+    from ggufq.convert import convert
+    monkeypatch.setattr(calib, "_ENTRY", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(GgufqError, match=r"worker died \(exit code -11\), SIGSEGV"):
+        convert(tiny, tmp_path / "o.gguf", "Q4_K_M", method="calibrated", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def _session_procs(sid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:      # field 6 of stat: session id
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_during_calibration_leaves_no_process_and_no_file(tmp_path, tiny):
+    """Ctrl-C reaches the whole process group (as from a terminal) while the worker decodes:
+    exit 130, one line, no worker left, the temporary folder gone."""
+    from conftest import ROOT
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "ggufq", "convert", str(tiny), "-o", str(tmp_path / "o.gguf"),
+                          "--type", "Q4_K_M", "--method", "calibrated", "-j", "1"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:          # the scratch exists once the worker has decoded
+            if any((d / "moments.f64").exists() for d in tmp_path.glob(".o.gguf.calib-*")):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("calibration never started")
+        assert len(_session_procs(p.pid)) >= 2      # ggufq and its worker
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ggufq: interrupted"
+    time.sleep(0.5)
+    assert _session_procs(p.pid) == []
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_imatrix_needs_a_calibrated_method(tmp_path, tiny):
+    from ggufq.convert import convert
+    with pytest.raises(GgufqError, match="--save-imatrix needs a self-calibrated"):
+        convert(tiny, tmp_path / "o.gguf", "Q4_K_M", method="kquant", save_imatrix=tmp_path / "i.gguf",
+                progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+# ---- --save-imatrix ----------------------------------------------------------------------------
+
+def test_save_imatrix_is_a_llama_imatrix_of_the_moments(tmp_path, tiny):
+    """--save-imatrix writes llama-imatrix's GGUF format (sums of squares + token counts, sorted
+    names) with the diagonal of the self-generated moments; llama-quantize --imatrix of it gives
+    the same tensors, byte for byte, as ggufq's --method kquant --imatrix of it."""
+    import gguf
+    from conftest import LLAMA_BIN, run_cli
+    from ggufq.imatrix import load
+    im, out = tmp_path / "self.imatrix.gguf", tmp_path / "cal.gguf"
+    r = run_cli("convert", tiny, "-o", out, "--type", "Q4_K_M", "--method", "calibrated", "--calib-tokens", "1024",
+                "-j", "1", "--save-imatrix", im)
+    assert r.returncode == 0, r.stderr
+    assert "imatrix of 57 tensors" in r.stderr                   # 8 layers x 7 matrices + output
+    rd = gguf.GGUFReader(im)
+    assert bytes(rd.fields["general.type"].parts[-1]).decode() == "imatrix"
+    assert "general.architecture" not in rd.fields
+    names = [t.name for t in rd.tensors]
+    assert names == [f"{n}.{s}" for n in sorted({x.rsplit('.', 1)[0] for x in names}) for s in ("in_sum2", "counts")]
+    got = load(im)
+    assert got.chunk_size == 512 and got.chunk_count == 2
+    (tmp_path / "again").mkdir()
+    with _cal(tiny, tmp_path / "again", 1024, seq_len=512) as c:
+        for name in ("blk.0.attn_k.weight", "blk.5.ffn_down.weight", "output.weight"):
+            m = c.moment(name)
+            np.testing.assert_allclose(got.entries[name], np.diag(m) if m.ndim == 2 else m, rtol=1e-6)
+    tool = LLAMA_BIN / "llama-quantize"
+    if not tool.exists():
+        pytest.skip(f"llama-quantize not built in {LLAMA_BIN}")
+    f16, lq, gq = tmp_path / "f16.gguf", tmp_path / "lq.gguf", tmp_path / "gq.gguf"
+    assert run_cli("convert", tiny, "-o", f16, "--type", "F16", "-q").returncode == 0
+    r = subprocess.run([str(tool), "--imatrix", str(im), str(f16), str(lq), "Q4_K_M", "1"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert run_cli("convert", tiny, "-o", gq, "--type", "Q4_K_M", "--imatrix", im, "-q").returncode == 0
+    a, b = gguf.GGUFReader(lq), gguf.GGUFReader(gq)
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert bytes(x.data) == bytes(y.data), x.name
+    for k in ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
+              "quantize.imatrix.chunks_count"):
+        assert a.fields[k].parts[-1].tobytes() == b.fields[k].parts[-1].tobytes(), k
