@@ -49,7 +49,7 @@ from . import GgufqError
 
 N_SEQ, N_TOK = 64, 512
 KV_BYTES = 2 << 30           # f16 KV cache of the sequences decoded together
-BUFFER_BYTES = 256 << 20     # matrix inputs buffered before they are folded into the sums
+BUFFER_BYTES = 512 << 20     # full-moment inputs buffered before they are folded into the sums (>= 1024 rows)
 Q8_PARAMS = 1_000_000_000    # the temporary model is Q8_0 from here up, else F16
 DIAG_ONLY = ("ffn_down",)    # GGUF tensor roles whose moment is the diagonal only
 _ENTRY = "import llama_cpp; from ggufq.calib_worker import main; main()"

@@ -25,9 +25,10 @@ Moments: llama.cpp's graph-evaluation callback (``cb_eval``, as llama-imatrix) s
 ``MUL_MAT`` whose ``src0`` is a weight named in the request; its ``src1`` (F32, copied to the
 host when it lives on a GPU) is the matrix's input. Weights that read the same graph tensor
 (q/k/v read ``attn_norm-i``, gate/up read ``ffn_norm-i``) share one moment, keyed by that
-tensor's name, so nothing here knows an architecture. Rows are buffered (``buffer_bytes``)
-and folded into float64 sums in a memory-mapped scratch file: ``X^T X`` for "full", the
-column sums of squares for "diag". ``MUL_MAT_ID`` (experts) is not collected.
+tensor's name, so nothing here knows an architecture. Rows of "full" inputs are buffered
+(``buffer_bytes``, at least 1024 rows: fewer passes over the n^2 sums) and their float32
+``X^T X`` (syrk) is added to float64 sums in a memory-mapped scratch file; "diag" inputs are
+summed (squares, float64) at once. ``MUL_MAT_ID`` (experts) is not collected.
 """
 import llama_cpp  # noqa: I001  -- must come before numpy (see module docstring)
 
@@ -108,7 +109,9 @@ class Collector:
         self.weight_key: dict[bytes, bytes] = {}      # weight -> input key
         self.kind: dict[bytes, str] = {}              # input key -> "full" | "diag"
         self.width: dict[bytes, int] = {}
-        self.pending: dict[bytes, list] = {}
+        self.pending: dict[bytes, list] = {}      # full-moment inputs not yet summed
+        self.diag: dict[bytes, np.ndarray] = {}    # diagonal-only sums (kept in memory, small)
+        self.diag_rows: dict[bytes, int] = {}
         self.pending_rows = 0
         self.count = 0                                # tokens folded in (per key)
         self.scratch_path = scratch
@@ -173,15 +176,22 @@ class Collector:
         raw = (ctypes.c_char * span).from_address(base)
         a = np.lib.stride_tricks.as_strided(
             np.frombuffer(raw, np.float32), shape=(int(x.ne[3]), int(x.ne[2]), int(x.ne[1]), ne0),
-            strides=(int(x.nb[3]), int(x.nb[2]), int(x.nb[1]), 4))
-        self.pending.setdefault(key, []).append(np.array(a.reshape(rows, ne0), np.float32))
+            strides=(int(x.nb[3]), int(x.nb[2]), int(x.nb[1]), 4)).reshape(rows, ne0)
+        if self.kind[key] == "diag":      # cheap: summed at once, nothing buffered
+            d = self.diag.get(key)
+            if d is None:
+                d = self.diag[key] = np.zeros(ne0)
+            d += np.einsum("ij,ij->j", a, a, dtype=np.float64)
+            self.diag_rows[key] = self.diag_rows.get(key, 0) + rows
+        else:
+            self.pending.setdefault(key, []).append(np.array(a, np.float32))
 
     # ---- sums --------------------------------------------------------------------
     def buffered_tokens(self) -> int:
         return sum(x.shape[0] for x in next(iter(self.pending.values()), []))
 
     def per_token_bytes(self) -> int:
-        return 4 * sum(self.width.values())
+        return 4 * sum(n for k, n in self.width.items() if self.kind[k] == "full")
 
     def _allocate(self) -> None:
         off = 0
@@ -201,10 +211,8 @@ class Collector:
             self.acc[key] = (self.mm[o:o + n * n].reshape(n, n) if self.kind[key] == "full"
                              else self.mm[o:o + n])
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        if self.mm is None:
+    def flush(self, final: bool = False) -> None:
+        if self.mm is None and (self.pending or final):
             self._allocate()
         n = None
         for key, xs in self.pending.items():
@@ -212,12 +220,16 @@ class Collector:
             if n is not None and x.shape[0] != n:
                 raise RuntimeError(f"{key.decode()}: {x.shape[0]} rows vs {n} for the other inputs")
             n = x.shape[0]
-            if self.kind[key] == "full":
-                self.acc[key] += x.T @ x
-            else:
-                self.acc[key] += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+            self.acc[key] += x.T @ x          # float32 product of <= a flush of rows, float64 sum
         self.count += n or 0
         self.pending.clear()
+        if final:
+            for key, d in self.diag.items():
+                if self.mm is not None and self.count and self.diag_rows[key] != self.count:
+                    raise RuntimeError(f"{key.decode()}: {self.diag_rows[key]} rows vs {self.count}")
+                self.acc[key][:] = d
+            if not self.count and self.diag_rows:
+                self.count = next(iter(self.diag_rows.values()))
 
     def index(self) -> dict:
         return {"keys": {k.decode(): [self.offsets[k], self.width[k], self.kind[k]] for k in self.kind},
@@ -312,15 +324,15 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
                 lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(s1 - s0, n_vocab))
                 toks[s0:s1, t + 1] = _sample(lg, gens[s0:s1], float(req["temperature"]))
                 tick = _lap(times, "sample", tick)
-            if flush_rows is None:
-                flush_rows = max(1, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
+            if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
+                flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
             if col.buffered_tokens() >= flush_rows:
                 col.flush()
                 tick = _lap(times, "sums", tick)
             step += 1
             send(("progress", step), None)
     tick = time.monotonic()
-    col.flush()
+    col.flush(final=True)
     if col.mm is not None:
         col.mm.flush()
     _lap(times, "sums", tick)

@@ -7,7 +7,8 @@ llama.cpp:  F16 GGUF (ggufq's converter, byte-identical to convert_hf_to_gguf.py
 ggufq:      ggufq convert --method calibrated (the model writes TOKENS tokens itself through
             llama-cpp-python, moments collected while it writes, error-feedback rounding)
 
-Same threads (-t / -j JOBS) for every step. Per step: wall seconds, peak RSS (the largest
+Same threads (-t / -j JOBS) for every step. Per step: wall and CPU seconds (user + system of the
+process tree: steadier than wall time on a shared machine), peak RSS (the largest
 max-RSS of the process tree, as /usr/bin/time -v reports), and peak disk of the work folder
 (sampled every 0.1 s, so brief peaks may be missed; the ggufq row also reports the temporary
 model and moment scratch it wrote). The load average is printed beside the table: on a
@@ -27,8 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);"
-        "print('maxrss',resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,file=sys.stderr);sys.exit(r.returncode)")
+WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print('maxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
 
 
 def du(path: Path) -> int:
@@ -43,7 +44,7 @@ def du(path: Path) -> int:
 
 
 def timed(cmd, work: Path, env=None):
-    """(seconds, peak RSS MiB, peak disk of work MiB, stderr)."""
+    """(seconds, CPU seconds, peak RSS MiB, peak disk of work MiB, stderr)."""
     peak = [du(work)]
     stop = threading.Event()
 
@@ -60,8 +61,8 @@ def timed(cmd, work: Path, env=None):
     peak[0] = max(peak[0], du(work))
     if r.returncode:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
-    rss = next(int(ln.split()[1]) for ln in reversed(r.stderr.splitlines()) if ln.startswith("maxrss"))
-    return secs, rss / 1024, peak[0] / (1 << 20), r.stdout + r.stderr
+    _, rss, cpu = next(ln.split() for ln in reversed(r.stderr.splitlines()) if ln.startswith("maxrss"))
+    return secs, float(cpu), int(rss) / 1024, peak[0] / (1 << 20), r.stdout + r.stderr
 
 
 def main():
@@ -92,31 +93,31 @@ def main():
                  ("llama-imatrix", [binp / "llama-imatrix", "-m", f16, "-f", a.text, "-o", im, "-c", 512,
                                     "--chunks", a.tokens // 512, "-t", a.jobs, "-ngl", ngl, "--no-ppl"]),
                  ("llama-quantize --imatrix", [binp / "llama-quantize", "--imatrix", im, f16, lq, a.type, a.jobs])]
-        tot = [0.0, 0.0, 0.0]
+        tot = [0.0, 0.0, 0.0, 0.0]
         for label, cmd in steps:
-            s, r, d, _ = timed(cmd, work, env)
-            rows.append(("llama.cpp", label, s, r, d, ""))
-            tot = [tot[0] + s, max(tot[1], r), max(tot[2], d)]
-            print(f"  {label:28s} {s:8.1f} s {r:7.0f} MiB {d:7.0f} MiB", file=sys.stderr, flush=True)
+            s, c, r, d, _ = timed(cmd, work, env)
+            rows.append(("llama.cpp", label, s, c, r, d, ""))
+            tot = [tot[0] + s, tot[1] + c, max(tot[2], r), max(tot[3], d)]
+            print(f"  {label:28s} {s:8.1f} s {c:8.1f} cpu-s {r:7.0f} MiB {d:7.0f} MiB", file=sys.stderr, flush=True)
         rows.append(("llama.cpp", "**total**", *tot, ""))
         for f in (f16, im, lq):
             f.unlink(missing_ok=True)
     out = work / f"ggufq-{a.type}.gguf"
-    s, r, d, log = timed([*ggufq, "convert", a.model, "-o", out, "--type", a.type, "--method", "calibrated",
+    s, c, r, d, log = timed([*ggufq, "convert", a.model, "-o", out, "--type", a.type, "--method", "calibrated",
                           "--calib-tokens", a.tokens, "-j", a.jobs, "--gpu-layers", a.gpu_layers], work, env)
     note = next((ln.removeprefix("self-calibration: ") for ln in log.splitlines() if ln.startswith("self-calibration:")), "")
-    rows.append(("ggufq", "**convert --method calibrated**", s, r, d, note))
-    print(f"  ggufq {s:8.1f} s {r:7.0f} MiB {d:7.0f} MiB  {note}", file=sys.stderr, flush=True)
+    rows.append(("ggufq", "**convert --method calibrated**", s, c, r, d, note))
+    print(f"  ggufq {s:8.1f} s {c:8.1f} cpu-s {r:7.0f} MiB {d:7.0f} MiB  {note}", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     print(f"model {Path(a.model).name}, --type {a.type}, {a.tokens} calibration tokens, threads/-j {a.jobs}, "
           f"-ngl {a.gpu_layers}, {os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
-    print("| path | step | seconds | peak RSS MiB | peak disk MiB | notes |")
-    print("|---|---|---|---|---|---|")
-    for who, step, s, r, d, n in rows:
-        print(f"| {who} | {step} | {s:.1f} | {r:.0f} | {d:.0f} | {n} |")
+    print("| path | step | wall s | CPU s | peak RSS MiB | peak disk MiB | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for who, step, s, c, r, d, n in rows:
+        print(f"| {who} | {step} | {s:.1f} | {c:.1f} | {r:.0f} | {d:.0f} | {n} |")
     if not a.skip_llama:
-        llama_total = next(x[2] for x in rows if x[1] == "**total**")
-        print(f"\nggufq / llama.cpp wall time: {rows[-1][2] / llama_total:.2f}x")
+        lt = next(x for x in rows if x[1] == "**total**")
+        print(f"\nggufq / llama.cpp: wall {rows[-1][2] / lt[2]:.2f}x, CPU {rows[-1][3] / lt[3]:.2f}x")
 
 
 if __name__ == "__main__":
