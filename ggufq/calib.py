@@ -167,7 +167,10 @@ class SelfCalibration:
                 f"per batch; decode {tm.get('decode', 0):.1f} s, sampling {tm.get('sample', 0):.1f} s, "
                 f"moment sums {tm.get('sums', 0):.1f} s); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
                 f"{s['model_seconds']:.1f} s, moment scratch {_mib(s['scratch_bytes'])}; peak RSS: "
-                f"worker {_mib(s['worker_rss'])}, ggufq {_mib(_peak_rss())}")
+                f"{self.peak_rss_line()}")
+
+    def peak_rss_line(self) -> str:
+        return f"worker {_mib(self.stats['worker_rss'])}, ggufq {_mib(_peak_rss())}"
 
     def close(self) -> None:
         self.mm = np.zeros(0)

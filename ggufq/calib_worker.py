@@ -259,6 +259,17 @@ def _sample(logits: np.ndarray, gens: list, temperature: float) -> np.ndarray:
     return np.minimum(b * _BLOCK + j, v - 1)
 
 
+def _sample_rows(pool, logits, gens, temperature):
+    """:func:`_sample` with the rows split over threads (NumPy releases the GIL in the passes)."""
+    if pool is None or logits.shape[0] < 2:
+        return _sample(logits, gens, temperature)
+    k = min(pool._max_workers, logits.shape[0])
+    cuts = np.linspace(0, logits.shape[0], k + 1).astype(int)
+    parts = pool.map(lambda ab: _sample(logits[ab[0]:ab[1]], gens[ab[0]:ab[1]], temperature),
+                     zip(cuts[:-1], cuts[1:]))
+    return np.concatenate(list(parts))
+
+
 def run(req: dict, send) -> tuple[dict, np.ndarray]:
     llama_cpp.llama_backend_init()
     log = _quiet()
@@ -300,6 +311,8 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     t0 = time.monotonic()
     step, flush_rows = 0, None
     times = {"decode": 0.0, "sample": 0.0, "sums": 0.0}
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(min(8, int(req["threads"]))) if int(req["threads"]) > 1 else None
     send(("start", -(-n_seq // n_par) * n_tok, n_par), None)
     mem = llama_cpp.llama_get_memory(ctx)
     for s0 in range(0, n_seq, n_par):
@@ -322,7 +335,7 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
                 raise RuntimeError(f"llama_decode failed ({rc})" + (f": {log()}" if log() else ""))
             if t + 1 < n_tok and given is None:
                 lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(s1 - s0, n_vocab))
-                toks[s0:s1, t + 1] = _sample(lg, gens[s0:s1], float(req["temperature"]))
+                toks[s0:s1, t + 1] = _sample_rows(pool, lg, gens[s0:s1], float(req["temperature"]))
                 tick = _lap(times, "sample", tick)
             if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
                 flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
@@ -340,6 +353,8 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     out.update(n_par=n_par, times=times, seconds=time.monotonic() - t0, peak_rss=_peak_rss(),
                offload=bool(supports and mp.n_gpu_layers != 0),
                system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip())
+    if pool is not None:
+        pool.shutdown()
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)

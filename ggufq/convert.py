@@ -109,7 +109,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
             method: str = "kquant", calib_tokens: int = CALIB_TOKENS, calib_cache: Optional[int] = None,
             gpu_layers: Optional[int] = 0, save_imatrix: Optional[os.PathLike | str] = None,
-            plan_kw: Optional[dict] = None) -> Result:
+            plan_kw: Optional[dict] = None, log=None) -> Result:
+    """``log(line)``: gets self-calibration's summary as soon as it is done (before the encoding)."""
     t0 = time.monotonic()
     from .quant import methods
     meth = methods.get(method)
@@ -146,6 +147,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             p, vocab, functools.partial(write_header, p, md, vocab), path, calib_tokens, jobs=jobs,
             gpu_layers=gpu_layers, kv_bytes=calib.KV_BYTES if calib_cache is None else calib_cache,
             progress=progress)
+        if log is not None:
+            log(hessians.summary())
     job_list = []
     for t in p.tensors:
         qtype = by_name[t.name].qtype
@@ -168,7 +171,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
                                split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                                progress=progress, label=f"{plan.ftype}")
         if hessians is not None:
-            notes.append(hessians.summary())
+            notes.append(hessians.summary() if log is None else f"peak RSS after encoding: {hessians.peak_rss_line()}")
     finally:
         if hessians is not None:
             hessians.close()

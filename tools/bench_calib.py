@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
-        "print('maxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
+        "print('\\nmaxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
 
 
 def du(path: Path) -> int:
@@ -61,7 +62,7 @@ def timed(cmd, work: Path, env=None):
     peak[0] = max(peak[0], du(work))
     if r.returncode:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
-    _, rss, cpu = next(ln.split() for ln in reversed(r.stderr.splitlines()) if ln.startswith("maxrss"))
+    rss, cpu = re.findall(r"maxrss (\d+) ([0-9.]+)", r.stderr)[-1]     # (a tool's log may end without a newline)
     return secs, float(cpu), int(rss) / 1024, peak[0] / (1 << 20), r.stdout + r.stderr
 
 

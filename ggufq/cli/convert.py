@@ -102,7 +102,7 @@ def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib
     res = convert(model_dir, out, ftype, jobs=jobs or _default_jobs(), force=force,
                   progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw, method=method,
                   calib_tokens=calib_tokens, calib_cache=parse_size(calib_cache), gpu_layers=gpu_layers,
-                  save_imatrix=save_imatrix,
+                  save_imatrix=save_imatrix, log=None if quiet else (lambda line: click.echo(line, err=True)),
                   split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   split_max_tensors=split_max_tensors or 0)
     notes = list(res.notes)
