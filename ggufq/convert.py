@@ -5,6 +5,7 @@ called from Python as well.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,10 +22,6 @@ from .write import Job, check_target, write_gguf
 
 
 UNQUANTIZED = (T.F32, T.F16, T.BF16)
-# methods that weight their error by the model's own data-free importance (ggufq.importance)
-DATA_FREE_IMPORTANCE = ("hqq", "hqq-max", "hqq-fast")
-# methods that round with error feedback against the moments of the model's own generated text
-SELF_CALIBRATED = ("hqq", "hqq-max")
 CALIB_TOKENS = 32768         # 64 sequences of 512 (ggufq.calib)
 
 
@@ -121,56 +118,54 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             split_max_tensors: int = 0, split_max_size: int = 0,
             imatrix: Optional[os.PathLike | str] = None, vocab_pre: Optional[str] = None,
             method: str = "kquant", calib_tokens: int = CALIB_TOKENS, calib_cache: Optional[int] = None,
+            gpu_layers: Optional[int] = 0, save_imatrix: Optional[os.PathLike | str] = None,
             plan_kw: Optional[dict] = None, allow_nonfinite: bool = False, before_commit=None,
-            protect: tuple = ()) -> Result:
+            protect: tuple = (), log=None) -> Result:
     """``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every
-    file of the model folder, the imatrix and ``protect`` -- are never overwritten)."""
+    file of the model folder, the imatrix and ``protect`` -- are never overwritten).
+    ``save_imatrix`` is part of the output: written beside the temporary GGUF and placed with it.
+    ``log(line)``: gets self-calibration's summary as soon as it is done (before the encoding)."""
     t0 = time.monotonic()
-    from .quant.hqq import METHODS
-    if method not in METHODS:
-        raise GgufqError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    encoder = METHODS[method] or quant.encode
+    from .quant import methods
+    meth = methods.get(method)
+    encoder = meth.encoder or quant.encode
     p = prepare(model_dir)
     plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
     plan.check_encoders()
-    plan.check_imatrix(imatrix is not None or method in SELF_CALIBRATED)
+    plan.check_imatrix(imatrix is not None or meth.moments)
     path = resolve_output(p, plan, out, name)
     inputs = [*p.model.input_files(), *(Path(x) for x in (imatrix, *protect) if x is not None)]
     check_target(path, force, inputs)
     im = load_imatrix(imatrix) if imatrix is not None else None
-    if im is not None and method not in SELF_CALIBRATED:
+    if im is not None and not meth.moments:
         plan.check_imatrix(True, covered=im.entries)
     vocab = vocabs.load(p.model.path, p.model.config, pre=vocab_pre)
     md = metadata_for(p, name)
     by_name = {e.name: e for e in plan.entries}
 
     def add_metadata(w: gguf.GGUFWriter) -> None:
-        w.add_type(gguf.GGUFType.MODEL)
-        md.set_gguf_meta_model(w)
-        p.arch.write_hparams(w)
-        w.add_file_type(int(plan.file_type))
-        p.arch.write_arch_extras(w)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if im is not None:
-            for key, val in im.metadata():
-                (w.add_string if isinstance(val, str) else w.add_int32)(key, val)
-        vocab.write(w)
+        write_header(p, md, vocab, plan, w, im)
 
     free: dict = {}
-    if method in DATA_FREE_IMPORTANCE:
+    if meth.importance:
         from .importance import importance_for
         with p.model:
             free = importance_for(p)
     notes: list[str] = list(vocab.notes)
     hessians = None
-    if method in SELF_CALIBRATED and calib_tokens > 0 and plan_has_quantized(plan):
+    if save_imatrix is not None and not (meth.moments and calib_tokens > 0):
+        raise GgufqError("--save-imatrix needs a self-calibrated --method "
+                         f"({', '.join(m.name for m in methods.METHODS.values() if m.moments)}) and --calib-tokens > 0")
+    if meth.moments and calib_tokens > 0 and (plan_has_quantized(plan) or save_imatrix is not None):
         from . import calib
-        if p.arch.name in calib.SUPPORTED:
-            with p.model:
-                hessians = calib.self_calibrate(p, vocab, calib_tokens, progress=progress,
-                                                cache_bytes=calib.CACHE_BYTES if calib_cache is None else calib_cache)
-        else:
-            notes.append(f"self-calibration does not support {p.arch.name}: data-free importance only")
+        if not calib.available():
+            raise GgufqError(calib.missing_message())
+        hessians = calib.self_calibrate(
+            p, vocab, functools.partial(write_header, p, md, vocab), path, calib_tokens, jobs=jobs,
+            gpu_layers=gpu_layers, kv_bytes=calib.KV_BYTES if calib_cache is None else calib_cache,
+            progress=progress)
+        if log is not None:
+            log(hessians.summary())
     job_list = []
     for t in p.tensors:
         qtype = by_name[t.name].qtype
@@ -182,14 +177,45 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             if hessians is not None and hessians.covers(t.name):
                 weights = hessians.lazy(t.name, real)
         job_list.append(Job(t, qtype, weights))
-    with p.model:
-        paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
-                           split_max_tensors=split_max_tensors, split_max_size=split_max_size,
-                           progress=progress, label=f"{plan.ftype}", allow_nonfinite=allow_nonfinite,
-                           before_commit=before_commit, protect=inputs, notes=notes)
-    if hessians is not None:
-        notes.append(hessians.summary())
+    commit = before_commit
+    if save_imatrix is not None:
+        final_im = Path(save_imatrix)
+        check_target(final_im, force, inputs)
+
+        def commit(tmp_paths, finals):
+            from .calib import save_imatrix as _save
+            tmp_im = Path(tmp_paths[0]).parent / final_im.name
+            n = _save(hessians, tmp_im,
+                      f"ggufq self-calibration: {hessians.tokens.shape[0]}x{hessians.tokens.shape[1]} tokens, seed 0")
+            notes.append(f"wrote {final_im}: imatrix of {n} tensors from the self-generated sample")
+            return [(tmp_im, final_im), *(before_commit(tmp_paths, finals) if before_commit else [])]
+        commit.targets = lambda path: [final_im, *getattr(before_commit, "targets", lambda q: [])(path)]
+    try:
+        with p.model:
+            paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=encoder, n_jobs=jobs, force=force,
+                               split_max_tensors=split_max_tensors, split_max_size=split_max_size,
+                               progress=progress, label=f"{plan.ftype}", allow_nonfinite=allow_nonfinite,
+                               before_commit=commit, protect=inputs, notes=notes)
+        if hessians is not None:
+            notes.append(hessians.summary() if log is None else f"peak RSS after encoding: {hessians.peak_rss_line()}")
+    finally:
+        if hessians is not None:
+            hessians.close()
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)
+
+
+def write_header(p: Prepared, md: gguf.Metadata, vocab, plan: plans.Plan, w: gguf.GGUFWriter, im=None) -> None:
+    """Every key before the tensors: model metadata, hparams, file type, imatrix keys, vocabulary."""
+    w.add_type(gguf.GGUFType.MODEL)
+    md.set_gguf_meta_model(w)
+    p.arch.write_hparams(w)
+    w.add_file_type(int(plan.file_type))
+    p.arch.write_arch_extras(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if im is not None:
+        for key, val in im.metadata():
+            (w.add_string if isinstance(val, str) else w.add_int32)(key, val)
+    vocab.write(w)
 
 
 def plan_has_quantized(plan: plans.Plan) -> bool:

@@ -13,13 +13,14 @@ from ggufq.quant.layout import TRAITS
 
 
 @pytest.fixture(scope="module")
-def gate(tiny):
+def gate(tiny, tmp_path_factory):
     """blk.1.ffn_gate rows and the moment of its inputs over text tinyllama wrote itself."""
+    pytest.importorskip("llama_cpp")
     p = prepare(tiny)
+    with calib.calibrate_folder(tiny, tmp_path_factory.mktemp("cal"), 512, seq_len=128, seed=3, jobs=1,
+                                progress=False) as c:
+        m = np.array(c.moment("blk.1.ffn_gate.weight"))
     with p.model:
-        f = calib.Forward(p)
-        toks = calib.generate(f, 1, n_seq=4, n_tok=128, seed=3)
-        m = calib.Moments(f, toks).get("blk.1.ffn_gate.weight")
         rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, 192)
     return rows.astype(np.float32), m
 

@@ -7,7 +7,7 @@ peak memory is the largest max-RSS of that process and of its encoder processes
 
   python tools/bench_methods.py MODEL --type Q4_K_M --methods kquant hqq hqq:0 --work /tmp/b
 
-`hqq:0` = --method hqq --calib-tokens 0 (data-free); `hqq:4096` = 4096 calibration tokens.
+`hqq:0` = --method hqq (= calibrated) --calib-tokens 0 (data-free); `hqq:4096` = 4096 calibration tokens.
 Prints a markdown table: seconds, x the first method's time, peak RSS, output bytes.
 """
 from __future__ import annotations
@@ -28,7 +28,9 @@ def run(model, out, qtype, method, jobs, extra=()):
            "--method", m, "-j", str(jobs), "-f"]
     if tokens:
         cmd += ["--calib-tokens", tokens]
-    if m in ("hqq", "hqq-max"):
+    sys.path.insert(0, str(ROOT))
+    from ggufq.quant import methods
+    if methods.get(m).moments:
         cmd += list(extra)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.monotonic()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""KLD of llama-quantize vs ggufq's calibration-free methods, per type.
+"""KLD of llama-quantize vs ggufq's methods, per type.
 
 For each type, builds GGUFs with the same per-tensor types (pure types: every
 matrix; mixtures such as Q4_K_M: read back from llama-quantize's own output) and
@@ -7,7 +7,7 @@ measures mean KLD against the F16 model's logits with llama-perplexity:
 
   llama-quantize            llama.cpp, no imatrix
   llama-quantize+imatrix    llama.cpp with --imatrix FILE
-  hqq                       ggufq --method hqq (self-calibrated: text the model generates itself)
+  hqq                       ggufq --method calibrated (alias hqq; text the model generates itself through llama.cpp)
   hqq-datafree              ggufq --method hqq --calib-tokens 0 (gamma^2 importance only)
   hqq-plain                 faithful HQQ written into the blocks
   (extra, --methods): refine, hqq-scaled, hqq+imatrix, hqq+imatrix*gamma, ggml+gamma
@@ -23,6 +23,7 @@ Example (tinyllama, 60 chunks of heldout):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -94,31 +95,16 @@ def bpw(path, types):
     return 8.0 * nb / nel
 
 
-_TOKENS: dict = {}     # model -> self-calibration sample (seeded: the same for every type)
+_CALIB: dict = {}     # model -> SelfCalibration (seeded: the same sample and moments for every type)
 
 
-def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512, calib_seed=0):
+def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512, calib_seed=0, jobs=1):
     p = prepare(model)
     vocab = vocabs.load(p.model.path, p.model.config)
     md = metadata_for(p)
-    sc = None
     t0 = time.monotonic()
-    if calib_tokens:
-        from ggufq import calib
-        with p.model:
-            sc = calib.self_calibrate(p, vocab, calib_tokens, seq_len=calib_seq, seed=calib_seed, progress=False,
-                                      tokens=_TOKENS.get(model))
-        _TOKENS[model] = sc.tokens
 
-    def weights(t):
-        if types[t.name] in (T.F32, T.F16, T.BF16):
-            return None
-        if sc is not None and sc.covers(t.name):
-            return sc.lazy(t.name, ims.get(t.name) if label.endswith("imatrix") else None)
-        return ims.get(t.name)
-    jobs = [Job(t, types[t.name], weights(t)) for t in p.tensors]
-
-    def add(w):
+    def add(plan_types, w):
         w.add_type(gguf.GGUFType.MODEL)
         md.set_gguf_meta_model(w)
         p.arch.write_hparams(w)
@@ -126,8 +112,25 @@ def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512
         p.arch.write_arch_extras(w)
         w.add_quantization_version(2)
         vocab.write(w)
+    sc = None
+    if calib_tokens:
+        from ggufq import calib
+        key = (model, calib_tokens, calib_seq, calib_seed)
+        if key not in _CALIB:
+            _CALIB[key] = calib.self_calibrate(p, vocab, add, Path(path), calib_tokens, seq_len=calib_seq,
+                                               seed=calib_seed, jobs=jobs, progress=False)
+        sc = _CALIB[key]
+
+    def weights(t):
+        if types[t.name] in (T.F32, T.F16, T.BF16):
+            return None
+        if sc is not None and sc.covers(t.name):
+            return sc.lazy(t.name, ims.get(t.name) if label.endswith("imatrix") else None)
+        return ims.get(t.name)
+    jobs_ = [Job(t, types[t.name], weights(t)) for t in p.tensors]
     with p.model:
-        write_gguf(path, p.arch.name, add, jobs, encoder=encoder, force=True, progress=False, label=label)
+        write_gguf(path, p.arch.name, functools.partial(add, None), jobs_, encoder=encoder, force=True,
+                   progress=False, label=label, n_jobs=jobs)
     return time.monotonic() - t0
 
 
@@ -137,6 +140,7 @@ def main():
     ap.add_argument("--text", required=True, help="evaluation text for llama-perplexity")
     ap.add_argument("--chunks", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="encoder processes and calibration threads for the ggufq rows")
     ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
     ap.add_argument("--methods", nargs="+",
                     default=["llama-quantize", "llama-quantize+imatrix", "hqq", "hqq-datafree", "hqq-plain"])
@@ -212,7 +216,7 @@ def main():
                     "hqq+imatrix*gamma": (hqq.encode_hqq, {k: combine(real.get(k), free.get(k), "product")
                                                            for k in set(real) | set(free)}),
                 }[m]
-                secs = build(a.model, out, types, enc, ims, m, calib_tokens, a.calib_seq, a.calib_seed)
+                secs = build(a.model, out, types, enc, ims, m, calib_tokens, a.calib_seq, a.calib_seed, a.jobs)
             k = kld(binp, out, base, a.chunks, a.threads)
             res[m] = k
             rec = dict(model=Path(a.model).name, type=ty, method=m, kld=k, bpw=bpw(out, types), build_s=secs)
@@ -253,4 +257,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for sc in _CALIB.values():
+            sc.close()

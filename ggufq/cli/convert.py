@@ -7,6 +7,7 @@ import sys
 import click
 
 from ..progress import fmt_bytes, fmt_secs
+from ..quant import methods as _methods
 
 
 def parse_size(text: str) -> int:
@@ -43,19 +44,20 @@ def _default_jobs() -> int:
               help="Built-in layer map over --type, e.g. attn8-mlp4 (attention Q8_0, MLP Q4_K).")
 @click.option("-m", "--map", "map_file", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="TOML layer map: [[rule]] pattern/layers/type, first match wins over --preset and --type.")
-@click.option("--method", default="kquant", show_default=True,
-              type=click.Choice(["kquant", "hqq", "hqq-max", "hqq-fast", "hqq-plain"]),
-              help="How block scales and codes are chosen: kquant = llama.cpp's own search (byte-identical); "
-                   "hqq = start from it, refine codes/scales/super-scales, and round with error feedback "
-                   "against the moments of text the model generates itself (no user data; see --calib-tokens); "
-                   "hqq-fast = the refinement with data-free importance only; hqq-plain = the original HQQ "
-                   "proximal solver. Same types, same file size.")
+@click.option("--method", default="kquant", show_default=True, type=click.Choice(_methods.cli_names()),
+              help=_methods.cli_help())
 @click.option("--calib-tokens", type=click.IntRange(min=0), default=32768, show_default=True,
-              help="Tokens the model generates for its own calibration with --method hqq/hqq-max "
+              help="Tokens the model generates for its own calibration with --method calibrated "
                    "(sequences of 512); 0 = data-free importance only.")
-@click.option("--calib-cache", default="1G", show_default=True, metavar="SIZE",
-              help="Memory for float32 weights kept during self-calibration's generation; the rest is "
-                   "re-read at every generated token (slower, flat memory).")
+@click.option("--calib-cache", default="2G", show_default=True, metavar="SIZE",
+              help="KV cache for self-calibration: as many sequences as fit are decoded together, "
+                   "the rest in further rounds.")
+@click.option("--gpu-layers", "-ngl", type=int, default=-1, show_default=True, metavar="N",
+              help="Layers self-calibration offloads to the GPU when llama-cpp-python has GPU support "
+                   "(-1 = all; ignored by a CPU build).")
+@click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE",
+              help="Also write the self-calibration's diagonal moments as a llama.cpp GGUF imatrix "
+                   "(for llama-quantize --imatrix and other llama.cpp tools).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Encoder processes (default: all cores).")
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -83,7 +85,7 @@ def _default_jobs() -> int:
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib_cache, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
             allow_nonfinite, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
@@ -132,7 +134,8 @@ def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib
     protect = tuple(p for p in (map_file, val_text) if p)
     res = convert(model_dir, out, ftype, jobs=n_jobs, force=force,
                   progress=progress, name=name, imatrix=imatrix, vocab_pre=vocab_pre, plan_kw=plan_kw, method=method,
-                  calib_tokens=calib_tokens, calib_cache=sizes["calib_cache"],
+                  calib_tokens=calib_tokens, calib_cache=sizes["calib_cache"], gpu_layers=gpu_layers,
+                  save_imatrix=save_imatrix, log=None if quiet else (lambda line: click.echo(line, err=True)),
                   split_max_size=sizes["split_max_size"], split_max_tensors=split_max_tensors or 0,
                   allow_nonfinite=allow_nonfinite, protect=protect,
                   before_commit=before_commit if (ollama or validate) else None)

@@ -314,14 +314,3 @@ def encode_hqq(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None)
     if TRAITS.get(qtype) is not None and TRAITS[qtype].n_sub > 1:
         return encode_hqq_fast(qtype, rows, imatrix)
     return encode_hqq_max(qtype, rows, imatrix)
-
-
-METHODS = {
-    "kquant": None,                 # ggufq.quant.encode (the default path)
-    "hqq": encode_hqq,
-    "hqq-max": encode_hqq_max,
-    "hqq-fast": encode_hqq_fast,
-    "hqq-plain": encode_hqq_plain,
-    "hqq-scaled": encode_hqq_scaled,
-    "refine": encode_refined,
-}

@@ -1,0 +1,407 @@
+"""The llama-cpp-python side of self-calibration: sample text from the model and, in the same
+decode calls, accumulate the second moments of every weight matrix's inputs.
+
+Started by :func:`ggufq.calib.self_calibrate` as
+``python -c "import llama_cpp; from ggufq.calib_worker import main; main()"`` (``llama_cpp``
+before NumPy: a CUDA build crashed at model load otherwise, see :mod:`ggufq.eval.worker`).
+It reads one request frame (:mod:`ggufq.eval.proto`) on stdin, answers with ``("progress", k)``
+frames and one final frame on its original stdout (fd 1 points at stderr, so that C code
+cannot corrupt the frames):
+
+* request ``{model, gpu_layers, threads, n_seq, n_tok, seed, temperature, start, scratch,
+  kv_bytes, buffer_bytes, weights: {name: "full"|"diag"}, tokens: None | [n_seq][n_tok]}``
+  (``tokens``: decode these instead of sampling)
+* reply ``{keys: {key: [offset, n, kind]}, weight_key: {name: key}, count, n_par, offload,
+  seconds, scratch_bytes, peak_rss}`` + int32 tokens ``[n_seq, n_tok]``, or ``{"error": msg}``.
+
+Generation: ``n_par`` sequences (as many as ``kv_bytes`` of f16 KV cache holds; rounds for the
+rest) are decoded together, one token of each per ``llama_decode`` (several ``seq_id``s in one
+``llama_batch``, a KV stream per sequence), and sampled at ``temperature`` by inverse CDF with
+one uniform from a per-sequence generator ``default_rng([seed, s])``: the file does not depend
+on ``n_par``. Every position (the last one too) is decoded with its logits requested, so every
+layer runs on every token.
+
+Moments: llama.cpp's graph-evaluation callback (``cb_eval``, as llama-imatrix) sees each
+``MUL_MAT`` whose ``src0`` is a weight named in the request; its ``src1`` (F32, copied to the
+host when it lives on a GPU) is the matrix's input. Weights that read the same graph tensor
+(q/k/v read ``attn_norm-i``, gate/up read ``ffn_norm-i``) share one moment, keyed by that
+tensor's name, so nothing here knows an architecture. Rows of "full" inputs are buffered
+(``buffer_bytes``, at least 1024 rows: fewer passes over the n^2 sums) and their float32
+``X^T X`` (syrk) is added to float64 sums in a memory-mapped scratch file; "diag" inputs are
+summed (squares, float64) at once. ``MUL_MAT_ID`` (experts) is not collected.
+"""
+import llama_cpp  # noqa: I001  -- must come before numpy (see module docstring)
+
+import ctypes
+import glob
+import os
+import resource
+import signal
+import sys
+import time
+
+import numpy as np
+
+from .eval import proto
+
+_MAX_SRC = 10
+
+
+class _Tensor(ctypes.Structure):
+    """``struct ggml_tensor`` (ggml.h; GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10,
+    GGML_MAX_NAME 64). Checked against ``ggml_get_name``/``ggml_nbytes`` at the first call."""
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4),
+                ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * _MAX_SRC), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
+                ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p),
+                ("padding", ctypes.c_char * 8)]
+
+
+def die_with_parent() -> None:
+    """This worker never outlives ggufq: SIGKILL when the parent dies (Linux), and the
+    terminal's Ctrl-C is left to the parent (which kills and reaps this process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)     # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _ggml() -> ctypes.CDLL:
+    d = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    cands = sorted(glob.glob(os.path.join(d, "libggml-base.*"))) or sorted(glob.glob(os.path.join(d, "libggml.*")))
+    if not cands:
+        raise RuntimeError(f"no libggml-base in {d}")
+    lib = ctypes.CDLL(cands[0])
+    lib.ggml_op_name.restype = ctypes.c_char_p
+    lib.ggml_op_name.argtypes = [ctypes.c_int]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+    lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+def _op_index(lib, name: bytes) -> int:
+    for i in range(200):
+        if lib.ggml_op_name(i) == name:
+            return i
+        if lib.ggml_op_name(i) in (None, b"COUNT"):
+            break
+    raise RuntimeError(f"ggml op {name.decode()} not found")
+
+
+class Collector:
+    """The ``cb_eval`` callback and the moment sums it feeds."""
+
+    def __init__(self, weights: dict, scratch: str, buffer_bytes: int):
+        self.lib = _ggml()
+        self.mul_mat = _op_index(self.lib, b"MUL_MAT")
+        self.f32 = 0                                  # GGML_TYPE_F32
+        self.want = {k.encode(): v for k, v in weights.items()}
+        self.claim: dict[bytes, bytes] = {}           # input key -> the one weight that collects it
+        self.weight_key: dict[bytes, bytes] = {}      # weight -> input key
+        self.kind: dict[bytes, str] = {}              # input key -> "full" | "diag"
+        self.width: dict[bytes, int] = {}
+        self.pending: dict[bytes, list] = {}      # full-moment inputs not yet summed
+        self.diag: dict[bytes, np.ndarray] = {}    # diagonal-only sums (kept in memory, small)
+        self.diag_rows: dict[bytes, int] = {}
+        self.pending_rows = 0
+        self.count = 0                                # tokens folded in (per key)
+        self.scratch_path = scratch
+        self.buffer_bytes = buffer_bytes
+        self.acc: dict[bytes, np.ndarray] = {}
+        self.offsets: dict[bytes, int] = {}
+        self.mm = None
+        self.checked = False
+        self.error = None
+        self.host = ctypes.create_string_buffer(0)
+        self.cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
+
+    def _check(self, ptr: int, t: _Tensor) -> None:
+        name = self.lib.ggml_get_name(ptr)
+        rows = t.ne[1] * t.ne[2] * t.ne[3]
+        if name != t.name or (t.nb[1] == 4 * t.ne[0] and self.lib.ggml_nbytes(ptr) != 4 * t.ne[0] * rows):
+            raise RuntimeError("struct ggml_tensor layout differs from this build of llama.cpp")
+        self.checked = True
+
+    def _callback(self, ptr, ask, _user):
+        try:
+            t = _Tensor.from_address(ptr)
+            if t.op != self.mul_mat or not t.src[0] or not t.src[1]:
+                return False
+            w = _Tensor.from_address(t.src[0]).name
+            kind = self.want.get(w)
+            if kind is None:
+                return False
+            x = _Tensor.from_address(t.src[1])
+            if x.type != self.f32:
+                return False
+            key = x.name or w
+            if ask:
+                if not self.checked:
+                    self._check(t.src[1], x)
+                owner = self.claim.setdefault(key, w)
+                self.weight_key[w] = key
+                if owner == w:
+                    # the moment's kind is the richest any reader asks for
+                    self.kind[key] = "full" if "full" in (kind, self.kind.get(key)) else "diag"
+                    self.width[key] = int(x.ne[0])
+                    return True
+                if kind == "full":
+                    self.kind[key] = "full"
+                return False
+            self._collect(key, x, t.src[1])
+            return True
+        except BaseException as e:            # never let an exception unwind through C
+            self.error = self.error or e
+            return False
+
+    def _collect(self, key: bytes, x: _Tensor, ptr: int) -> None:
+        ne0, rows = int(x.ne[0]), int(x.ne[1]) * int(x.ne[2]) * int(x.ne[3])
+        span = int(self.lib.ggml_nbytes(ptr))
+        if self.lib.ggml_backend_buffer_is_host(x.buffer):
+            base = x.data
+        else:
+            if len(self.host) < span:
+                self.host = ctypes.create_string_buffer(span)
+            self.lib.ggml_backend_tensor_get(ptr, self.host, 0, span)
+            base = ctypes.addressof(self.host)
+        raw = (ctypes.c_char * span).from_address(base)
+        a = np.lib.stride_tricks.as_strided(
+            np.frombuffer(raw, np.float32), shape=(int(x.ne[3]), int(x.ne[2]), int(x.ne[1]), ne0),
+            strides=(int(x.nb[3]), int(x.nb[2]), int(x.nb[1]), 4)).reshape(rows, ne0)
+        if self.kind[key] == "diag":      # cheap: summed at once, nothing buffered
+            d = self.diag.get(key)
+            if d is None:
+                d = self.diag[key] = np.zeros(ne0)
+            d += np.einsum("ij,ij->j", a, a, dtype=np.float64)
+            self.diag_rows[key] = self.diag_rows.get(key, 0) + rows
+        else:
+            self.pending.setdefault(key, []).append(np.array(a, np.float32))
+
+    # ---- sums --------------------------------------------------------------------
+    def buffered_tokens(self) -> int:
+        return sum(x.shape[0] for x in next(iter(self.pending.values()), []))
+
+    def per_token_bytes(self) -> int:
+        return 4 * sum(n for k, n in self.width.items() if self.kind[k] == "full")
+
+    def _allocate(self) -> None:
+        off = 0
+        for key in sorted(self.kind):
+            n = self.width[key]
+            self.offsets[key] = off
+            off += 8 * (n * n if self.kind[key] == "full" else n)
+        fd = os.open(self.scratch_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(off, 1)) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, max(off, 1))
+        finally:
+            os.close(fd)
+        self.mm = np.memmap(self.scratch_path, np.float64, "r+", shape=(max(off, 8) // 8,))
+        for key in self.kind:
+            n = self.width[key]
+            o = self.offsets[key] // 8
+            self.acc[key] = (self.mm[o:o + n * n].reshape(n, n) if self.kind[key] == "full"
+                             else self.mm[o:o + n])
+
+    def flush(self, final: bool = False) -> None:
+        if self.mm is None and (self.pending or final):
+            self._allocate()
+        n = None
+        for key, xs in self.pending.items():
+            x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+            if n is not None and x.shape[0] != n:
+                raise RuntimeError(f"{key.decode()}: {x.shape[0]} rows vs {n} for the other inputs")
+            n = x.shape[0]
+            self.acc[key] += x.T @ x          # float32 product of <= a flush of rows, float64 sum
+        self.count += n or 0
+        self.pending.clear()
+        if final:
+            for key, d in self.diag.items():
+                if self.mm is not None and self.count and self.diag_rows[key] != self.count:
+                    raise RuntimeError(f"{key.decode()}: {self.diag_rows[key]} rows vs {self.count}")
+                self.acc[key][:] = d
+            if not self.count and self.diag_rows:
+                self.count = next(iter(self.diag_rows.values()))
+
+    def index(self) -> dict:
+        return {"keys": {k.decode(): [self.offsets[k], self.width[k], self.kind[k]] for k in self.kind},
+                "weight_key": {w.decode(): k.decode() for w, k in self.weight_key.items()},
+                "count": self.count, "scratch_bytes": int(self.mm.size * 8) if self.mm is not None else 0}
+
+
+_BLOCK = 256
+
+
+def _sample(logits: np.ndarray, gens: list, temperature: float) -> np.ndarray:
+    """One token per row of ``logits`` [n, vocab]: inverse CDF of softmax(logits / T) with one
+    uniform from each row's own generator, found block by block (two short cumulative sums
+    instead of one over the vocabulary)."""
+    n, v = logits.shape
+    z = logits * np.float32(1.0 / temperature)
+    z -= z.max(1, keepdims=True)
+    p = np.zeros((n, -(-v // _BLOCK) * _BLOCK), np.float32)
+    np.exp(z, out=p[:, :v])
+    blocks = p.reshape(n, -1, _BLOCK).sum(2, dtype=np.float64)
+    cb = np.cumsum(blocks, 1)
+    u = np.array([g.random() for g in gens]) * cb[:, -1]
+    b = np.minimum((cb <= u[:, None]).sum(1), cb.shape[1] - 1)
+    rest = u - np.where(b > 0, cb[np.arange(n), b - 1], 0.0)
+    inner = np.cumsum(p.reshape(n, -1, _BLOCK)[np.arange(n), b].astype(np.float64), 1)
+    j = np.minimum((inner <= rest[:, None]).sum(1), _BLOCK - 1)
+    return np.minimum(b * _BLOCK + j, v - 1)
+
+
+def _sample_rows(pool, logits, gens, temperature):
+    """:func:`_sample` with the rows split over threads (NumPy releases the GIL in the passes)."""
+    if pool is None or logits.shape[0] < 2:
+        return _sample(logits, gens, temperature)
+    k = min(pool._max_workers, logits.shape[0])
+    cuts = np.linspace(0, logits.shape[0], k + 1).astype(int)
+    parts = pool.map(lambda ab: _sample(logits[ab[0]:ab[1]], gens[ab[0]:ab[1]], temperature),
+                     zip(cuts[:-1], cuts[1:]))
+    return np.concatenate(list(parts))
+
+
+def run(req: dict, send) -> tuple[dict, np.ndarray]:
+    llama_cpp.llama_backend_init()
+    log = _quiet()
+    mp = llama_cpp.llama_model_default_params()
+    supports = bool(llama_cpp.llama_supports_gpu_offload())
+    ngl = req.get("gpu_layers")
+    mp.n_gpu_layers = 0 if not supports else (-1 if ngl is None or ngl < 0 else int(ngl))
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(req["model"]), mp)
+    if not model:
+        raise RuntimeError("llama.cpp could not load the temporary model" + (f": {log()}" if log() else ""))
+    n_seq, n_tok = int(req["n_seq"]), int(req["n_tok"])
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_embd, n_head = llama_cpp.llama_model_n_embd(model), max(1, llama_cpp.llama_model_n_head(model))
+    n_kv = max(1, llama_cpp.llama_model_n_head_kv(model))
+    per_seq = n_layer * n_tok * 2 * 2 * n_kv * max(1, n_embd // n_head)      # f16 K and V
+    n_par = max(1, min(n_seq, int(req["kv_bytes"]) // max(1, per_seq)))
+    col = Collector(req["weights"], req["scratch"], int(req["buffer_bytes"]))
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = n_par * n_tok
+    cp.n_batch = cp.n_ubatch = max(n_par, 16)
+    cp.n_seq_max = n_par
+    cp.kv_unified = False                         # one KV stream per sequence
+    cp.n_threads = cp.n_threads_batch = int(req["threads"])
+    cp.cb_eval = col.cb
+    cp.cb_eval_user_data = None
+    cp.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context" + (f": {log()}" if log() else ""))
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    batch = llama_cpp.llama_batch_init(n_par, 0, 1)
+    given = req.get("tokens")
+    toks = np.empty((n_seq, n_tok), np.int32)
+    toks[:, 0] = int(req["start"])
+    if given is not None:                 # decode these tokens instead of sampling (tests, studies)
+        toks[:] = np.asarray(given, np.int32).reshape(n_seq, n_tok)
+    gens = [np.random.default_rng([int(req["seed"]), s]) for s in range(n_seq)]
+    t0 = time.monotonic()
+    step, flush_rows = 0, None
+    times = {"decode": 0.0, "sample": 0.0, "sums": 0.0}
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(min(8, int(req["threads"]))) if int(req["threads"]) > 1 else None
+    send(("start", -(-n_seq // n_par) * n_tok, n_par), None)
+    mem = llama_cpp.llama_get_memory(ctx)
+    for s0 in range(0, n_seq, n_par):
+        s1 = min(n_seq, s0 + n_par)
+        llama_cpp.llama_memory_clear(mem, True)
+        for t in range(n_tok):
+            batch.n_tokens = s1 - s0
+            for j in range(s1 - s0):
+                batch.token[j] = int(toks[s0 + j, t])
+                batch.pos[j] = t
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = j
+                batch.logits[j] = 1
+            tick = time.monotonic()
+            rc = llama_cpp.llama_decode(ctx, batch)
+            tick = _lap(times, "decode", tick)
+            if col.error is not None:
+                raise col.error
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc})" + (f": {log()}" if log() else ""))
+            if t + 1 < n_tok and given is None:
+                lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(s1 - s0, n_vocab))
+                toks[s0:s1, t + 1] = _sample_rows(pool, lg, gens[s0:s1], float(req["temperature"]))
+                tick = _lap(times, "sample", tick)
+            if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
+                flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
+            if col.buffered_tokens() >= flush_rows:
+                col.flush()
+                tick = _lap(times, "sums", tick)
+            step += 1
+            send(("progress", step), None)
+    tick = time.monotonic()
+    col.flush(final=True)
+    if col.mm is not None:
+        col.mm.flush()
+    _lap(times, "sums", tick)
+    out = col.index()
+    out.update(n_par=n_par, times=times, seconds=time.monotonic() - t0, peak_rss=_peak_rss(),
+               offload=bool(supports and mp.n_gpu_layers != 0),
+               system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip())
+    if pool is not None:
+        pool.shutdown()
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return out, toks
+
+
+def _lap(times: dict, key: str, since: float) -> float:
+    now = time.monotonic()
+    times[key] += now - since
+    return now
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_LOG: list = []
+_LOG_CB = None
+
+
+def _quiet():
+    """llama.cpp's log into a ring (GGUFQ_CALIB_VERBOSE=1 prints it); returns a function giving the
+    last error line."""
+    verbose = os.environ.get("GGUFQ_CALIB_VERBOSE", "") not in ("", "0")
+
+    @llama_cpp.llama_log_callback
+    def cb(level, text, _):  # pragma: no cover - called from C
+        s = text.decode("utf-8", "replace")
+        _LOG.append((int(level), s))
+        del _LOG[:-40]
+        if verbose:
+            sys.stderr.write(s)
+    global _LOG_CB
+    _LOG_CB = cb               # keep the callback alive as long as llama.cpp may call it
+    llama_cpp.llama_log_set(cb, None)
+    return lambda: next((s.strip() for lvl, s in reversed(_LOG) if lvl in (2, 3) and s.strip()), "")
+
+
+def main() -> None:
+    die_with_parent()
+    fin = os.fdopen(os.dup(0), "rb", buffering=0)
+    fout = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)                    # C code printing to stdout goes to stderr
+    req, _ = proto.recv(fin)
+    try:
+        out, toks = run(req, lambda m, a: proto.send(fout, m, a))
+    except Exception as e:           # noqa: BLE001 -- reported to the parent as one line
+        proto.send(fout, {"error": f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)})
+        sys.exit(1)
+    proto.send(fout, out, toks)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""llama.cpp's calibrated path vs ``ggufq convert --method calibrated``, side by side in one run.
+
+llama.cpp:  F16 GGUF (ggufq's converter, byte-identical to convert_hf_to_gguf.py)
+            -> llama-imatrix over TOKENS tokens of TEXT (chunks of 512)
+            -> llama-quantize --imatrix
+ggufq:      ggufq convert --method calibrated (the model writes TOKENS tokens itself through
+            llama-cpp-python, moments collected while it writes, error-feedback rounding)
+
+Same threads (-t / -j JOBS) for every step. Per step: wall and CPU seconds (user + system of the
+process tree: steadier than wall time on a shared machine), peak RSS (the largest
+max-RSS of the process tree, as /usr/bin/time -v reports), and peak disk of the work folder
+(sampled every 0.1 s, so brief peaks may be missed; the ggufq row also reports the temporary
+model and moment scratch it wrote). The load average is printed beside the table: on a
+shared machine compare ratios from one run.
+
+  python tools/bench_calib.py MODEL --text TEXT --type Q4_K_M --jobs 2 --work /tmp/bc [--gpu-layers -1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print('\\nmaxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
+
+
+def du(path: Path) -> int:
+    n = 0
+    for dp, _, files in os.walk(path):
+        for f in files:
+            try:
+                n += os.lstat(os.path.join(dp, f)).st_blocks * 512
+            except OSError:
+                pass
+    return n
+
+
+def timed(cmd, work: Path, env=None):
+    """(seconds, CPU seconds, peak RSS MiB, peak disk of work MiB, stderr)."""
+    peak = [du(work)]
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], du(work))
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, env=env)
+    secs = time.monotonic() - t0
+    stop.set()
+    th.join()
+    peak[0] = max(peak[0], du(work))
+    if r.returncode:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    rss, cpu = re.findall(r"maxrss (\d+) ([0-9.]+)", r.stderr)[-1]     # (a tool's log may end without a newline)
+    return secs, float(cpu), int(rss) / 1024, peak[0] / (1 << 20), r.stdout + r.stderr
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--text", required=True, help="text for llama-imatrix")
+    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--gpu-layers", type=int, default=0, help="-ngl for llama-imatrix and ggufq (-1: all)")
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--llama-bin", default=os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
+    ap.add_argument("--skip-llama", action="store_true", help="only the ggufq row")
+    a = ap.parse_args()
+    work = Path(a.work)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    binp = Path(a.llama_bin)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ggufq = [sys.executable, "-m", "ggufq"]
+    ngl = str(a.gpu_layers if a.gpu_layers >= 0 else 999)
+    rows = []
+    load0 = os.getloadavg()
+    if not a.skip_llama:
+        f16, im, lq = work / "f16.gguf", work / "imatrix.gguf", work / f"llama-{a.type}.gguf"
+        steps = [("F16 GGUF (ggufq convert)", [*ggufq, "convert", a.model, "-o", f16, "--type", "F16", "-j", a.jobs, "-q"]),
+                 ("llama-imatrix", [binp / "llama-imatrix", "-m", f16, "-f", a.text, "-o", im, "-c", 512,
+                                    "--chunks", a.tokens // 512, "-t", a.jobs, "-ngl", ngl, "--no-ppl"]),
+                 ("llama-quantize --imatrix", [binp / "llama-quantize", "--imatrix", im, f16, lq, a.type, a.jobs])]
+        tot = [0.0, 0.0, 0.0, 0.0]
+        for label, cmd in steps:
+            s, c, r, d, _ = timed(cmd, work, env)
+            rows.append(("llama.cpp", label, s, c, r, d, ""))
+            tot = [tot[0] + s, tot[1] + c, max(tot[2], r), max(tot[3], d)]
+            print(f"  {label:28s} {s:8.1f} s {c:8.1f} cpu-s {r:7.0f} MiB {d:7.0f} MiB", file=sys.stderr, flush=True)
+        rows.append(("llama.cpp", "**total**", *tot, ""))
+        for f in (f16, im, lq):
+            f.unlink(missing_ok=True)
+    out = work / f"ggufq-{a.type}.gguf"
+    s, c, r, d, log = timed([*ggufq, "convert", a.model, "-o", out, "--type", a.type, "--method", "calibrated",
+                          "--calib-tokens", a.tokens, "-j", a.jobs, "--gpu-layers", a.gpu_layers], work, env)
+    note = next((ln.removeprefix("self-calibration: ") for ln in log.splitlines() if ln.startswith("self-calibration:")), "")
+    rows.append(("ggufq", "**convert --method calibrated**", s, c, r, d, note))
+    print(f"  ggufq {s:8.1f} s {c:8.1f} cpu-s {r:7.0f} MiB {d:7.0f} MiB  {note}", file=sys.stderr, flush=True)
+    load1 = os.getloadavg()
+    print(f"model {Path(a.model).name}, --type {a.type}, {a.tokens} calibration tokens, threads/-j {a.jobs}, "
+          f"-ngl {a.gpu_layers}, {os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
+    print("| path | step | wall s | CPU s | peak RSS MiB | peak disk MiB | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for who, step, s, c, r, d, n in rows:
+        print(f"| {who} | {step} | {s:.1f} | {c:.1f} | {r:.0f} | {d:.0f} | {n} |")
+    if not a.skip_llama:
+        lt = next(x for x in rows if x[1] == "**total**")
+        print(f"\nggufq / llama.cpp: wall {rows[-1][2] / lt[2]:.2f}x, CPU {rows[-1][3] / lt[3]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
