@@ -72,7 +72,8 @@ def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
     if md.name is None:
         md.name = p.model.path.name
     if md.size_label is None and p.n_params > 0:
-        md.size_label = gguf.size_label(p.n_params, p.n_params, 0, 0)
+        from .arch.moe import parameter_counts   # experts: "8x1.2M", as GGUFWriter counts them
+        md.size_label = gguf.size_label(*parameter_counts(p.tensors))
     return md
 
 
