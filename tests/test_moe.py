@@ -216,3 +216,51 @@ def test_fp8_scale_of_wrong_shape(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain="has shape [4, 1]; weight [64, 64] in blocks")
+
+
+def _write_imatrix(path, entries: dict):
+    """A GGUF imatrix as llama-imatrix writes it: per tensor ``in_sum2`` [n_expert, row_len] and
+    ``counts`` [n_expert, 1] (3-D tensors get one row per expert)."""
+    import gguf
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["synthetic"])
+    w.add_uint32("imatrix.chunk_count", 4)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, counts) in entries.items():
+        w.add_tensor(name + ".in_sum2", sums.astype(np.float32))
+        w.add_tensor(name + ".counts", counts.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_per_expert_imatrix_applied_per_expert(tmp_path):
+    """An imatrix with one vector per expert (llama-imatrix's layout for 3-D tensors): each expert's
+    rows are encoded with its own vector, byte for byte as libggml's ggml_quantize_chunk does them."""
+    from ggufq.quant import ggml_ref
+    if not ggml_ref.available():
+        pytest.skip("libggml (llama-cpp-python) not found")
+    import gguf
+    from reference import load_folder, to_float
+    d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "experts": 4})
+    name, hf = "blk.1.ffn_down_exps.weight", "model.layers.1.block_sparse_moe.experts.{}.w2.weight"
+    rng = np.random.default_rng(3)
+    sums = rng.uniform(0.1, 50.0, (4, 256)).astype(np.float32)
+    counts = np.array([[10], [3], [7], [0]], np.float32)     # expert 3 saw no tokens: ones, as loaded
+    im = tmp_path / "imatrix.gguf"
+    _write_imatrix(im, {name: (sums, counts)})
+    out = tmp_path / "q.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q4_K_M", "--imatrix", im, "-q")
+    assert r.returncode == 0, r.stderr
+    t = next(t for t in gguf.GGUFReader(out).tensors if t.name == name)
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    got = np.asarray(t.data).reshape(4, 256, -1)
+    _, tensors = load_folder(d)
+    for e in range(4):
+        rows = to_float(tensors[hf.format(e)])
+        imp = sums[e] / counts[e] if counts[e, 0] > 0 else np.ones(256, np.float32)
+        np.testing.assert_array_equal(got[e], ggml_ref.quantize(qtype, rows, imp), err_msg=f"expert {e}")
+    # the vector of another expert gives other bytes (the test can fail)
+    assert not np.array_equal(got[0], ggml_ref.quantize(qtype, to_float(tensors[hf.format(0)]), sums[1] / 10))
