@@ -150,7 +150,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     hessians = None
     if method in SELF_CALIBRATED and calib_tokens > 0 and plan_has_quantized(plan):
         from . import calib
-        if p.arch.name in calib.SUPPORTED:
+        if p.arch.name in calib.SUPPORTED and getattr(p.arch.record, "moe", None) is None:   # no routing yet
             with p.model:
                 hessians = calib.self_calibrate(p, vocab, calib_tokens, progress=progress,
                                                 cache_bytes=calib.CACHE_BYTES if calib_cache is None else calib_cache)
