@@ -76,7 +76,8 @@ def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
     if md.name is None:
         md.name = p.model.path.name
     if md.size_label is None and p.n_params > 0:
-        md.size_label = gguf.size_label(p.n_params, p.n_params, 0, 0)
+        from .arch.moe import parameter_counts   # experts: "8x1.2M", as GGUFWriter counts them
+        md.size_label = gguf.size_label(*parameter_counts(p.tensors))
     return md
 
 
@@ -171,7 +172,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         qtype = by_name[t.name].qtype
         weights = None
         if qtype not in UNQUANTIZED:
-            real = im.for_tensor(t.name, t.row_len) if im is not None else None
+            n_exp = t.shape[0] if len(t.shape) == 3 else 1    # stacked experts: one vector per expert
+            real = im.for_tensor(t.name, t.row_len, n_exp) if im is not None else None
             # a real imatrix wins; the data-free importance stands in without one
             weights = real if real is not None else free.get(t.name)
             if hessians is not None and hessians.covers(t.name):

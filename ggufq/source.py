@@ -418,6 +418,8 @@ def open_model(path: os.PathLike | str) -> Model:
         _no_shared_names(headers)
         for h in headers.values():
             tensors.update(h)
+    from .source_fp8 import dequantizing   # FP8 weights x block scales; other quant_methods: one error line
+    tensors = dequantizing(config, tensors)
     check_config(config, tensors)
     return Model(path, config, tensors)
 

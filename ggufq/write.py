@@ -122,8 +122,22 @@ def _work(encoder: Encoder, qtype: T, rows: np.ndarray, imatrix, allow_nonfinite
 def _ranges(job: Job) -> Iterator[tuple[int, int]]:
     t = job.tensor
     step = chunk_rows(t.row_len)
-    for lo in range(0, t.n_rows, step):
-        yield lo, min(t.n_rows, lo + step)
+    # a stacked expert tensor [n_expert, rows, cols]: chunks never span two experts, so each chunk
+    # takes its own expert's importance (llama-quantize's imatrix + i03 * n_per_row)
+    per = t.shape[-2] if len(t.shape) == 3 and t.shape[-2] > 0 else max(1, t.n_rows)
+    for base in range(0, t.n_rows, per):
+        for lo in range(base, base + per, step):
+            yield lo, min(base + per, lo + step)
+
+
+def _chunk_weights(job: Job, wts, lo: int):
+    """The importance for the chunk starting at row ``lo``: an expert tensor's per-expert vector
+    ``[n_expert * row_len]`` is cut to the chunk's expert."""
+    t = job.tensor
+    if isinstance(wts, np.ndarray) and len(t.shape) == 3 and wts.size == t.shape[0] * t.row_len > t.row_len:
+        e = lo // t.shape[1]
+        return wts[e * t.row_len:(e + 1) * t.row_len]
+    return wts
 
 
 def _read(job: Job, lo: int, hi: int) -> np.ndarray:
@@ -169,7 +183,7 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
             wts = _weights(job)
             for lo, hi in _ranges(job):
                 rows = _read(job, lo, hi)
-                yield i, rows.size, _work(encoder, job.qtype, rows, wts, allow_nonfinite)
+                yield i, rows.size, _work(encoder, job.qtype, rows, _chunk_weights(job, wts, lo), allow_nonfinite)
         return
     window: deque[tuple[int, int, Future]] = deque()
     limit = 2 * getattr(pool, "_max_workers", 2)
@@ -177,10 +191,11 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
         wts = _weights(job)
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
+            cw = _chunk_weights(job, wts, lo)
             if workers_read:
-                fut = pool.submit(_read_and_encode, encoder, i, lo, hi, wts, allow_nonfinite)
+                fut = pool.submit(_read_and_encode, encoder, i, lo, hi, cw, allow_nonfinite)
             else:
-                fut = pool.submit(_work, encoder, job.qtype, _read(job, lo, hi), wts, allow_nonfinite)
+                fut = pool.submit(_work, encoder, job.qtype, _read(job, lo, hi), cw, allow_nonfinite)
             window.append((i, n, fut))
             while len(window) >= limit:
                 j, n, fut = window.popleft()

@@ -160,11 +160,49 @@ class Reference:
             self.sliding = [t == "sliding_attention" for t in types]
             local = dict(c, rope_theta=c.get("rope_local_base_freq", 10000.0), rope_scaling=None)
             self.inv_freq_local, _ = rope_inv_freq(local, self.head_dim)
+        self.moe = rec.moe
+        if rec.moe is not None:
+            from ggufq.arch.moe import renormalizes
+            self.moe_k = int(c["num_experts_per_tok"])
+            self.moe_renorm = renormalizes(rec, c)
         self.use_rope = [True] * self.n_layer
         if self.f.no_rope_every:
             nrl = c.get("no_rope_layers")
             self.use_rope = [bool(x) for x in nrl] if nrl else \
                 [(i + 1) % self.f.no_rope_every != 0 for i in range(self.n_layer)]
+
+    def _mlp(self, h: np.ndarray, gate: str, up: str, down: str) -> np.ndarray:
+        g = self._linear(h, gate)
+        act = _gelu_tanh(g) if self.f.act == "gelu_tanh" else g / (1 + np.exp(-g))
+        return self._linear(act * self._linear(h, up), down)
+
+    def _moe(self, h: np.ndarray, p: str) -> np.ndarray:
+        """transformers' sparse MoE block: softmax over the router logits (float32), the top-k
+        experts per token (renormalised to sum 1 where the model does: Mixtral always, Qwen/OLMoE
+        when norm_topk_prob), their SwiGLU outputs weighted; Qwen2-MoE adds a shared expert
+        scaled by sigmoid(shared_expert_gate)."""
+        if p + "block_sparse_moe.gate.weight" in self.t:   # Mixtral
+            m, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
+        else:
+            m, names = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+        logits = (h @ self.w(m + "gate.weight").T).astype(np.float32)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.moe_k]
+        wts = np.take_along_axis(probs, top, axis=-1)
+        if self.moe_renorm:
+            wts = wts / wts.sum(axis=-1, keepdims=True)
+        out = np.zeros_like(h)
+        for e in np.unique(top):
+            rows = np.nonzero((top == e).any(axis=-1))[0]
+            wt = (wts * (top == e)).sum(axis=-1)[rows, None].astype(self.dtype)
+            ex = m + f"experts.{e}."
+            out[rows] += self._mlp(h[rows], *(ex + n for n in names)) * wt
+        if m + "shared_expert.gate_proj.weight" in self.t:
+            sh = self._mlp(h, *(m + f"shared_expert.{n}" for n in names))
+            gate = h @ self.w(m + "shared_expert_gate.weight").T
+            out = out + sh / (1 + np.exp(-gate))
+        return out
 
     def w(self, name: str) -> Optional[np.ndarray]:
         raw = self.t.get(name)
@@ -260,6 +298,9 @@ class Reference:
             a = (s @ v).transpose(1, 0, 2).reshape(n, H * hd)
             x = x + self._norm(self._linear(a, p + "self_attn.o_proj"), p, 1) * self.dtype(res)
             h = self._norm(x, p, 2)
+            if self.moe is not None:
+                x = x + self._norm(self._moe(h, p), p, 3) * self.dtype(res)
+                continue
             if f.fused_gate_up:
                 gu = self._linear(h, p + "mlp.gate_up_proj")
                 g, u = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]

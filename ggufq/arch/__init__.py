@@ -31,7 +31,7 @@ from ..plan import TensorSpec
 
 MT = gguf.MODEL_TENSOR
 
-_MODULES = ("llama", "qwen", "gemma", "phi3", "olmo2", "granite")
+_MODULES = ("llama", "qwen", "gemma", "phi3", "olmo2", "granite", "moe")
 _REGISTRY: dict[str, "ArchRecord"] = {}
 _loaded = False
 
@@ -71,6 +71,10 @@ SHAPES: dict[MT, tuple[str, ...]] = {
     MT.ATTN_Q: ("q", "E"), MT.ATTN_K: ("kv", "E"), MT.ATTN_V: ("kv", "E"), MT.ATTN_QKV: ("qkv", "E"),
     MT.ATTN_OUT: ("E", "q"), MT.ATTN_Q_NORM: ("hd",), MT.ATTN_K_NORM: ("hd",),
     MT.FFN_GATE: ("F", "E"), MT.FFN_UP: ("F", "E"), MT.FFN_DOWN: ("E", "F"),
+    # mixture of experts (X experts of width Fx, a shared expert of width Fs): ggufq.arch.moe
+    MT.FFN_GATE_INP: ("X", "E"), MT.FFN_GATE_EXP: ("X", "Fx", "E"), MT.FFN_UP_EXP: ("X", "Fx", "E"),
+    MT.FFN_DOWN_EXP: ("X", "E", "Fx"), MT.FFN_GATE_SHEXP: ("Fs", "E"), MT.FFN_UP_SHEXP: ("Fs", "E"),
+    MT.FFN_DOWN_SHEXP: ("E", "Fs"), MT.FFN_GATE_INP_SHEXP: ("1", "E"),
 }
 
 
@@ -92,6 +96,17 @@ class Forward:
     no_rope_every: int = 0                # every n-th layer has no rope (SmolLM3: 4)
     fused_qkv: bool = False               # Phi-3: q, k, v in one matrix
     fused_gate_up: bool = False           # Phi-3: gate and up in one matrix (gate first)
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A mixture-of-experts FFN (:mod:`ggufq.arch.moe`): per-expert HF tensors
+    ``*.experts.{i}.*`` are stacked into ``ffn_{gate,up,down}_exps``."""
+    ff_key: Optional[str] = None          # config key of one expert's FFN width (None: intermediate_size)
+    shared_ff_key: Optional[str] = None   # config key of the shared expert's width (Qwen2-MoE)
+    # how the HF model weights the top-k experts: "always" renormalises them to sum 1 (Mixtral),
+    # otherwise the config key that switches it on and its default ("norm_topk_prob", False)
+    renorm: object = "always"
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,7 @@ class ArchRecord:
     tokenizer: Optional[str] = None       # force a vocab loader: "spm" | "bpe" | None (what the folder has)
     forward: Forward = Forward()
     template_family: Optional[str] = None  # ggufq.ollama template family for this arch (None: detect)
+    moe: Optional[Moe] = None             # mixture of experts (None: dense FFN)
 
     @property
     def name(self) -> str:

@@ -238,8 +238,12 @@ class TextArch:
     # ---- tensors ----------------------------------------------------------------------
     def dims(self) -> dict[str, int]:
         E, H, KV, hd = self.n_embd, self.n_head, self.n_head_kv, self.head_dim
-        return {"E": E, "F": self.n_ff, "2F": 2 * self.n_ff, "V": self.n_vocab, "hd": hd,
-                "q": H * hd, "kv": KV * hd, "qkv": (H + 2 * KV) * hd}
+        d = {"E": E, "F": self.n_ff, "2F": 2 * self.n_ff, "V": self.n_vocab, "hd": hd,
+             "q": H * hd, "kv": KV * hd, "qkv": (H + 2 * KV) * hd}
+        if self.record.moe is not None:
+            from .moe import moe_dims
+            d.update(moe_dims(self))
+        return d
 
     def shape_of(self, mt: MT, bias: bool = False) -> Optional[tuple[int, ...]]:
         terms = self.record.shapes.get(mt, SHAPES.get(mt))
@@ -264,7 +268,11 @@ class TextArch:
         order = {mt: i for i, mt in enumerate(gguf.MODEL_TENSORS[rec.gguf_arch])}
         found: dict[str, tuple] = {}
         unmapped = []
-        for hf, t in model.tensors.items():
+        items = model.tensors
+        if rec.moe is not None:   # per-expert tensors become one stacked tensor each (ggufq.arch.moe)
+            from .moe import stacked_sources
+            items = stacked_sources(self, items)
+        for hf, t in items.items():
             if hf.endswith(IGNORED_SUFFIXES) or hf in rec.skip_tensors:
                 continue
             m = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))

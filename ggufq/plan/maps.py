@@ -210,4 +210,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             ("blk.*.ffn_up*.weight",     T.Q4_K),
             ("blk.*.ffn_down*.weight",   T.Q4_K),
             ),
+    # mixture of experts: every token runs attention, the shared expert and output, but only k of the
+    # routed experts, which hold most of the bytes: 8 bits where it is always paid for
+    _preset("moe-keep-active", "Q4_K_M",
+            "MoE: always-active tensors (attention, shared expert, dense FFNs, output) Q8_0; routed experts "
+            "(ffn_*_exps), token_embd and the rest as --type (default Q4_K_M); the router stays F32",
+            ("blk.*.attn_q.weight",      T.Q8_0),
+            ("blk.*.attn_k.weight",      T.Q8_0),
+            ("blk.*.attn_v.weight",      T.Q8_0),
+            ("blk.*.attn_qkv.weight",    T.Q8_0),
+            ("blk.*.attn_output.weight", T.Q8_0),
+            ("blk.*.ffn_*_shexp.weight", T.Q8_0),
+            ("blk.*.ffn_gate.weight",    T.Q8_0),
+            ("blk.*.ffn_up.weight",      T.Q8_0),
+            ("blk.*.ffn_down.weight",    T.Q8_0),
+            ("output.weight",            T.Q8_0),
+            ),
 )}

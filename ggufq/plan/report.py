@@ -49,6 +49,11 @@ def format_table(plan: Plan) -> str:
     for s in type_summary(plan):
         out.append(f"  {s['type']:<5} {s['tensors']:>5} tensors  {human_bytes(s['bytes']):>11}  "
                    f"{100 * s['bytes'] / max(1, plan.total_bytes):5.1f}% of bytes")
+    exps = [e for e in plan.entries if "_exps." in e.name]
+    if exps:   # mixture of experts: what the routed experts weigh against the always-active rest
+        nb = sum(e.nbytes for e in exps)
+        out.append(f"  routed experts: {len(exps)} tensors {human_bytes(nb)} ({100 * nb / max(1, plan.total_bytes):.1f}%"
+                   f" of bytes); always active: {human_bytes(plan.total_bytes - nb)}")
     fb = [e for e in plan.entries if e.fallback]
     out.append(f"fallbacks taken: {len(fb)}" + (" (row length not a multiple of the block size)" if fb else ""))
     for w_ in plan.warnings:

@@ -1,0 +1,104 @@
+"""One row per MoE architecture / source format: ggufq vs llama.cpp's convert_hf_to_gguf.py.
+
+    PYTHONPATH=. python tools/moe_parity.py                                  # every family, BF16 source
+    PYTHONPATH=. python tools/moe_parity.py --arch qwen3moe --fp8 e4m3 --types F16 Q8_0
+
+For each family of tools/synthetic_moe.py (8 experts, 2 active, 2 layers, 3 shards, real tokenizer
+files): keys identical / total and tensors byte-identical / total for each --type (both converters
+run; tools/compare_convert.py lists the differences), the max relative logits error of ggufq's F32
+file through llama-cpp-python against tests/reference.py (a NumPy forward with routing; FP8 sources
+are compared against llama.cpp's own F32 conversion's logits instead, the reference reads no FP8),
+and the number of tensors whose Q4_K_M / Q3_K_M type differs from llama.cpp's own choice
+(``llama_quant_compute_types`` through ctypes, on llama.cpp's F16 conversion's tensors).
+Needs torch + transformers (llama.cpp's converter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
+
+from arch_parity import _run  # noqa: E402
+from compare_convert import LLAMA_CONVERT, OUTTYPE, compare  # noqa: E402
+from synthetic_moe import FAMILIES, make_moe  # noqa: E402
+
+SHAPES = {"qwen3moe": dict(hidden=64, ff=64), "mixtral": dict(hidden=256, ff=256),
+          "qwen2moe": dict(hidden=64, ff=64, shared_ff=128), "olmoe": dict(hidden=64, ff=64)}
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    got, ref = got.astype(np.float64), ref.astype(np.float64)
+    return float((np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+
+def row(fam: str, work: Path, types, fp8=None) -> dict:
+    tag = fam + (f"-fp8{fp8}" if fp8 else "")
+    d = make_moe(work / tag, fam, layers=2, heads=4, kv_heads=2, experts=8, active=2, shards=3, seed=7, fp8=fp8,
+                 **SHAPES[fam])
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = {"arch": FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
+    for t in types:
+        a, b = work / f"{tag}-llama-{t}.gguf", work / f"{tag}-ggufq-{t}.gguf"
+        _run([sys.executable, LLAMA_CONVERT, d, "--outtype", OUTTYPE[t], "--outfile", a])
+        _run([sys.executable, "-m", "ggufq", "convert", d, "-o", b, "--type", t, "-q", "-f"], env=env)
+        rows, equal, (ka, kb, na, nb) = compare(a, b)
+        bad = [r for r in rows if r[4] == "DIFF"]
+        out[t] = f"{equal['keys']}/{ka} keys, {equal['tensors']}/{na} tensors" + (f", {len(bad)} DIFF" if bad else "")
+    from llama_worker import llama_logits
+    f32 = work / f"{tag}-F32.gguf"
+    _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
+    cfg = json.loads((d / "config.json").read_text())
+    ids = [cfg["bos_token_id"]] + list(np.random.default_rng(5).integers(3, 8000, 63))
+    got = llama_logits(f32, ids)
+    if fp8:
+        ref_gguf = work / f"{tag}-llama-F32.gguf"
+        _run([sys.executable, LLAMA_CONVERT, d, "--outtype", "f32", "--outfile", ref_gguf])
+        out["logits"] = f"{rel_err(got, llama_logits(ref_gguf, ids)):.1e} (vs llama.cpp F32)"
+    else:
+        from reference import Reference
+        out["logits"] = f"{rel_err(got, Reference(d).logits(ids)):.1e}"
+    from ggufq.plan import llama_ref, make_plan, specs_from_gguf
+    src = work / f"{tag}-llama-F16.gguf"
+    if src.is_file() and llama_ref.available():
+        specs, info = specs_from_gguf(src)
+        for ft in ("Q4_K_M", "Q3_K_M"):
+            plan = make_plan(specs, info, ft)
+            ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
+            mism = sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype)
+            out[ft] = f"{mism} of {len(ref_t)}"
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--types", nargs="*", default=["F16", "BF16", "Q8_0"])
+    ap.add_argument("--fp8", choices=["e4m3", "e5m2"], default=None)
+    ap.add_argument("--keep", type=Path, default=None)
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ggufq-moe-") as td:
+        work = a.keep or Path(td)
+        work.mkdir(parents=True, exist_ok=True)
+        cols = ["arch"] + a.types + ["logits", "Q4_K_M", "Q3_K_M"]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for fam in a.arch:
+            try:
+                r = row(fam, work, a.types, a.fp8)
+            except Exception as e:  # one family failing does not hide the others
+                r = {"arch": FAMILIES[fam][0], a.types[0] if a.types else "logits": f"error: {str(e).splitlines()[-1][:120]}"}
+            print("| " + " | ".join(r.get(c, "-") for c in cols) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
