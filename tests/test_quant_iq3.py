@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from conftest import HELDOUT, LLAMA_BIN, run_cli
+from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
 from quant_helpers import tiny_matrices
 from ggufq.quant import encode, ggml_ref, row_nbytes
 from ggufq.quant.iq3 import grid
@@ -101,24 +101,24 @@ def test_bytes_match_ggml_on_corner_cases(qtype, with_imatrix, hard_rows):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_rows():
     # 256 rows of each matrix keep the run short; every row length of the model is there
     return {n: m[:256] for n, m in tiny_matrices().items()}
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("imatrix", ["none", "row-stats"])
-def test_bytes_match_ggml_on_tinyllama(qtype, imatrix, tiny):
-    for name, x in tiny.items():
+def test_bytes_match_ggml_on_tinyllama(qtype, imatrix, tiny_rows):
+    for name, x in tiny_rows.items():
         im = row_stat_imatrix(x) if imatrix == "row-stats" else None
         same, ours = same_blocks(qtype, x, im)
         assert same.mean() >= MIN_IDENTICAL, f"{qtype.name} {name}: {same.mean():.4f} of blocks identical"
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_round_trip_through_gguf_dequantize(qtype, tiny):
+def test_round_trip_through_gguf_dequantize(qtype, tiny_rows):
     """Decoded weights are close to the input, and an imatrix lowers the error where it points."""
-    for name, x in tiny.items():
+    for name, x in tiny_rows.items():
         d = dequantize(encode(qtype, x), qtype).reshape(x.shape)
         rel = np.linalg.norm(d - x) / np.linalg.norm(x)
         assert rel < 0.3, (name, rel)
@@ -130,13 +130,12 @@ def test_round_trip_through_gguf_dequantize(qtype, tiny):
 
 
 @pytest.fixture(scope="module")
-def real_imatrix(tmp_path_factory, tiny):
+def real_imatrix(tmp_path_factory):
     """A llama-imatrix file for the tiny model (llama.cpp's own tool), loaded with ggufq.imatrix."""
     tool = LLAMA_BIN / "llama-imatrix"
     if not tool.exists():
         pytest.skip(f"llama-imatrix not built in {LLAMA_BIN} (tools/build_llama_tools.sh)")
     from ggufq.imatrix import load
-    from conftest import TINY
     d = tmp_path_factory.mktemp("iq3-imatrix")
     f16 = d / "f16.gguf"
     assert run_cli("convert", TINY, "-o", f16, "--type", "F16", "-q").returncode == 0
@@ -149,13 +148,13 @@ def real_imatrix(tmp_path_factory, tiny):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny, real_imatrix):
+def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny_rows, real_imatrix):
     # the columns of these matrices are not permuted by the conversion, so the GGUF entries apply as is
     pairs = {"model.layers.1.mlp.down_proj.weight": "blk.1.ffn_down.weight",
              "model.layers.5.mlp.gate_proj.weight": "blk.5.ffn_gate.weight",
              "model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight"}
     for hf, name in pairs.items():
-        x = tiny[hf]
+        x = tiny_rows[hf]
         im = real_imatrix.for_tensor(name, x.shape[1])
         assert im is not None, name
         same, _ = same_blocks(qtype, x, im)
@@ -170,7 +169,6 @@ def gate_moments():
     import sentencepiece as spm
     from ggufq import calib
     from ggufq.convert import prepare
-    from conftest import TINY
     text = HELDOUT.read_text() if HELDOUT.exists() else (TINY / "README.md").read_text() * 20
     sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
     ids = np.array(sp.encode(text[:60000]), np.int64)
