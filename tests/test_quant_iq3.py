@@ -130,21 +130,26 @@ def test_round_trip_through_gguf_dequantize(qtype, tiny_rows):
 
 
 @pytest.fixture(scope="module")
-def real_imatrix(tmp_path_factory):
-    """A llama-imatrix file for the tiny model (llama.cpp's own tool), loaded with ggufq.imatrix."""
+def llama_files(tmp_path_factory):
+    """An F32 GGUF of the tiny model (ggufq) and an imatrix for it from llama.cpp's own llama-imatrix."""
     tool = LLAMA_BIN / "llama-imatrix"
     if not tool.exists():
         pytest.skip(f"llama-imatrix not built in {LLAMA_BIN} (tools/build_llama_tools.sh)")
-    from ggufq.imatrix import load
-    d = tmp_path_factory.mktemp("iq3-imatrix")
-    f16 = d / "f16.gguf"
-    assert run_cli("convert", TINY, "-o", f16, "--type", "F16", "-q").returncode == 0
+    d = tmp_path_factory.mktemp("iq3-llama")
+    f32 = d / "f32.gguf"
+    assert run_cli("convert", TINY, "-o", f32, "--type", "F32", "-q").returncode == 0
     calib = d / "calib.txt"
     calib.write_text(HELDOUT.read_text()[:30000] if HELDOUT.exists() else "hello world " * 3000)
-    r = subprocess.run([str(tool), "-m", str(f16), "-f", str(calib), "-o", str(d / "im.gguf"),
+    r = subprocess.run([str(tool), "-m", str(f32), "-f", str(calib), "-o", str(d / "im.gguf"),
                         "-c", "128", "--chunks", "4", "-t", "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    return load(d / "im.gguf")
+    return f32, d / "im.gguf"
+
+
+@pytest.fixture(scope="module")
+def real_imatrix(llama_files):
+    from ggufq.imatrix import load
+    return load(llama_files[1])
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -230,3 +235,36 @@ def test_error_feedback_without_correlations_is_the_exact_grid_search(qtype, gat
             e_all = ((rows[r, c] - cand) ** 2 * hd[c]).sum(axis=1)
             e_got = ((rows[r, c] - deq[r, c]) ** 2 * hd[c]).sum()
             assert e_got <= e_all.min() * (1 + 1e-5) + 1e-12, (r, quad)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_bytes_match_llama_quantize(qtype, llama_files, tmp_path):
+    """llama-quantize --pure (which insists on an imatrix for IQ3_XXS, not for IQ3_S) on the F32 GGUF:
+    its tensors and ours from the same rows and imatrix are the same bytes."""
+    import os
+
+    import gguf
+    from ggufq.imatrix import load
+    f32, im_path = llama_files
+    exe = LLAMA_BIN / "llama-quantize"
+    if not exe.exists():
+        pytest.skip(f"llama-quantize not built in {LLAMA_BIN}")
+    use_im = qtype == T.IQ3_XXS
+    out = tmp_path / "ref.gguf"
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{LLAMA_BIN}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    r = subprocess.run([str(exe), "--pure", *(["--imatrix", str(im_path)] if use_im else []),
+                        str(f32), str(out), qtype.name, "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    im = load(im_path) if use_im else None
+    src = {t.name: t for t in gguf.GGUFReader(f32).tensors}
+    checked = 0
+    for t in gguf.GGUFReader(out).tensors:
+        if t.tensor_type != qtype or not (t.name.startswith("blk.2.") or t.name == "output.weight"):
+            continue
+        k = int(t.shape[0])
+        x = np.asarray(src[t.name].data, dtype=np.float32).reshape(-1, k)[:512]
+        ref = np.asarray(t.data).view(np.uint8).reshape(-1, row_nbytes(qtype, k))[: len(x)]
+        ours = encode(qtype, x, im.for_tensor(t.name, k) if im else None)
+        assert np.array_equal(ours, ref), t.name
+        checked += 1
+    assert checked == 8                           # blk.2's seven matrices and output
