@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from conftest import HELDOUT, LLAMA_BIN, run_cli
+from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
 from quant_helpers import tiny_matrices
 from ggufq.quant import encode, ggml_ref, row_nbytes
 from ggufq.quant.iq3 import grid
@@ -101,24 +101,24 @@ def test_bytes_match_ggml_on_corner_cases(qtype, with_imatrix, hard_rows):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_rows():
     # 256 rows of each matrix keep the run short; every row length of the model is there
     return {n: m[:256] for n, m in tiny_matrices().items()}
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("imatrix", ["none", "row-stats"])
-def test_bytes_match_ggml_on_tinyllama(qtype, imatrix, tiny):
-    for name, x in tiny.items():
+def test_bytes_match_ggml_on_tinyllama(qtype, imatrix, tiny_rows):
+    for name, x in tiny_rows.items():
         im = row_stat_imatrix(x) if imatrix == "row-stats" else None
         same, ours = same_blocks(qtype, x, im)
         assert same.mean() >= MIN_IDENTICAL, f"{qtype.name} {name}: {same.mean():.4f} of blocks identical"
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_round_trip_through_gguf_dequantize(qtype, tiny):
+def test_round_trip_through_gguf_dequantize(qtype, tiny_rows):
     """Decoded weights are close to the input, and an imatrix lowers the error where it points."""
-    for name, x in tiny.items():
+    for name, x in tiny_rows.items():
         d = dequantize(encode(qtype, x), qtype).reshape(x.shape)
         rel = np.linalg.norm(d - x) / np.linalg.norm(x)
         assert rel < 0.3, (name, rel)
@@ -130,32 +130,36 @@ def test_round_trip_through_gguf_dequantize(qtype, tiny):
 
 
 @pytest.fixture(scope="module")
-def real_imatrix(tmp_path_factory, tiny):
-    """A llama-imatrix file for the tiny model (llama.cpp's own tool), loaded with ggufq.imatrix."""
+def llama_files(tmp_path_factory):
+    """An F32 GGUF of the tiny model (ggufq) and an imatrix for it from llama.cpp's own llama-imatrix."""
     tool = LLAMA_BIN / "llama-imatrix"
     if not tool.exists():
         pytest.skip(f"llama-imatrix not built in {LLAMA_BIN} (tools/build_llama_tools.sh)")
-    from ggufq.imatrix import load
-    from conftest import TINY
-    d = tmp_path_factory.mktemp("iq3-imatrix")
-    f16 = d / "f16.gguf"
-    assert run_cli("convert", TINY, "-o", f16, "--type", "F16", "-q").returncode == 0
+    d = tmp_path_factory.mktemp("iq3-llama")
+    f32 = d / "f32.gguf"
+    assert run_cli("convert", TINY, "-o", f32, "--type", "F32", "-q").returncode == 0
     calib = d / "calib.txt"
     calib.write_text(HELDOUT.read_text()[:30000] if HELDOUT.exists() else "hello world " * 3000)
-    r = subprocess.run([str(tool), "-m", str(f16), "-f", str(calib), "-o", str(d / "im.gguf"),
+    r = subprocess.run([str(tool), "-m", str(f32), "-f", str(calib), "-o", str(d / "im.gguf"),
                         "-c", "128", "--chunks", "4", "-t", "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    return load(d / "im.gguf")
+    return f32, d / "im.gguf"
+
+
+@pytest.fixture(scope="module")
+def real_imatrix(llama_files):
+    from ggufq.imatrix import load
+    return load(llama_files[1])
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny, real_imatrix):
+def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny_rows, real_imatrix):
     # the columns of these matrices are not permuted by the conversion, so the GGUF entries apply as is
     pairs = {"model.layers.1.mlp.down_proj.weight": "blk.1.ffn_down.weight",
              "model.layers.5.mlp.gate_proj.weight": "blk.5.ffn_gate.weight",
              "model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight"}
     for hf, name in pairs.items():
-        x = tiny[hf]
+        x = tiny_rows[hf]
         im = real_imatrix.for_tensor(name, x.shape[1])
         assert im is not None, name
         same, _ = same_blocks(qtype, x, im)
@@ -170,7 +174,6 @@ def gate_moments():
     import sentencepiece as spm
     from ggufq import calib
     from ggufq.convert import prepare
-    from conftest import TINY
     text = HELDOUT.read_text() if HELDOUT.exists() else (TINY / "README.md").read_text() * 20
     sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
     ids = np.array(sp.encode(text[:60000]), np.int64)
@@ -232,3 +235,36 @@ def test_error_feedback_without_correlations_is_the_exact_grid_search(qtype, gat
             e_all = ((rows[r, c] - cand) ** 2 * hd[c]).sum(axis=1)
             e_got = ((rows[r, c] - deq[r, c]) ** 2 * hd[c]).sum()
             assert e_got <= e_all.min() * (1 + 1e-5) + 1e-12, (r, quad)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_bytes_match_llama_quantize(qtype, llama_files, tmp_path):
+    """llama-quantize --pure (which insists on an imatrix for IQ3_XXS, not for IQ3_S) on the F32 GGUF:
+    its tensors and ours from the same rows and imatrix are the same bytes."""
+    import os
+
+    import gguf
+    from ggufq.imatrix import load
+    f32, im_path = llama_files
+    exe = LLAMA_BIN / "llama-quantize"
+    if not exe.exists():
+        pytest.skip(f"llama-quantize not built in {LLAMA_BIN}")
+    use_im = qtype == T.IQ3_XXS
+    out = tmp_path / "ref.gguf"
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{LLAMA_BIN}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    r = subprocess.run([str(exe), "--pure", *(["--imatrix", str(im_path)] if use_im else []),
+                        str(f32), str(out), qtype.name, "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    im = load(im_path) if use_im else None
+    src = {t.name: t for t in gguf.GGUFReader(f32).tensors}
+    checked = 0
+    for t in gguf.GGUFReader(out).tensors:
+        if t.tensor_type != qtype or not (t.name.startswith("blk.2.") or t.name == "output.weight"):
+            continue
+        k = int(t.shape[0])
+        x = np.asarray(src[t.name].data, dtype=np.float32).reshape(-1, k)[:512]
+        ref = np.asarray(t.data).view(np.uint8).reshape(-1, row_nbytes(qtype, k))[: len(x)]
+        ours = encode(qtype, x, im.for_tensor(t.name, k) if im else None)
+        assert np.array_equal(ours, ref), t.name
+        checked += 1
+    assert checked == 8                           # blk.2's seven matrices and output

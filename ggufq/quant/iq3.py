@@ -210,9 +210,9 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
         k, j = np.nonzero(rq)
         gidx = r[j]
         sc = scale[gidx]
-        id2 = F32(1) / scale                                   # float id = 1/scale;
+        id2 = F32(1) / sc                                      # float id = 1/scale;  (scale > 0)
         qi = k * n + gidx
-        Lq = _round_levels(F32(0.5) * (id2[gidx, None] * x4[qi] - F32(1)))      # [m, 4]
+        Lq = _round_levels(F32(0.5) * (id2[:, None] * x4[qi] - F32(1)))         # [m, 4]
         uq = _codes(Lq.T[None])[0]
         gidq = g.kmap[uq]
         o = gidq < 0
