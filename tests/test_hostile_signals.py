@@ -114,3 +114,22 @@ def test_second_signal_during_cleanup_changes_nothing(tmp_path):
         assert (r.rc, r.lines) == (130, ["ggufq: interrupted"]), (r.rc, r.err)
         assert os.listdir(out) == []
         no_process_left(grace=1.0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT-group", "SIGTERM"])
+def test_signal_during_self_calibration(sig, tmp_path):
+    """--method hqq generates and measures its own text before the writer starts: a signal there
+    ends the run the same way (nothing was written yet, nothing is left)."""
+    rng = random.Random(int(sig))
+    for k in range(4):
+        out = tmp_path / f"o{k}"
+        out.mkdir()
+        pid, o, e = spawn_forked(["convert", TINY, "-o", out / "x.gguf", "-t", "Q4_K_M", "--method", "hqq",
+                                  "--calib-tokens", "512", "-j", "2"], new_group=True)
+        time.sleep(rng.uniform(0.3, 2.5))
+        (os.killpg if sig == signal.SIGINT else os.kill)(pid, sig)
+        r = finish(pid, o, e, timeout=60)
+        assert "Traceback" not in r.err, r.err
+        assert (r.rc, r.lines) == (WANT[sig][0], [WANT[sig][1]]), (r.rc, r.err)
+        assert os.listdir(out) == []
+        no_process_left(grace=1.0)
