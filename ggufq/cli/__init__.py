@@ -13,7 +13,7 @@ import os
 import sys
 
 if os.path.basename(sys.argv[0] if sys.argv else "") == "ggufq":     # the console script
-    from ..procs import early_handlers
+    from .._early import early_handlers
     early_handlers()
 
 import importlib  # noqa: E402
