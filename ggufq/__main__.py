@@ -1,5 +1,5 @@
 # signals that arrive while the heavy modules are still importing end the run quietly
-from .procs import early_handlers
+from ._early import early_handlers
 
 early_handlers()
 

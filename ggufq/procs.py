@@ -148,25 +148,6 @@ def install_handlers() -> None:
         signal.signal(s, _handler)
 
 
-def _early(signum, frame) -> None:
-    msg = Interrupted(signum).message
-    try:
-        os.write(2, f"ggufq: {msg}\n".encode())
-    finally:
-        os._exit(128 + signum)
-
-
-def early_handlers() -> None:
-    """Before the heavy imports of a command-line run: a signal ends the process at once with
-    one line and 128 + signal (nothing is written yet); :func:`install_handlers` takes over."""
-    for s in SIGNALS:
-        signal.signal(s, _early)
-
-
-def first_signal() -> Optional[int]:
-    return _caught[0] if _caught else None
-
-
 class LimitExceeded(Exception):
     """:func:`run_limited`'s function ran out of time or memory, or its result was too large."""
 

@@ -367,7 +367,7 @@ def open_model(path: os.PathLike | str) -> Model:
     path = Path(path)
     if not path.is_dir():
         raise GgufqError(f"{path}: not a directory")
-    path = path.resolve()
+    given, path = path, path.resolve()     # names in messages and the default output name: as given
     check_folder_files(path)
     config = read_json(path / "config.json")
     # multimodal wrappers keep the language model's hyperparameters under text_config
@@ -421,7 +421,7 @@ def open_model(path: os.PathLike | str) -> Model:
     from .source_fp8 import dequantizing   # FP8 weights x block scales; other quant_methods: one error line
     tensors = dequantizing(config, tensors)
     check_config(config, tensors)
-    return Model(path, config, tensors)
+    return Model(given, config, tensors)
 
 
 def _no_shared_names(headers: dict[str, dict[str, SourceTensor]]) -> None:

@@ -2,7 +2,6 @@
 only regular files are read; one line, exit 1, nothing written, no process left."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

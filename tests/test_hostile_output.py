@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hostile import TINY, check_case, model_copy, no_process_left, replace, run_forked, tree
+from hostile import check_case, model_copy, no_process_left, replace, run_forked
 
 S3 = "model-00003-of-00003.safetensors"
 

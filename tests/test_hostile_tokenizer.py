@@ -2,7 +2,6 @@
 nothing written, no process left."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

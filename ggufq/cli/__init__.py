@@ -13,7 +13,7 @@ import os
 import sys
 
 if os.path.basename(sys.argv[0] if sys.argv else "") == "ggufq":     # the console script
-    from ..procs import early_handlers
+    from .._early import early_handlers
     early_handlers()
 
 import importlib  # noqa: E402
@@ -65,12 +65,14 @@ def _blame(e: BaseException) -> str:
 class _Group(click.Group):
     def main(self, *args, **kwargs):
         import signal
-
-        from ..procs import SIGNALS
         import threading
-        old = {s: signal.getsignal(s) for s in SIGNALS}
+
+        from .._early import _early
+        from ..procs import SIGNALS
+        # handlers to put back for an in-process caller (tests); the early ones of a command-line run
+        # are not put back: a signal during the exit would print a second line
+        old = {s: h for s in SIGNALS if (h := signal.getsignal(s)) is not _early}
         old_hooks = sys.unraisablehook, threading.excepthook
-        install_handlers()
         if not os.environ.get("GGUFQ_DEBUG"):
             # exceptions Python can only print (in __del__, at-fork hooks, a pool's helper threads:
             # "Exception ignored in ...", "Bad file descriptor" while a pool is torn down) would add
@@ -79,6 +81,7 @@ class _Group(click.Group):
             threading.excepthook = lambda *a: None
         standalone = kwargs.pop("standalone_mode", True)
         try:
+            install_handlers()        # inside the try: a signal may arrive while it installs them
             if not standalone:
                 return super().main(*args, standalone_mode=False, **kwargs)
             try:
