@@ -114,6 +114,12 @@ def test_types_that_need_an_imatrix_refuse_to_run_without(qtype):
         encode(qtype, np.ones((1, 256), np.float32))
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_rows_must_be_whole_super_blocks(qtype):
+    with pytest.raises(ValueError, match="multiple of 256"):
+        encode(qtype, np.ones((2, 576), np.float32), np.ones(576, np.float32))
+
+
 def test_grid_tables_follow_ggml():
     """kmap inverts the grid; every off-grid code has a neighbour list sorted by distance, then index."""
     for qtype, nwant in ((T.IQ2_XXS, 2), (T.IQ2_XS, 2), (T.IQ2_S, 1), (T.IQ1_S, 3)):

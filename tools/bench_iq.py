@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggufq.quant import encode, ggml_ref  # noqa: E402
+from ggufq.quant import can_encode, encode, ggml_ref  # noqa: E402
 from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
 
 DEFAULT_TYPES = "IQ2_XXS,IQ2_XS,IQ2_S,IQ1_S,IQ1_M"
@@ -40,8 +40,10 @@ def main(argv=None) -> int:
     if not ggml_ref.available():
         print("llama-cpp-python (libggml-base) is not installed: no reference to compare with", file=sys.stderr)
         return 2
-    mats = [(n, m[:a.rows] if a.rows else m) for n, m in model_matrices(a.model)]
-    print(f"{Path(a.model).name}: {len(mats)} matrices, {sum(m.size for _, m in mats) / 1e6:.2f}M weights"
+    mats = [(n, m[:a.rows] if a.rows else m) for n, m in model_matrices(a.model)
+            if can_encode(T.IQ2_XXS, m.shape[1])]   # rows of whole 256-blocks (others take other types)
+    print(f"{Path(a.model).name}: {len(mats)} matrices with rows of whole 256-blocks, "
+          f"{sum(m.size for _, m in mats) / 1e6:.2f}M weights"
           f"{f' (first {a.rows} rows each)' if a.rows else ''}; CPU seconds, one core\n")
     print("| type | imatrix | identical blocks | ours s | ggml s | speed vs ggml |")
     print("|---|---|---|---|---|---|")
