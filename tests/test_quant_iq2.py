@@ -6,6 +6,7 @@ and row-statistics ones, with dead columns) and, where ggml accepts none
 (IQ2_S, IQ1_M), without. Encodings decode with gguf-py's ``dequantize``.
 """
 import platform
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from conftest import TINY
+from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
 from ggufq.quant import encode, encoders, ggml_ref
 from ggufq.quant.iq_grid import iq_grid
 from ggufq.quant.parity import model_matrices, synthetic_imatrix
@@ -113,6 +114,12 @@ def test_types_that_need_an_imatrix_refuse_to_run_without(qtype):
         encode(qtype, np.ones((1, 256), np.float32))
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_rows_must_be_whole_super_blocks(qtype):
+    with pytest.raises(ValueError, match="multiple of 256"):
+        encode(qtype, np.ones((2, 576), np.float32), np.ones(576, np.float32))
+
+
 def test_grid_tables_follow_ggml():
     """kmap inverts the grid; every off-grid code has a neighbour list sorted by distance, then index."""
     for qtype, nwant in ((T.IQ2_XXS, 2), (T.IQ2_XS, 2), (T.IQ2_S, 1), (T.IQ1_S, 3)):
@@ -130,3 +137,36 @@ def test_grid_tables_follow_ggml():
             keys = sorted(zip(d2.tolist(), range(n)))
             want = sorted(set(d2.tolist()))[:nwant]
             assert lst.tolist() == [j for d, j in keys if d <= want[-1]]
+
+
+@pytest.mark.slow
+def test_bytes_match_ggml_with_a_real_llama_imatrix(tmp_path):
+    """An imatrix from llama.cpp's own llama-imatrix over the tiny model, applied to the matrices of that GGUF."""
+    import gguf
+
+    from ggufq.imatrix import load
+    tool = LLAMA_BIN / "llama-imatrix"
+    if not tool.exists():
+        pytest.skip(f"llama-imatrix not built in {LLAMA_BIN} (tools/build_llama_tools.sh)")
+    if not TINY.is_dir():
+        pytest.skip(f"tiny model not at {TINY}")
+    f16 = tmp_path / "f16.gguf"
+    assert run_cli("convert", TINY, "-o", f16, "--type", "F16", "-q").returncode == 0
+    calib = tmp_path / "calib.txt"
+    calib.write_text(HELDOUT.read_text()[:30000] if HELDOUT.exists() else "the quick brown fox " * 3000)
+    r = subprocess.run([str(tool), "-m", str(f16), "-f", str(calib), "-o", str(tmp_path / "im.gguf"),
+                        "--output-format", "gguf", "-c", "128", "--chunks", "4", "-t", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    im = load(tmp_path / "im.gguf")
+    checked = 0
+    for t in gguf.GGUFReader(f16).tensors:
+        if len(t.shape) != 2 or t.name not in im.entries or t.shape[0] % 256:
+            continue
+        x = np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))[:4]
+        v = im.for_tensor(t.name, x.shape[1])
+        for qtype in TYPES:
+            share, _ = identical(qtype, x, v)
+            assert share >= MIN_IDENTICAL, f"{qtype.name} {t.name}: {share:.4f} of blocks identical"
+        checked += 1
+    assert checked >= 8

@@ -40,7 +40,7 @@ IQ1M_DELTA = F32(0.125)
 GROUP_MAX_EPS_IQ1_S = F32(1e-12)
 GROUP_MAX_EPS_IQ1_M = F32(1e-7)
 # groups per step of the split search (its [candidates, groups] arrays stay a few MiB)
-SEARCH_GROUPS = 1024
+SEARCH_GROUPS = 512
 
 REQUIRES_IMATRIX = frozenset({T.IQ1_S})
 
@@ -130,11 +130,14 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
             near[:, rest] = sq[:, rest] > 0
     win = np.full(G, -1, dtype=np.int64)
     scale = np.zeros(G, dtype=F32)
-    grp, cand = np.nonzero(near.T)                          # members of each group, in candidate order
+    cand, grp = np.nonzero(near)                            # ordered by candidate, then group
     if grp.size == 0:
         return win, scale
-    start = np.r_[0, np.flatnonzero(grp[1:] != grp[:-1]) + 1]
-    k = np.arange(grp.size) - np.repeat(start, np.diff(np.r_[start, grp.size]))
+    order = np.argsort(grp, kind="stable")                  # each group's members, in candidate order
+    gs = grp[order]
+    start = np.r_[0, np.flatnonzero(gs[1:] != gs[:-1]) + 1]
+    k = np.empty(grp.size, dtype=np.int64)
+    k[order] = np.arange(grp.size) - np.repeat(start, np.diff(np.r_[start, grp.size]))
     order = np.argsort(k, kind="stable")                    # round r = the r-th member of every group
     grp, cand, k = grp[order], cand[order], k[order]
     bounds = np.searchsorted(k, np.arange(int(k[-1]) + 2))

@@ -218,8 +218,9 @@ def _encode_iq2_xxs(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
 def by_chunks(qtype, fn, rows: np.ndarray, imatrix: Optional[np.ndarray], *args) -> np.ndarray:
     """Run ``fn(x [nb, 256], qw [nb, 256] or None, *args) -> bytes [nb, type_size]`` over chunks of super-blocks."""
     n, k = rows.shape
+    nbytes = row_nbytes(qtype, k)                   # raises unless k is a multiple of 256
     if n == 0:
-        return np.zeros((0, row_nbytes(qtype, k)), dtype=np.uint8)
+        return np.zeros((0, nbytes), dtype=np.uint8)
     x = rows.reshape(-1, QK_K)
     qw = None if imatrix is None else _qw(imatrix, n)
     parts = []
