@@ -247,8 +247,9 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
     ``ftype``: a llama-quantize --type (``FTYPES``: Q4_K_M, Q8_0, F16, ...) or a preset name;
     ``preset``: a built-in map (``PRESETS``) applied over ``ftype`` (which then defaults to the
     preset's base, Q4_K_M for attn8-mlp4); ``rules``: a user map (:func:`load_map`), first match
-    wins over preset and --type; ``has_imatrix``: as llama-quantize with --imatrix (only changes
-    Q4_0/Q5_0's first ffn_down layers). general.file_type is the --type's.
+    wins over preset and --type; ``has_imatrix``: as llama-quantize with --imatrix (changes
+    Q4_0/Q5_0's and IQ4_*'s first ffn_down layers, IQ3_XXS's attn_v and ffn_down; whether a
+    mixture *needs* one is :meth:`Plan.needs_imatrix`). general.file_type is the --type's.
     """
     key, p = _resolve(ftype, preset)
     file_type, default = R.FTYPES[key]

@@ -6,7 +6,7 @@ A map file (read with the standard library's ``tomllib``)::
     [[rule]]
     pattern = "blk.*.ffn_down.weight"   # fnmatch glob on the GGUF tensor name
     layers  = "0-3"                     # optional: "0-3", "0-3,8,10-12", 5, or a list [0, 3] (layers 0 and 3)
-    type    = "Q6_K"                    # F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K
+    type    = "Q6_K"                    # F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K..Q6_K IQ4_NL IQ4_XS TQ1_0 TQ2_0 MXFP4 IQ1_S..IQ3_S
 
     [[rule]]
     pattern = "output.weight"
