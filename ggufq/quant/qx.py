@@ -49,7 +49,7 @@ def nearest_f(q: np.ndarray, lo, hi, tmp: np.ndarray) -> np.ndarray:
     else:
         r = nearest_int_exact(q).astype(F32)
     if lo is None:
-        return np.minimum(r, hi, out=r)
+        return np.clip(r, F32(-np.inf), hi, out=r)   # (np.clip is ~3x faster than np.minimum by a scalar)
     return np.clip(r, lo, hi, out=r)
 
 
@@ -248,11 +248,12 @@ def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional
                     slx, sl2 = sums(isc)
                     upd = slx * slx > best * sl2
                     upd &= sl2 > 0
-                    if upd.any():
-                        new_scale = slx / sl2
-                        np.copyto(scale, new_scale, where=upd)
-                        np.copyto(best, new_scale * slx, where=upd)
-                        np.copyto(best_isc, isc, where=upd)
+                    j = np.flatnonzero(upd)
+                    if j.size:
+                        new_scale = slx[j] / sl2[j]
+                        scale[j] = new_scale
+                        best[j] = new_scale * slx[j]
+                        best_isc[j] = isc[j]
     L = codes(best_isc)
     L += fnmax
     L = L.astype(np.int8)
