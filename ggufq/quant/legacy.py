@@ -96,8 +96,7 @@ def _pack_nibbles(L: np.ndarray) -> np.ndarray:
 
 def _pack_qh(L: np.ndarray) -> np.ndarray:
     """[nb, 32] 5-bit codes -> [nb, 4] bytes of the little-endian uint32 of bit 4 per weight."""
-    bits = ((L.astype(np.uint32) >> 4) & 1) << np.arange(QK, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return np.packbits((L.astype(np.uint8) >> 4) & 1, axis=1, bitorder="little")
 
 
 def _nibbles_T(LT: np.ndarray) -> np.ndarray:

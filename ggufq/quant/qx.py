@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from .common import transpose_u8
+
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 _MAGIC = F32(12582912.0)
@@ -74,7 +76,7 @@ def _chunked(fn, arrays, n_groups, l_dtype=np.int8):
         if out_l is None:
             out_l = np.empty((n_groups, LT.shape[0]), dtype=LT.dtype)
         out_s[lo:hi] = s
-        out_l[lo:hi] = LT.T
+        out_l[lo:hi] = transpose_u8(LT.view(np.uint8)).view(LT.dtype)
     if out_l is None:
         out_l = np.empty((0, arrays[0].shape[1]), dtype=l_dtype)
     return out_s, out_l
