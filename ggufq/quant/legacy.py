@@ -96,8 +96,7 @@ def _pack_nibbles(L: np.ndarray) -> np.ndarray:
 
 def _pack_qh(L: np.ndarray) -> np.ndarray:
     """[nb, 32] 5-bit codes -> [nb, 4] bytes of the little-endian uint32 of bit 4 per weight."""
-    bits = ((L.astype(np.uint32) >> 4) & 1) << np.arange(QK, dtype=np.uint32)
-    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return np.packbits((L.astype(np.uint8) >> 4) & 1, axis=1, bitorder="little")
 
 
 def _nibbles_T(LT: np.ndarray) -> np.ndarray:
@@ -130,7 +129,7 @@ def _symmetric_T(xT: np.ndarray, nmax: int):
     d = (_absmax_signed_T(xT) / F32(-nmax)).astype(F32)
     v = xT * _inv(d)
     v += F32(nmax + 0.5)
-    np.minimum(v, F32(2 * nmax - 1), out=v)        # MIN(hi, (int8_t)v) == (int8_t)MIN(v, hi) for v >= 0
+    np.clip(v, F32(0), F32(2 * nmax - 1), out=v)   # v >= 0.5: MIN(hi, (int8_t)v) == (int8_t)MIN(v, hi)
     return d, v.astype(np.int8).view(np.uint8)
 
 
@@ -149,7 +148,7 @@ def _asymmetric_T(xT: np.ndarray, nmax: int):
     v *= _inv(d)
     v += F32(0.5)
     if nmax == 15:
-        np.minimum(v, F32(nmax), out=v)           # Q4_1: MIN(15, (int8_t)v); Q5_1 casts to uint8 unclamped
+        np.clip(v, F32(0), F32(nmax), out=v)      # Q4_1: MIN(15, (int8_t)v), v >= 0.5; Q5_1: no clamp
     return d, mn, v.astype(np.uint8)
 
 

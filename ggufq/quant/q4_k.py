@@ -4,7 +4,8 @@ Follows ggml-quants.c: ``quantize_row_q{4,5}_K_ref`` without an imatrix
 (make_qkx2_quants per sub-block, scales rounded against the largest) and
 ``quantize_row_q{4,5}_K_impl`` with one (make_qkx3_quants per sub-block,
 make_qp_quants over the 8 scales and the 8 mins). Vectorised over every
-sub-block of the chunk.
+sub-block of a chunk, held transposed ``[32, n_sub_blocks]`` from the weights
+to the final codes.
 
 block_q4_K { half d; half dmin; u8 scales[12]; u8 qs[128]; }           144 bytes
 block_q5_K { half d; half dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; } 176 bytes
@@ -14,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import register
+from . import qkx, register
 from .common import fp16_bytes, fp16_round, transpose_u8
-from .qkx import make_qkx2_quants, make_qkx3_quants
+from .qkx import make_qkx_T
+from .qx import make_qp_quants
 
 QK_K = 256
 F32 = np.float32
@@ -97,8 +99,6 @@ def _encode_k(rows: np.ndarray, imatrix, nmax: int, rmin: float, rdelta: float, 
 
     Sub-blocks go through in chunks, held transposed ``[32, c]`` from the search to the
     final codes (weights, search, requantization), so each chunk is transposed once each way."""
-    from .qkx import CHUNK_GROUPS, make_qkx_T
-    from .qx import make_qp_quants
     n, k = rows.shape
     g = rows.reshape(-1, 32)
     ng = g.shape[0]
@@ -107,7 +107,7 @@ def _encode_k(rows: np.ndarray, imatrix, nmax: int, rmin: float, rdelta: float, 
     dmin = np.empty(nb, F32)
     scales = np.empty((nb, 12), np.uint8)
     L = np.empty((ng, 32), np.uint8)
-    step = max(8, CHUNK_GROUPS // 8 * 8)
+    step = max(8, qkx.CHUNK_GROUPS // 8 * 8)
     c0 = min(ng, step) * 32
     xbuf, wbuf = np.empty(c0, F32), np.empty(c0, F32)
     bufs = [np.empty(c0, F32) for _ in range(3)]

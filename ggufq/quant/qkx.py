@@ -101,13 +101,15 @@ def make_qkx_T(xT: np.ndarray, wT: Optional[np.ndarray], nmax: int, rmin: float,
                     this_min[pos] = F32(0)
                     this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
                 err = _error(xT, wT, la, this_scale, this_min, use_mad, t)
-                better = (D > 0) & (err < best)
-                if better.any():
-                    best = np.where(better, err, best)
-                    scale = np.where(better, this_scale, scale)
-                    best_isc = np.where(better, isc, best_isc)
-                    best_mn = np.where(better, mn, best_mn)
-                    mn = np.where(better, this_min, mn)
+                better = err < best
+                better &= D > 0
+                j = np.flatnonzero(better)
+                if j.size:
+                    best[j] = err[j]
+                    scale[j] = this_scale[j]
+                    best_isc[j] = isc[j]
+                    best_mn[j] = mn[j]
+                    mn[j] = this_min[j]
     L = _codes(xT, best_mn, best_isc, fnmax, la).astype(np.uint8)
     if empty.any():
         L[:, empty] = 0
