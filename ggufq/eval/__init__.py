@@ -122,10 +122,10 @@ class Worker:
         return GgufqError(f"the llama-cpp-python worker for {self.path.name} died (exit code {rc})")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and self._pending == 0:
+            # an idle worker quits when asked; one cut off mid-request (error, signal) is killed at once
             try:
-                if self._pending == 0:
-                    self.call("quit")
+                self.call("quit")
                 self.proc.stdin.close()
                 self.proc.wait(timeout=10)
             except (GgufqError, OSError, subprocess.TimeoutExpired):

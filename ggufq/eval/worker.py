@@ -169,6 +169,8 @@ class _Model:
 
 
 def main() -> int:
+    from ggufq.procs import die_with_parent   # stdlib only: keeps llama_cpp first
+    die_with_parent()                          # never outlive ggufq; its Ctrl-C is the parent's to handle
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)                      # stray prints from C go to stderr, never into the frames
     sys.stdout = sys.stderr
