@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import functools
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -248,8 +247,10 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(jobs)         # the moment sums use as many cores as llama.cpp, not all of them
-        proc = subprocess.Popen([sys.executable, "-c", _ENTRY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                env=env, bufsize=0)
+        from .procs import deferred
+        with deferred():               # a signal during the fork is raised after proc is known (and killed)
+            proc = subprocess.Popen([sys.executable, "-c", _ENTRY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    env=env, bufsize=0)
         proto.send(proc.stdin, req)
         bar = None
         try:
@@ -284,9 +285,11 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
                      worker_rss=msg.get("peak_rss", 0))
         return SelfCalibration(tmpdir, msg, arr, stats)
     except BaseException:
-        if proc is not None:
-            _kill(proc)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        from .procs import deferred
+        with deferred(raise_at_exit=False):
+            if proc is not None:
+                _kill(proc)
+            shutil.rmtree(tmpdir, ignore_errors=True)
         raise
 
 

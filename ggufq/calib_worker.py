@@ -36,7 +36,6 @@ import ctypes
 import glob
 import os
 import resource
-import signal
 import sys
 import time
 
@@ -56,17 +55,6 @@ class _Tensor(ctypes.Structure):
                 ("src", ctypes.c_void_p * _MAX_SRC), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
                 ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p),
                 ("padding", ctypes.c_char * 8)]
-
-
-def die_with_parent() -> None:
-    """This worker never outlives ggufq: SIGKILL when the parent dies (Linux), and the
-    terminal's Ctrl-C is left to the parent (which kills and reaps this process)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)     # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
 
 
 def _ggml() -> ctypes.CDLL:
@@ -394,6 +382,7 @@ def _quiet():
 
 
 def main() -> None:
+    from .procs import die_with_parent   # stdlib only: llama_cpp stays first
     die_with_parent()
     fin = os.fdopen(os.dup(0), "rb", buffering=0)
     fout = os.fdopen(os.dup(1), "wb", buffering=0)

@@ -21,7 +21,7 @@ import pytest
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
 from ggufq import GgufqError
-from ggufq.plan import ModelInfo, TensorSpec, load_map, make_plan, parse_map, specs_from_gguf
+from ggufq.plan import load_map, make_plan, parse_map, specs_from_gguf
 from ggufq.plan import rules as R
 from ggufq.plan.report import format_table, to_json
 

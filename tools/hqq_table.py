@@ -227,7 +227,7 @@ def main():
         rows.append((ty, bpw(ref, types), res))
 
     ms = a.methods
-    print(f"| type | bpw | " + " | ".join(ms) + " | hqq / llama-quantize |")
+    print("| type | bpw | " + " | ".join(ms) + " | hqq / llama-quantize |")
     print("|---|---|" + "---|" * (len(ms) + 1))
     for ty, b, res in rows:
         cells = [f"{res[m]:.4f}" if m in res else "-" for m in ms]

@@ -209,6 +209,9 @@ def _hessian_aware(enc):
     @functools.wraps(enc)
     def wrapped(qtype: T, rows: np.ndarray, imatrix=None) -> np.ndarray:
         if isinstance(imatrix, _gptq.Hessian):
+            if qtype in (T.IQ3_XXS, T.IQ3_S):      # codebook error feedback, quad by quad
+                from . import iq3_gptq
+                return iq3_gptq.encode(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
             return _gptq.encode(qtype, rows, imatrix, start=enc)
@@ -276,7 +279,6 @@ def encode_hqq_max(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = N
     if (done := _passthrough(qtype, rows, imatrix)) is not None:
         return done
     rows, x, w = _blocks(qtype, rows, imatrix)
-    tr = TRAITS[qtype]
     f0 = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w)
     f1 = _refine.refine_fields(hqq_fields(qtype, x, w if imatrix is not None else None, SCALED), x, w)
     e0, e1 = _refine.block_err(f0, x, w), _refine.block_err(f1, x, w)
