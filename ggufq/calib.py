@@ -146,6 +146,14 @@ class SelfCalibration:
         # a real imatrix (--imatrix) picks the block scales; the moment steers the rounding
         return self._h if real is None else Hessian(np.asarray(real, np.float32), self._h.u)
 
+    def importance(self, name: str) -> Optional[np.ndarray]:
+        """float32 E[x_j^2] of ``name``'s inputs (an imatrix entry for the k-quant/i-quant encoders),
+        or None when the sample never reached it."""
+        m = self.moment(name)
+        if m is None:
+            return None
+        return (np.diag(m) if m.ndim == 2 else m).astype(np.float32)
+
     def diagonals(self) -> dict[str, np.ndarray]:
         """Per weight: the column sums of squared inputs (float64) -- an imatrix's ``in_sum2``."""
         out = {}

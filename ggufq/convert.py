@@ -133,7 +133,15 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     p = prepare(model_dir)
     plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
     plan.check_encoders()
-    plan.check_imatrix(imatrix is not None or meth.moments)
+    # a mixture that needs an importance matrix and got none: the model calibrates itself through
+    # llama.cpp and the diagonal of its input moments is the imatrix (planned as with one)
+    self_imatrix = imatrix is None and not meth.moments and bool(plan.needs_imatrix())
+    if self_imatrix:
+        from . import calib
+        plan.check_imatrix(calib_tokens > 0 and calib.available())
+        plan = make_plan(p, ftype, **{**(plan_kw or {}), "has_imatrix": True})
+        plan.check_encoders()
+    plan.check_imatrix(imatrix is not None or meth.moments or self_imatrix)
     path = resolve_output(p, plan, out, name)
     inputs = [*p.model.input_files(), *(Path(x) for x in (imatrix, *protect) if x is not None)]
     check_target(path, force, inputs)
@@ -154,10 +162,11 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             free = importance_for(p)
     notes: list[str] = list(vocab.notes)
     hessians = None
-    if save_imatrix is not None and not (meth.moments and calib_tokens > 0):
+    calibrates = (meth.moments or self_imatrix) and calib_tokens > 0
+    if save_imatrix is not None and not calibrates:
         raise GgufqError("--save-imatrix needs a self-calibrated --method "
                          f"({', '.join(m.name for m in methods.METHODS.values() if m.moments)}) and --calib-tokens > 0")
-    if meth.moments and calib_tokens > 0 and (plan_has_quantized(plan) or save_imatrix is not None):
+    if calibrates and (plan_has_quantized(plan) or save_imatrix is not None):
         from . import calib
         if not calib.available():
             raise GgufqError(calib.missing_message())
@@ -167,6 +176,10 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             progress=progress)
         if log is not None:
             log(hessians.summary())
+        if self_imatrix:
+            n, t = hessians.tokens.shape
+            notes.append(f"--type {plan.ftype} needs an importance matrix: made one from the model's own "
+                         f"{n}x{t}-token sample (self-calibration through llama.cpp; --save-imatrix FILE keeps it)")
     job_list = []
     for t in p.tensors:
         qtype = by_name[t.name].qtype
@@ -176,7 +189,9 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             real = im.for_tensor(t.name, t.row_len, n_exp) if im is not None else None
             # a real imatrix wins; the data-free importance stands in without one
             weights = real if real is not None else free.get(t.name)
-            if hessians is not None and hessians.covers(t.name):
+            if self_imatrix:
+                weights = functools.partial(hessians.importance, t.name)
+            elif hessians is not None and hessians.covers(t.name):
                 weights = hessians.lazy(t.name, real)
         job_list.append(Job(t, qtype, weights))
     commit = before_commit
