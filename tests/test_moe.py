@@ -75,12 +75,12 @@ def test_fused_gate_up_halves():
         np.testing.assert_array_equal(h.rows(3, 9), want[3:9])
 
 
-@pytest.mark.parametrize("fam", ["mixtral", "qwen2moe"])
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2moe", "olmoe"])
 def test_f32_logits_match_reference(fam, tmp_path):
     pytest.importorskip("llama_cpp")
     from llama_worker import llama_logits
     from reference import Reference
-    d = make_moe(tmp_path / fam, fam, shared_ff=128, **SMALL)
+    d = make_moe(tmp_path / fam, fam, shared_ff=128, **{**SMALL, "kv_heads": None})   # OLMoE: multi-head
     out = tmp_path / f"{fam}.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
     assert r.returncode == 0, r.stderr
