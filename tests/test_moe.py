@@ -75,12 +75,12 @@ def test_fused_gate_up_halves():
         np.testing.assert_array_equal(h.rows(3, 9), want[3:9])
 
 
-@pytest.mark.parametrize("fam", ["mixtral", "qwen2moe"])
+@pytest.mark.parametrize("fam", ["mixtral", "qwen2moe", "olmoe"])
 def test_f32_logits_match_reference(fam, tmp_path):
     pytest.importorskip("llama_cpp")
     from llama_worker import llama_logits
     from reference import Reference
-    d = make_moe(tmp_path / fam, fam, shared_ff=128, **SMALL)
+    d = make_moe(tmp_path / fam, fam, shared_ff=128, **{**SMALL, "kv_heads": None})   # OLMoE: multi-head
     out = tmp_path / f"{fam}.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
     assert r.returncode == 0, r.stderr
@@ -264,3 +264,15 @@ def test_per_expert_imatrix_applied_per_expert(tmp_path):
         np.testing.assert_array_equal(got[e], ggml_ref.quantize(qtype, rows, imp), err_msg=f"expert {e}")
     # the vector of another expert gives other bytes (the test can fail)
     assert not np.array_equal(got[0], ggml_ref.quantize(qtype, to_float(tensors[hf.format(0)]), sums[1] / 10))
+
+
+def test_workers_reading_stacked_experts_give_the_same_bytes(tmp_path):
+    """-j 2: forked workers read their own rows of the stacked expert tensors."""
+    d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "experts": 4})
+    outs = []
+    for j in ("1", "2"):
+        out = tmp_path / f"j{j}.gguf"
+        r = run_cli("convert", d, "-o", out, "--type", "Q4_K_M", "-j", j, "-q")
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

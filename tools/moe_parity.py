@@ -31,8 +31,9 @@ from arch_parity import _run  # noqa: E402
 from compare_convert import LLAMA_CONVERT, OUTTYPE, compare  # noqa: E402
 from synthetic_moe import FAMILIES, make_moe  # noqa: E402
 
-SHAPES = {"qwen3moe": dict(hidden=64, ff=64), "mixtral": dict(hidden=256, ff=256),
-          "qwen2moe": dict(hidden=64, ff=64, shared_ff=128), "olmoe": dict(hidden=64, ff=64)}
+# OLMoE is multi-head (llama.cpp's olmoe loader wants attn_k_norm of n_embd, as OLMoE-1B-7B has)
+SHAPES = {"qwen3moe": dict(hidden=64, ff=64, kv_heads=2), "mixtral": dict(hidden=256, ff=256, kv_heads=2),
+          "qwen2moe": dict(hidden=64, ff=64, kv_heads=2, shared_ff=128), "olmoe": dict(hidden=64, ff=64, kv_heads=4)}
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -42,7 +43,7 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 def row(fam: str, work: Path, types, fp8=None) -> dict:
     tag = fam + (f"-fp8{fp8}" if fp8 else "")
-    d = make_moe(work / tag, fam, layers=2, heads=4, kv_heads=2, experts=8, active=2, shards=3, seed=7, fp8=fp8,
+    d = make_moe(work / tag, fam, layers=2, heads=4, experts=8, active=2, shards=3, seed=7, fp8=fp8,
                  **SHAPES[fam])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = {"arch": FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}

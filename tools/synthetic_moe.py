@@ -161,7 +161,7 @@ def fp8_blocks(w: np.ndarray, dtype: str, block: tuple[int, int]) -> tuple[np.nd
     return fp8_encode(w / full, dtype), s
 
 
-def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: Optional[int] = None,
              head_dim: Optional[int] = None, ff: int = 128, experts: int = 8, active: int = 2, shared_ff: int = 256,
              vocab: Optional[int] = None, tied: Optional[bool] = None, shards: int = 3, seed: int = 0,
              scale: float = 1.0, fp8: Optional[str] = None, block: Optional[tuple[int, int]] = (128, 128),
@@ -181,6 +181,8 @@ def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int
         tc["chat_template"] = QWEN3_TEMPLATE
         (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=1, ensure_ascii=False))
     V = vocab or (151936 if kind == "bpe" else tok["n"])
+    if kv_heads is None:   # OLMoE is multi-head (llama.cpp's olmoe graph wants k_norm over n_embd); others GQA
+        kv_heads = heads if fam == "olmoe" else max(1, heads // 2)
     hd = head_dim or hidden // heads
     if tied is None:
         tied = False
@@ -267,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: heads for OLMoE, heads / 2 otherwise")
     ap.add_argument("--ff", type=int, default=128, help="one expert's FFN width")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--active", type=int, default=2)
