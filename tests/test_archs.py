@@ -69,7 +69,7 @@ def test_f32_logits_match_reference(fam, synth, tmp_path):
 
 MIXED = ["Hello world! The quick brown fox.", "  leading spaces, trailing   ", "tabs\tand\nnew lines\n\n",
          "digits 0123456789 3.14159 1,000,000", "unicode: café naïve Zürich Ελληνικά", "CJK: 日本語 中文 한국어",
-         "emoji: 🙂 👍🏽", "code: def f(x):\n    return x ** 2  # sq", "<|im_start|>user\nhi<|im_end|>"]
+         "emoji: 🙂 👍🏽", "code: def f(x):\n    return x ** 2  # sq"]
 
 
 @pytest.mark.parametrize("fam", ["qwen3", "gemma3", "phi3"])
@@ -87,7 +87,7 @@ def test_tokenizer_parity(fam, synth, tmp_path):
     else:
         import sentencepiece as spm
         sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
-        want = [sp.encode(t) for t in MIXED[:-1]]
+        want = [sp.encode(t) for t in MIXED]
     got = llama_tokenize(out, MIXED[:len(want)])
     for t, a, b in zip(MIXED, want, got):
         assert b == a, f"{fam}: {t[:40]!r}"
