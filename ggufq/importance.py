@@ -27,27 +27,33 @@ _PZ = np.exp(-_Z ** 2 / 2)
 _PZ /= _PZ.sum()
 
 
-def silu_sq_mean(s: np.ndarray) -> np.ndarray:
-    """E[silu(z)^2] for z ~ N(0, s^2), s [n] -> [n] (241-point quadrature)."""
+def silu_sq_mean(s: np.ndarray, act: str = "silu") -> np.ndarray:
+    """E[act(z)^2] for z ~ N(0, s^2), s [n] -> [n] (241-point quadrature); act "silu" or "gelu_tanh"."""
     z = np.asarray(s, np.float64)[:, None] * _Z[None, :]
     with np.errstate(over="ignore"):
-        silu = z / (1.0 + np.exp(-z))
-    return (silu * silu * _PZ).sum(1)
+        if act == "gelu_tanh":
+            a = 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+        else:
+            a = z / (1.0 + np.exp(-z))
+    return (a * a * _PZ).sum(1)
 
 
-def _row_sq(t, col_scale: np.ndarray) -> np.ndarray:
-    """||col_scale (.) row||^2 for every row of an OutTensor, read in chunks."""
-    out = np.empty(t.n_rows, np.float64)
-    for lo in range(0, t.n_rows, _ROWS):
-        hi = min(t.n_rows, lo + _ROWS)
+def _row_sq(t, col_scale: np.ndarray, rows: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """||col_scale (.) row||^2 for every row (or rows [a, b)) of an OutTensor, read in chunks."""
+    a, b = rows or (0, t.n_rows)
+    out = np.empty(b - a, np.float64)
+    for lo in range(a, b, _ROWS):
+        hi = min(b, lo + _ROWS)
         r = t.read(lo, hi).astype(np.float64) * col_scale
-        out[lo:hi] = (r * r).sum(1)
+        out[lo - a:hi - a] = (r * r).sum(1)
     return out
 
 
 def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer: int,
-                            proxies: bool = True) -> dict[str, np.ndarray]:
-    """``tensors``: GGUF name -> OutTensor (name, shape, read(lo, hi))."""
+                            proxies: bool = True, act: str = "silu") -> dict[str, np.ndarray]:
+    """``tensors``: GGUF name -> OutTensor (name, shape, read(lo, hi)). Archs without a norm in front
+    of attention / MLP (OLMo 2) get entries only where one is; a fused gate/up (Phi-3's ``ffn_up`` of
+    ``2 n_ff`` rows, gate first) gives the ``ffn_down`` proxy from its halves."""
     def vec(name: str) -> Optional[np.ndarray]:
         t = tensors.get(name)
         return None if t is None else t.read(0, t.n_rows).reshape(-1).astype(np.float64)
@@ -81,7 +87,11 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
         dn = tensors.get(f"blk.{i}.ffn_down.weight")
         if fn is not None and g is not None and u is not None and dn is not None:
             sg = np.sqrt(_row_sq(g, fn))
-            put(dn.name, _row_sq(u, fn) * silu_sq_mean(sg))
+            put(dn.name, _row_sq(u, fn) * silu_sq_mean(sg, act))
+        elif fn is not None and g is None and u is not None and dn is not None and u.n_rows == 2 * dn.row_len:
+            F = dn.row_len
+            sg = np.sqrt(_row_sq(u, fn, (0, F)))
+            put(dn.name, _row_sq(u, fn, (F, 2 * F)) * silu_sq_mean(sg, act))
     on = vec("output_norm.weight")
     if on is not None:
         put("output.weight", on * on)
@@ -100,7 +110,9 @@ def importance_for(prepared, proxies: bool = True) -> dict[str, np.ndarray]:
     """
     info = prepared.info
     ts = {t.name: t for t in prepared.tensors}
-    return importance_from_tensors(ts, info.n_head, info.n_head_kv, info.n_layer, proxies)
+    rec = getattr(prepared.arch, "record", None)
+    act = rec.forward.act if rec is not None else "silu"
+    return importance_from_tensors(ts, info.n_head, info.n_head_kv, info.n_layer, proxies, act)
 
 
 def combine(real: Optional[np.ndarray], free: Optional[np.ndarray], how: str = "real") -> Optional[np.ndarray]:

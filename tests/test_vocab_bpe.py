@@ -86,14 +86,33 @@ def tiny_bpe(tmp_path_factory) -> Path:
     return d
 
 
-def test_tiny_bpe_unknown_pre_tokenizer_is_one_clear_error(tiny_bpe):
-    with pytest.raises(GgufqError) as e:
-        bpe.load(tiny_bpe, None)
-    msg = str(e.value)
+def test_tiny_bpe_unknown_hash_identified_from_its_pipeline(tiny_bpe):
+    """llama.cpp does not know this tokenizer's chktxt hash; its own pre-tokenizer (ByteLevel with
+    GPT-2's regex, no normalizer) identifies it as gpt-2, and the choice is noted."""
     tok = tokenizers.Tokenizer.from_file(str(tiny_bpe / "tokenizer.json"))
     h, name = bpe.pre_tokenizer_name(tok)
     assert name is None and h not in PRE_BY_HASH
-    assert "\n" not in msg and h in msg and "--vocab-pre" in msg
+    v = bpe.load(tiny_bpe, None)
+    assert v.pre == "gpt-2"
+    assert len(v.notes) == 1 and "'gpt-2'" in v.notes[0] and "--vocab-pre" in v.notes[0]
+
+
+def test_tiny_bpe_unknown_pre_tokenizer_is_one_clear_error(tiny_bpe, tmp_path):
+    """A pipeline that matches no llama.cpp pre-tokenizer (a prefix space here) stays one line with
+    the hash and the --vocab-pre hint."""
+    d = tmp_path / "odd"
+    d.mkdir()
+    for f in tiny_bpe.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["pre_tokenizer"]["add_prefix_space"] = True
+    (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    with pytest.raises(GgufqError) as e:
+        bpe.load(d, None)
+    msg = str(e.value)
+    h, name = bpe.pre_tokenizer_name(tokenizers.Tokenizer.from_file(str(d / "tokenizer.json")))
+    assert name is None
+    assert "\n" not in msg and h in msg and "--vocab-pre" in msg and "ByteLevel" not in msg.split("(")[0]
 
 
 def test_unknown_override_name_is_rejected(tiny_bpe):
@@ -143,7 +162,7 @@ def test_smollm2_pre_tokenizer_is_identified(smollm2):
 
 def test_smollm2_llama_cpp_tokenizes_like_tokenizers(smollm2, tmp_path):
     cfg = json.loads((smollm2 / "config.json").read_text())
-    v = bpe.load(smollm2, cfg["vocab_size"])
+    v = load_vocab(smollm2, cfg)     # with the arch's deviations: Llama copies add_prefix_space
     p = vocab_only_gguf(tmp_path / "smollm2-vocab.gguf", v)
     tok = tokenizers.Tokenizer.from_file(str(smollm2 / "tokenizer.json"))
     texts = SAMPLES + SMOLLM2_SPECIAL
@@ -177,7 +196,7 @@ def test_smollm2_metadata_matches_llama_cpp_converter_output(smollm2, tmp_path):
     if orig is None:
         pytest.skip("original SmolLM2 Q4_1 GGUF not found (set GGUFQ_SMOLLM2_GGUF)")
     cfg = json.loads((smollm2 / "config.json").read_text())
-    ours = gguf_fields(vocab_only_gguf(tmp_path / "v.gguf", bpe.load(smollm2, cfg["vocab_size"])))
+    ours = gguf_fields(vocab_only_gguf(tmp_path / "v.gguf", load_vocab(smollm2, cfg)))
     ref = gguf_fields(orig)
     # newer gguf-py also writes add_eos_token = False for a ByteLevel post-processor (the file predates it)
     assert set(ours) - set(ref) <= {"tokenizer.ggml.add_eos_token"} and set(ref) <= set(ours)

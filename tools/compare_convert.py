@@ -40,10 +40,8 @@ HEADER_KEYS = {"GGUF.kv_count": "follows from the key differences listed"}
 ORDER_REASON = ("llama.cpp writes tensors in the shards' order (HF's, alphabetical within a layer), ggufq in "
                 "its arch table's order; llama.cpp finds tensors by name, so what it loads is the same")
 # tensors whose values may differ by rounding only: name -> (max relative difference, reason)
-ALLOWED_ROUNDING = {
-    "rope_freqs.weight": (1e-6, "llama3 rope factors: llama.cpp computes them with torch float32 scalar ops, "
-                                "ggufq in float64 rounded once; <= 1 ulp apart"),
-}
+# (none left: llama3's rope_freqs follows torch's float32 operations and pow, ggufq.arch.torchpow)
+ALLOWED_ROUNDING: dict[str, tuple[float, str]] = {}
 
 
 def run(cmd: list[str], env=None) -> tuple[float, subprocess.CompletedProcess]:

@@ -217,6 +217,12 @@ def write_bpe_tokenizer(out: Path, fam: str) -> dict:
 def write_spm_tokenizer(out: Path, fam: str) -> dict:
     """The tiny model's tokenizer.model plus the family's control tokens as added tokens (ids 8192...)."""
     shutil.copy(TINY / "tokenizer.model", out / "tokenizer.model")
+    if fam == "gemma3":   # Gemma's SentencePiece adds no dummy prefix (llama.cpp: add_space_prefix False)
+        from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+        mp = spm_pb2.ModelProto()
+        mp.ParseFromString((out / "tokenizer.model").read_bytes())
+        mp.normalizer_spec.add_dummy_prefix = False
+        (out / "tokenizer.model").write_bytes(mp.SerializeToString())
     if fam == "gemma3":
         extra = [("<start_of_turn>", True), ("<end_of_turn>", True)]
         template, eos = GEMMA_TEMPLATE, "<end_of_turn>"

@@ -290,10 +290,8 @@ class TextArch:
         for mt, bid, sfx in want:
             gname = gguf.TENSOR_NAMES[mt].format(bid=bid) + "." + sfx
             if gname not in found:
-                hf = tmap.mapping and next((k for k, v in tmap.mapping.items() if v[1] == gname[:-len(sfx) - 1]
-                                            and not k.startswith(("blk.", "token_", "output"))), None)
-                raise GgufqError(f"{self.name}: tensor {hf + '.' + sfx if hf else gname} is missing "
-                                 f"(GGUF {gname})")
+                raise GgufqError(f"{self.name}: tensor {self._hf_name(tmap, found, gname, sfx, bid)} is "
+                                 f"missing (GGUF {gname})")
 
         out: list[tuple[tuple, OutTensor]] = []
         for t in (rec.generated(self) if rec.generated is not None else []):
@@ -313,6 +311,21 @@ class TextArch:
             out.append((key, OutTensor(gname, src_shape, self._reader(t, mt, hf, src_shape))))
         out.sort(key=lambda kv: kv[0])
         return [t for _, t in out]
+
+    @staticmethod
+    def _hf_name(tmap, found: dict, gname: str, sfx: str, bid) -> str:
+        """The HF spelling of a missing GGUF tensor, in this checkpoint's naming (its layer prefix)."""
+        base = gname[:-len(sfx) - 1]
+        cands = [k for k, v in tmap.mapping.items() if v[1] == base and k != base]
+        seen = [hf for hf, _, _ in found.values()]
+        if bid is not None:
+            prefixes = {hf.split(f".{bid}.")[0] + f".{bid}." for hf in seen if f".{bid}." in hf}
+        else:
+            prefixes = {hf.split(".")[0] + "." for hf in seen}
+        for c in cands:
+            if any(c.startswith(p) for p in prefixes):
+                return f"{c}.{sfx}"
+        return gname
 
     def _reader(self, t: SourceTensor, mt: MT, hf: str, shape: tuple) -> Callable[[int, int], np.ndarray]:
         rec = self.record

@@ -9,40 +9,16 @@ its rope-less layers are llama.cpp's fixed every-4th pattern, nothing is written
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
-from functools import lru_cache
 
 import gguf
 import numpy as np
 
 from . import ArchRecord, Forward, OutTensor, register
+from .torchpow import torch_pow
 from .base import permute_rows  # noqa: F401  (re-exported: tests and tools use ggufq.arch.llama.permute_rows)
 
 F32 = np.float32
-
-
-@lru_cache(maxsize=1)
-def _libm_powf():
-    name = ctypes.util.find_library("m")
-    if name is None:
-        return None
-    try:
-        f = ctypes.CDLL(name).powf
-    except (OSError, AttributeError):
-        return None
-    f.restype, f.argtypes = ctypes.c_float, (ctypes.c_float, ctypes.c_float)
-    return f
-
-
-def _powf(base: F32, ex: np.ndarray) -> np.ndarray:
-    """float32 base ** exponent as C's powf (std::pow(float, float), what torch's scalar loop calls);
-    correctly rounded float64 pow where libm is not found."""
-    f = _libm_powf()
-    if f is None:
-        return (np.float64(base) ** ex.astype(np.float64)).astype(F32)
-    return np.array([f(float(base), float(e)) for e in ex], dtype=F32)
 
 
 def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
@@ -51,14 +27,13 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     llama.cpp computes ``freqs`` as a float32 torch tensor and each factor with 0-d float32
     tensors and Python scalars: ``2 * pi / freq`` is ``freq.reciprocal() * 2pi`` (torch's
     ``__rtruediv__``), so is ``old_ctx / wavelen``; Python scalars are rounded to float32 first.
-    Following that order makes the factors bit-identical (the float64 formula was 1 ulp off).
-    The remaining dependency is ``base ** x``: torch uses powf for short tensors and a SLEEF
-    vector pow for >= 16 (AVX2) / 32 (AVX-512) frequencies, which may differ from powf by 1 ulp
-    in a frequency; only frequencies inside the smoothing band can show it.
+    Following that order makes the factors bit-identical (the float64 formula was 1 ulp off);
+    ``base ** x`` is torch's own (SLEEF's vector pow for whole SIMD blocks, libm's powf for the
+    rest: :mod:`ggufq.arch.torchpow`), as on the x86 machine the comparison runs on.
     """
     base = rope.get("rope_theta", 10000.0)
     ex = np.arange(0, head_dim, 2, dtype=F32) / F32(head_dim)
-    freqs = F32(1) / _powf(F32(base), ex)
+    freqs = F32(1) / torch_pow(base, ex)
     factor = rope.get("factor", 8.0)
     low = rope.get("low_freq_factor", 1.0)
     high = rope.get("high_freq_factor", 4.0)

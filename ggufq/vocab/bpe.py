@@ -72,9 +72,11 @@ def _pipeline(tok_json: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
         t = n.get("type")
         if t == "Split":
             pat = n.get("pattern") or {}
-            steps.append("split:" + str(pat.get("Regex", pat.get("String"))))
+            plain = n.get("behavior", "Isolated") == "Isolated" and not n.get("invert") and "Regex" in pat
+            steps.append(("split:" if plain else "split-other:") + str(pat.get("Regex", pat.get("String"))))
         elif t == "ByteLevel":
-            steps.append("bytelevel+regex" if n.get("use_regex", True) else "bytelevel")
+            steps.append(("bytelevel+regex" if n.get("use_regex", True) else "bytelevel")
+                         + ("+prefix" if n.get("add_prefix_space") else ""))
         elif t == "Digits":
             steps.append("digits" if n.get("individual_digits") else "digits-grouped")
         else:
