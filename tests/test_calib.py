@@ -300,3 +300,39 @@ def test_save_imatrix_is_a_llama_imatrix_of_the_moments(tmp_path, tiny):
     for k in ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
               "quantize.imatrix.chunks_count"):
         assert a.fields[k].parts[-1].tobytes() == b.fields[k].parts[-1].tobytes(), k
+
+
+# ---- the self-made imatrix of the i-quant mixtures -----------------------------------------------
+
+def test_iq_mixture_without_imatrix_makes_its_own(tmp_path, tiny):
+    """--type IQ2_XXS with no --imatrix: llama-quantize refuses it; ggufq calibrates itself through
+    llama.cpp, says so, and the file is exactly ggufq's (so llama-quantize's) IQ2_XXS with the
+    saved imatrix of that sample; llama-cpp-python runs it. Without llama-cpp-python it is the
+    refusal naming --imatrix FILE."""
+    import gguf
+    from conftest import run_cli
+    im, out, again = tmp_path / "self.imatrix.gguf", tmp_path / "self.gguf", tmp_path / "again.gguf"
+    r = run_cli("convert", tiny, "-o", out, "--type", "IQ2_XXS", "--calib-tokens", "512", "-j", "2",
+                "--save-imatrix", im)
+    assert r.returncode == 0, r.stderr
+    assert "needs an importance matrix: made one from the model's own 1x512-token sample" in r.stderr
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == "IQ2_XXS"
+    r = run_cli("convert", tiny, "-o", again, "--type", "IQ2_XXS", "--imatrix", im, "-j", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    a = {t.name: bytes(t.data) for t in gguf.GGUFReader(out).tensors}
+    b = {t.name: bytes(t.data) for t in gguf.GGUFReader(again).tensors}
+    assert a == b
+    import llama_cpp
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
+    toks = llm.tokenize(b"The word apple means")
+    llm.eval(toks)
+    assert np.isfinite(np.array(llm.scores[: len(toks)])).all()
+    del llm
+
+
+def test_iq_mixture_without_any_importance_source_is_one_line(tmp_path, tiny):
+    from ggufq.convert import convert
+    with pytest.raises(GgufqError, match=r"needs an importance matrix .* pass --imatrix FILE"):
+        convert(tiny, tmp_path / "o.gguf", "IQ2_XXS", calib_tokens=0, progress=False)
+    assert _leftovers(tmp_path) == []

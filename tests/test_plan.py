@@ -530,7 +530,7 @@ def test_imatrix_requirement_as_llama_quantize():
     with pytest.raises(GgufqError) as ei:
         p.check_imatrix(False)
     msg = str(ei.value)
-    assert "\n" not in msg and "--imatrix FILE" in msg and "--method hqq" in msg and "IQ2_XXS" in msg
+    assert "\n" not in msg and "--imatrix FILE" in msg and "ggufq[eval]" in msg and "IQ2_XXS" in msg
     p.check_imatrix(True)
     with pytest.raises(GgufqError, match="the imatrix has no entry for blk.0.attn_q.weight"):
         p.check_imatrix(True, covered={"blk.1.attn_q.weight"})
@@ -542,16 +542,18 @@ def test_imatrix_requirement_as_llama_quantize():
 
 
 def test_convert_refuses_grid_presets_before_writing(tmp_path, tiny):
-    """Without their encoders (or without an imatrix) the grid presets stop with one line, nothing written."""
+    """Without their encoders (or without any importance: no --imatrix and no self-calibration) the grid
+    presets stop with one line, nothing written (with llama-cpp-python and --calib-tokens > 0 the model
+    makes its own imatrix: tests/test_calib.py)."""
     from conftest import run_cli
     from ggufq import quant
 
     out = tmp_path / "x.gguf"
-    r = run_cli("convert", tiny, "-o", out, "--type", "IQ2_XXS", "-q")
+    r = run_cli("convert", tiny, "-o", out, "--type", "IQ2_XXS", "--calib-tokens", "0", "-q")
     assert r.returncode == 1 and not out.exists() and not list(tmp_path.iterdir())
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("ggufq: error: --type IQ2_XXS needs ")
     if T.IQ2_XXS in quant.encoders():
-        assert "--imatrix FILE" in err[0] and "--method hqq" in err[0]
+        assert "--imatrix FILE" in err[0] and "--calib-tokens > 0" in err[0]
     else:
         assert "cannot encode yet" in err[0] and "IQ2_XXS (" in err[0]

@@ -132,7 +132,8 @@ class Plan:
             types = ", ".join(sorted({e.qtype.name for e in need}))
             raise GgufqError(f"--type {self.ftype} needs an importance matrix for {len(need)} tensors ({types}; "
                              f"e.g. {need[0].name}), as llama-quantize does: pass --imatrix FILE "
-                             f"(from llama-imatrix), or --method hqq to calibrate on the model's own text")
+                             f"(from llama-imatrix), or let ggufq make one from the model's own text "
+                             f"(needs llama-cpp-python: pip install 'ggufq[eval]'; and --calib-tokens > 0)")
 
     def type_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
