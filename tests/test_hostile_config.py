@@ -50,7 +50,8 @@ CASES = {
     "rope type a number": (_rope(rope_type=3), "rope_type must be a name"),
     "rope_parameters a string": (_set(rope_parameters="default"), "rope_parameters must be an object"),
     "rope_scaling a list": (_set(rope_scaling=[1]), "rope_scaling must be an object"),
-    "unknown rope type": (_rope(rope_type="longrope"), "not supported"),
+    # (longrope converts as llama.cpp's converter does: LONGROPE scaling, Phi-3's factor tensors)
+    "unknown rope type": (_rope(rope_type="mystery"), "not supported"),
     "tie_word_embeddings string": (_set(tie_word_embeddings="false"), "must be true or false"),
     "attention_bias number": (_set(attention_bias=1), "must be true or false"),
     "architectures a number": (_set(architectures=5), "architectures must be a list"),

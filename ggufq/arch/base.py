@@ -228,7 +228,11 @@ class TextArch:
                     w.add_rope_scaling_yarn_beta_slow(v)
             elif rtype in ("su", "longrope"):
                 w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-            # llama3: the rope_freqs tensor; dynamic/default/unknown: nothing (llama.cpp warns)
+            elif rtype not in ("llama3", "dynamic", "default", "linear", "yarn"):
+                # llama.cpp's converter only warns and writes a model without the scaling: refuse instead
+                raise GgufqError(f"config.json: rope type {rtype!r} is not supported for {self.hf_names[0]} "
+                                 "(known: default, linear, yarn, longrope, llama3, dynamic)")
+            # llama3: the rope_freqs tensor; dynamic/default: nothing
         if (v := rp.get("rope_theta")) is not None:
             w.add_rope_freq_base(v)
         swa = self.rope_parameters.get("sliding_attention")
