@@ -67,6 +67,7 @@ def _imatrices(qt: T, k: int):
     out = [("synthetic imatrix", synthetic_imatrix(k))]
     if not ggml_requires_imatrix(qt):
         out.insert(0, ("no imatrix", None))
+    assert quant.requires_imatrix(qt) == ggml_requires_imatrix(qt), qt
     return out
 
 
@@ -93,13 +94,19 @@ def test_row_sizes_and_empty_chunks(qt):
     if quant.block_size(qt) > 1:
         assert not quant.can_encode(qt, k + quant.block_size(qt) // 2)
     x = edge_rows(k=k, n=12)
+    ones = np.ones(k, np.float32)
+    needs = quant.requires_imatrix(qt)
+    if needs:                             # as ggml: refused without importance weights, not guessed
+        with pytest.raises(ValueError, match="needs an importance matrix"):
+            quant.encode(qt, x[:1])
     for n in (0, 1, 3):
-        for im in (None, np.ones(k, np.float32)):
+        for im in ((ones,) if needs else (None, ones)):
             out = quant.encode(qt, x[:n], im)
             assert out.shape == (n, quant.row_nbytes(qt, k)) and out.dtype == np.uint8
     # rows are independent: encoding them one at a time gives the same bytes
-    whole = quant.encode(qt, x[:5])
-    assert np.array_equal(whole, np.concatenate([quant.encode(qt, x[i:i + 1]) for i in range(5)]))
+    im = ones if needs else None
+    whole = quant.encode(qt, x[:5], im)
+    assert np.array_equal(whole, np.concatenate([quant.encode(qt, x[i:i + 1], im) for i in range(5)]))
 
 
 @needs_ggml

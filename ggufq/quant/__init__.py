@@ -59,6 +59,14 @@ def row_nbytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
     return n_per_row // bs * ts
 
 
+def requires_imatrix(qtype: GGMLQuantizationType) -> bool:
+    """Whether the encoder refuses rows without importance weights (ggml_quantize_requires_imatrix:
+    IQ2_XXS, IQ2_XS, IQ1_S); the modules that hold such encoders list them in ``REQUIRES_IMATRIX``."""
+    _load()
+    return any(qtype in getattr(importlib.import_module(f"{__name__}.{m}"), "REQUIRES_IMATRIX", ())
+               for m in _MODULES)
+
+
 def can_encode(qtype: GGMLQuantizationType, n_per_row: int) -> bool:
     _load()
     return qtype in _ENCODERS and n_per_row % block_size(qtype) == 0
