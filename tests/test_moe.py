@@ -180,16 +180,24 @@ def test_bad_moe_input(case, kw, must, tmp_path):
 
 
 def _edit_header(d, fn):
-    """Rewrite the safetensors headers of a folder through fn(header) (offsets left as they are)."""
+    """Rewrite the safetensors headers of a folder through fn(header); the data of the tensors left
+    is repacked back to back (a dropped tensor leaves no hole, which ggufq refuses as malformed)."""
     import struct
     for p in sorted(d.glob("*.safetensors")):
         raw = p.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
         h = json.loads(raw[8:8 + n])
         fn(h)
+        data, pos = [], 0
+        for name, t in sorted(((k, v) for k, v in h.items() if k != "__metadata__"),
+                              key=lambda kv: kv[1]["data_offsets"][0]):
+            a, b = t["data_offsets"]
+            data.append(raw[8 + n + a:8 + n + b])
+            t["data_offsets"] = [pos, pos + b - a]
+            pos += b - a
         head = json.dumps(h, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
-        p.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+        p.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(data))
 
 
 def test_fp8_without_scale(tmp_path):
