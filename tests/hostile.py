@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -232,6 +233,33 @@ def run_exec(*args, cwd=None, timeout: float = 120.0, new_group: bool = False):
     if timeout is None:
         return p, out, err
     return finish(p.pid, out, err, timeout)
+
+
+# A fresh, small launcher runs the CLI and reports the CLI's own peak RSS: Linux keeps a process's
+# pre-exec RSS in its ru_maxrss, so a child forked straight from pytest (which grows past a GiB
+# over the whole suite) would report pytest's size, not ggufq's.
+_MEASURE = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "ggufq", *sys.argv[1:]])
+_, status, ru = os.wait4(pid, 0)
+with open(os.environ["GGUFQ_TEST_RSS_FILE"], "w") as f:
+    f.write(str(ru.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(*args, cwd=None, timeout: float = 120.0) -> Run:
+    """As :func:`run_exec`, with ``maxrss_kib`` the CLI process's own peak RSS (see _MEASURE)."""
+    with tempfile.TemporaryDirectory() as d:
+        rss = Path(d) / "rss"
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   GGUFQ_TEST_RSS_FILE=str(rss))
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        p = subprocess.Popen([sys.executable, "-c", _MEASURE, *map(str, args)], cwd=cwd, env=env, stdout=out,
+                             stderr=err, stdin=subprocess.DEVNULL)
+        r = finish(p.pid, out, err, timeout)
+        return dataclasses.replace(r, maxrss_kib=int(rss.read_text()))
 
 
 def expect_error(r: Run, *contains: str, rc: int = 1, prefix: str = "ggufq: error: ") -> str:
