@@ -169,8 +169,10 @@ def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny_rows, real_imatrix):
 # ---------------------------------------------------------------- error feedback into the codebooks
 
 @pytest.fixture(scope="module")
-def gate_moments():
-    """blk.1.ffn_gate rows and the moments of its inputs over two disjoint pieces of held-out text."""
+def gate_moments(tmp_path_factory):
+    """blk.1.ffn_gate rows and the moments of its inputs over two disjoint pieces of held-out text
+    (collected by llama.cpp: ggufq.calib with given tokens)."""
+    pytest.importorskip("llama_cpp")
     import sentencepiece as spm
     from ggufq import calib
     from ggufq.convert import prepare
@@ -182,8 +184,9 @@ def gate_moments():
     out = []
     for part in (ids[:8 * 127], ids[8 * 127:16 * 127]):
         toks = np.concatenate([np.ones((8, 1), np.int64), part.reshape(8, 127)], axis=1)   # BOS + text
-        with p.model:
-            out.append(calib.Moments(calib.Forward(p), toks).get("blk.1.ffn_gate.weight"))
+        with calib.calibrate_folder(TINY, tmp_path_factory.mktemp("moments"), tokens=toks, jobs=1,
+                                    progress=False) as c:
+            out.append(np.array(c.moment("blk.1.ffn_gate.weight")))
     with p.model:
         rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, 256)
     return rows.astype(np.float32), out[0], out[1]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Does error feedback into the IQ3 codebooks (ggufq.quant.iq3_gptq) lower the output error?
 
-For every matrix of MODEL_DIR with a full input moment (ggufq.calib.Moments over a piece
-of TEXT), encodes with the ggml-identical encoder weighted by diag(H) ("plain") and with
+For every matrix of MODEL_DIR with a full input moment (collected by llama.cpp through
+ggufq.calib.calibrate_folder over a piece of TEXT), encodes with the ggml-identical encoder weighted by diag(H) ("plain") and with
 quad-wise GPTQ under the same encoder's scales ("feedback"), and prints the product error
 tr(E H E^T) of both: on the text the moments came from and on the next, disjoint piece of
 the same text (held out). Prints a markdown table.
@@ -50,9 +50,9 @@ def main(argv=None) -> int:
               for i in (0, 1)]
     types = [T[t.strip().upper()] for t in a.types.split(",")]
     p = prepare(a.model_dir)
-    with p.model:
-        f = calib.Forward(p)
-        mom = [calib.Moments(f, t) for t in pieces]
+    import tempfile
+    with tempfile.TemporaryDirectory() as work, p.model:
+        mom = [calib.calibrate_folder(a.model_dir, work, tokens=t, jobs=1, progress=False) for t in pieces]
         tot = {(qt, k): 0.0 for qt in types for k in ("plain", "fb", "plain_ho", "fb_ho")}
         print(f"{a.seqs}x{a.len} tokens per piece\n")
         print("| tensor | type | feedback / plain (same text) | feedback / plain (held-out text) | seconds |")
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         for t in p.tensors:
             if len(t.shape) != 2 or t.shape[1] % 256:
                 continue
-            m_in, m_ho = (mm.get(t.name) for mm in mom)
+            m_in, m_ho = (mm.moment(t.name) for mm in mom)
             if m_in is None or m_in.ndim != 2:
                 continue                                  # no moment, or diagonal-only
             rows = t.read(0, t.shape[0]).astype(np.float32)
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
         for qt in types:
             print(f"| **all** | {qt.name} | {tot[(qt, 'fb')] / tot[(qt, 'plain')]:.3f} "
                   f"| {tot[(qt, 'fb_ho')] / tot[(qt, 'plain_ho')]:.3f} | |")
+        for mm in mom:
+            mm.close()
     return 0
 
 
