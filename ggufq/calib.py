@@ -255,10 +255,10 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(jobs)         # the moment sums use as many cores as llama.cpp, not all of them
-        from .procs import deferred
+        from .procs import deferred, spawn_helper
         with deferred():               # a signal during the fork is raised after proc is known (and killed)
-            proc = subprocess.Popen([sys.executable, "-c", _ENTRY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    env=env, bufsize=0)
+            proc = spawn_helper([sys.executable, "-c", _ENTRY], env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                bufsize=0)
         proto.send(proc.stdin, req)
         bar = None
         try:

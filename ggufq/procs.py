@@ -69,13 +69,18 @@ def _pdeathsig(sig: int) -> bool:
         return False
 
 
+PARENT_ENV = "GGUFQ_PARENT_PID"      # how a helper started by spawn_helper knows its parent
+
+
 def die_with_parent(parent_pid: Optional[int] = None) -> None:
     """Make this (worker) process die with its parent and leave SIGINT/SIGTERM/SIGHUP to the parent.
 
     Call it first in a worker. ``parent_pid`` is the parent's pid as the parent saw it
     (default: ``os.getppid()`` now); if the parent is already gone the worker exits at once.
     """
-    parent = parent_pid if parent_pid is not None else os.getppid()
+    if parent_pid is None:
+        parent_pid = int(os.environ.get(PARENT_ENV) or 0) or os.getppid()
+    parent = parent_pid
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     if not _pdeathsig(signal.SIGKILL):
@@ -87,6 +92,19 @@ def die_with_parent(parent_pid: Optional[int] = None) -> None:
         threading.Thread(target=watch, name="ggufq-parent-watch", daemon=True).start()
     if os.getppid() != parent:     # the parent died before prctl took effect
         os._exit(1)
+
+
+def spawn_helper(args: list, env: dict, **kw):
+    """Start a helper process (the llama-cpp-python workers) that calls :func:`die_with_parent`.
+
+    It runs in a process group of its own: a terminal's Ctrl-C or hang-up (sent to the foreground
+    group) reaches only ggufq, which kills it -- never the helper in the middle of its imports,
+    before it could ignore them. It is told ggufq's pid, so it dies with it even if ggufq is gone
+    before it gets that far. Start it inside :class:`deferred`."""
+    import subprocess
+    env = dict(env)
+    env[PARENT_ENV] = str(os.getpid())
+    return subprocess.Popen(args, env=env, process_group=0, **kw)
 
 
 def _handler(signum, frame) -> None:

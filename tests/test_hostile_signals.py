@@ -133,13 +133,14 @@ def test_second_signal_during_cleanup_changes_nothing(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT-group", "SIGTERM"])
 def test_signal_during_self_calibration(sig, tmp_path):
     """--method hqq generates and measures its own text before the writer starts: a signal there
-    ends the run the same way (nothing was written yet, nothing is left)."""
+    ends the run the same way (nothing was written yet, nothing is left). 8x512 tokens take
+    llama.cpp several seconds here, so the signal lands while they are written."""
     rng = random.Random(int(sig))
     for k in range(4):
         out = tmp_path / f"o{k}"
         out.mkdir()
         pid, o, e = spawn_forked(["convert", TINY, "-o", out / "x.gguf", "-t", "Q4_K_M", "--method", "hqq",
-                                  "--calib-tokens", "512", "-j", "2"], new_group=True)
+                                  "--calib-tokens", "4096", "-j", "2"], new_group=True)
         time.sleep(rng.uniform(0.3, 2.5))
         (os.killpg if sig == signal.SIGINT else os.kill)(pid, sig)
         r = finish(pid, o, e, timeout=60)

@@ -88,8 +88,10 @@ class Worker:
         self.label = label
         env = dict(os.environ)
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen([sys.executable, "-c", _ENTRY], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, bufsize=0)
+        from ..procs import deferred, spawn_helper
+        with deferred():
+            self.proc = spawn_helper([sys.executable, "-c", _ENTRY], env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, bufsize=0)
         self._pending = 0
         self.info: dict = {}
 
