@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
-# the shared data folder sits next to the checkout (/work/main) or two up from a worktree (/work/wt/x)
+# the shared data folder sits next to the checkout, or two up from a git worktree of it
 SHARED = Path(os.environ.get("GGUFQ_SHARED") or next(
     (p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared"))
 HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"

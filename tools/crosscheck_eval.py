@@ -47,12 +47,9 @@ sys.path.insert(0, str(ROOT))
 from ggufq.eval import evaluate  # noqa: E402
 
 HOME = Path.home()
-TINY_DIRS = [ROOT / "fixtures" / "tinyllama-spm-10m", ROOT.parent / "shared" / "models" / "tinyllama-spm-10m",
-             Path("/work/shared/models/tinyllama-spm-10m")]
+TINY_DIRS = [ROOT / "fixtures" / "tinyllama-spm-10m", ROOT.parent / "shared" / "models" / "tinyllama-spm-10m"]
 SMOL_DIR = Path(os.environ.get("GGUFQ_SMOLLM2", HOME / ".cache" / "ggufq" / "smollm2-135m-dither"))
 SHARED = Path(os.environ.get("GGUFQ_SHARED", ROOT.parent / "shared"))
-if not SHARED.is_dir() and Path("/work/shared").is_dir():
-    SHARED = Path("/work/shared")
 HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -65,15 +62,11 @@ def default_llama_bin() -> Path:
     env = os.environ.get("GGUFQ_LLAMA_BIN")
     if env:
         return Path(env)
-    for p in (HOME / ".cache" / "ggufq" / "llama-bin", Path("/work/dl/llama-build/bin")):
-        if (p / "llama-perplexity").exists():
-            return p
     return HOME / ".cache" / "ggufq" / "llama-bin"
 
 
 def find_convert_hf() -> Path | None:
-    cands = [os.environ.get("GGUFQ_LLAMA_SRC", ""), HOME / ".cache" / "ggufq" / "llama-src" / "llama_cpp_python-0.3.36",
-             Path("/work/dl/llama_cpp_python-0.3.36")]
+    cands = [os.environ.get("GGUFQ_LLAMA_SRC", ""), HOME / ".cache" / "ggufq" / "llama-src" / "llama_cpp_python-0.3.36"]
     for c in cands:
         if not c:
             continue
@@ -188,7 +181,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-bin", type=Path, default=default_llama_bin(),
                     help="dir with llama-perplexity and llama-quantize (default: $GGUFQ_LLAMA_BIN, "
-                         "~/.cache/ggufq/llama-bin or /work/dl/llama-build/bin)")
+                         "~/.cache/ggufq/llama-bin, built by tools/build_llama_tools.sh)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/tmp/ggufq-crosscheck")),
                     help="scratch dir for GGUFs, llama-perplexity logs and base log-prob files")
     ap.add_argument("--tiny", type=Path, default=next((d for d in TINY_DIRS if d.is_dir()), TINY_DIRS[0]))

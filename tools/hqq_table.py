@@ -16,8 +16,8 @@ Prints a markdown table and writes a PNG of KLD vs bits/weight.
 
 Example (tinyllama, 60 chunks of heldout):
   PYTHONPATH=. python tools/hqq_table.py --model fixtures/tinyllama-spm-10m \\
-      --text /work/shared/data/gcide-heldout/heldout.txt --chunks 60 \\
-      --imatrix /work/dl/scratch/hqq/im-wiki.gguf --work /work/dl/scratch/hqq/tab \\
+      --text ../shared/data/gcide-heldout/heldout.txt --chunks 60 \\
+      --imatrix IMATRIX.gguf --work SCRATCH \\
       --types Q2_K Q3_K Q4_0 Q4_1 Q4_K Q5_0 Q5_K Q6_K Q4_K_M Q3_K_M Q2_K_MIX
 """
 from __future__ import annotations
