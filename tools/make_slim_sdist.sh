@@ -6,12 +6,12 @@
 # libmtmd) and must stay under 60 MiB.
 #
 # Usage: tools/make_slim_sdist.sh [SDIST] [OUT_DIR]
-#   SDIST    default: /work/dl/sdist/llama_cpp_python-0.3.36.tar.gz
-#            (python -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36)
+#   SDIST    default: the sdist in ~/.cache/ggufq/llama-src (tools/build_llama_tools.sh downloads it there:
+#            python -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36)
 #   OUT_DIR  default: dist-slim/ ; writes OUT_DIR/llama_cpp_python-<ver>.tar.gz
 # Check only (no build): cmake configures the slim tree with -DLLAVA_BUILD=OFF when cmake exists.
 set -euo pipefail
-SDIST="${1:-/work/dl/sdist/llama_cpp_python-0.3.36.tar.gz}"
+SDIST="${1:-${GGUFQ_LLAMA_SRC:-$HOME/.cache/ggufq/llama-src}/llama_cpp_python-0.3.36.tar.gz}"
 OUT="${2:-dist-slim}"
 LIMIT=$((60 * 1024 * 1024))
 
