@@ -113,6 +113,12 @@ class _Group(click.Group):
                     signal.signal(s, h if h is not None else signal.SIG_DFL)
                 except (ValueError, TypeError):
                     pass
+            # a command-line run is over (output placed, or the one line said): a signal from here on
+            # changes nothing. Ignored, not left to Python, whose finalization puts SIG_DFL back for
+            # the signals it handled -- a Ctrl-C in the last milliseconds then killed a finished run (-2)
+            for s in SIGNALS:
+                if s not in old:
+                    signal.signal(s, signal.SIG_IGN)
 
     def invoke(self, ctx):
         try:
