@@ -141,6 +141,13 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         plan.check_imatrix(calib_tokens > 0 and calib.available())
         plan = make_plan(p, ftype, **{**(plan_kw or {}), "has_imatrix": True})
         plan.check_encoders()
+    if imatrix is None and (self_imatrix or meth.moments):
+        from . import calib
+        blind = [e.name for e in plan.needs_imatrix() if e.name not in calib.wanted(p.tensors)]
+        if blind:     # stacked experts: llama.cpp's expert matmuls (MUL_MAT_ID) are not collected yet
+            raise GgufqError(f"--type {plan.ftype} needs an importance matrix for {blind[0]} ({len(blind)} tensors), "
+                             "whose inputs ggufq's self-calibration does not collect yet: pass --imatrix FILE "
+                             "(from llama-imatrix)")
     plan.check_imatrix(imatrix is not None or meth.moments or self_imatrix)
     path = resolve_output(p, plan, out, name)
     inputs = [*p.model.input_files(), *(Path(x) for x in (imatrix, *protect) if x is not None)]

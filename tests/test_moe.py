@@ -284,3 +284,14 @@ def test_workers_reading_stacked_experts_give_the_same_bytes(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("method", ["kquant", "calibrated"])
+def test_iq2_mixture_needs_a_real_imatrix_for_experts(tmp_path, method):
+    """IQ2_XXS's expert tensors need an importance matrix, and self-calibration does not collect the
+    inputs of llama.cpp's expert matmuls yet: one line naming --imatrix FILE, before any calibration."""
+    d = make_moe(tmp_path / "m", "qwen3moe", **{**SMALL, "hidden": 256, "ff": 256})
+    out = tmp_path / "out"
+    out.mkdir()
+    _fails(["convert", d, "-o", out / "x.gguf", "--type", "IQ2_XXS", "--method", method, "--calib-tokens", "512"],
+           out, must_contain="ffn_gate_exps.weight")
