@@ -35,17 +35,24 @@ def _run(cmd, env=None):
         raise RuntimeError(f"{cmd[1]} failed: {r.stderr[-1500:]}")
 
 
-def row(fam: str, work: Path, types) -> dict:
-    d = make_arch(work / fam, fam, hidden=128, layers=4, heads=4, kv_heads=2, ff=256, shards=3, seed=7)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = {"arch": FAMILIES[fam][0]}
+def converter_parity(d: Path, tag: str, work: Path, types, env) -> dict:
+    """type -> "k/K keys, t/T tensors[, n DIFF]": llama.cpp's convert_hf_to_gguf.py against ggufq convert."""
+    out = {}
     for t in types:
-        a, b = work / f"{fam}-llama-{t}.gguf", work / f"{fam}-ggufq-{t}.gguf"
+        a, b = work / f"{tag}-llama-{t}.gguf", work / f"{tag}-ggufq-{t}.gguf"
         _run([sys.executable, LLAMA_CONVERT, d, "--outtype", OUTTYPE[t], "--outfile", a])
         _run([sys.executable, "-m", "ggufq", "convert", d, "-o", b, "--type", t, "-q", "-f"], env=env)
         rows, equal, (ka, kb, na, nb) = compare(a, b)
         bad = [r for r in rows if r[4] == "DIFF"]
         out[t] = f"{equal['keys']}/{ka} keys, {equal['tensors']}/{na} tensors" + (f", {len(bad)} DIFF" if bad else "")
+    return out
+
+
+def row(fam: str, work: Path, types) -> dict:
+    d = make_arch(work / fam, fam, hidden=128, layers=4, heads=4, kv_heads=2, ff=256, shards=3, seed=7)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = {"arch": FAMILIES[fam][0]}
+    out.update(converter_parity(d, fam, work, types, env))
     # logits
     from llama_worker import llama_logits
     from reference import Reference

@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 
-from arch_parity import _run  # noqa: E402
-from compare_convert import LLAMA_CONVERT, OUTTYPE, compare  # noqa: E402
+from arch_parity import _run, converter_parity  # noqa: E402
+from compare_convert import LLAMA_CONVERT  # noqa: E402
 from synthetic_moe import FAMILIES, make_moe  # noqa: E402
 
 # OLMoE is multi-head (llama.cpp's olmoe loader wants attn_k_norm of n_embd, as OLMoE-1B-7B has)
@@ -47,13 +47,7 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
                  **SHAPES[fam])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = {"arch": FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
-    for t in types:
-        a, b = work / f"{tag}-llama-{t}.gguf", work / f"{tag}-ggufq-{t}.gguf"
-        _run([sys.executable, LLAMA_CONVERT, d, "--outtype", OUTTYPE[t], "--outfile", a])
-        _run([sys.executable, "-m", "ggufq", "convert", d, "-o", b, "--type", t, "-q", "-f"], env=env)
-        rows, equal, (ka, kb, na, nb) = compare(a, b)
-        bad = [r for r in rows if r[4] == "DIFF"]
-        out[t] = f"{equal['keys']}/{ka} keys, {equal['tensors']}/{na} tensors" + (f", {len(bad)} DIFF" if bad else "")
+    out.update(converter_parity(d, tag, work, types, env))
     from llama_worker import llama_logits
     f32 = work / f"{tag}-F32.gguf"
     _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
