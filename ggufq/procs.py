@@ -15,6 +15,8 @@
   the main process once, so ``finally`` blocks remove temporary output; later signals
   are remembered but do not interrupt the cleanup. Exit code 128 + signal number
   (130 / 143 / 129), as shells report it.
+* :func:`finished` -- the output is in place: later signals change nothing (a Ctrl-C
+  between the rename and the summary line must not report a written file as interrupted).
 * :func:`deferred` -- a block in which a signal is only recorded, and raised when the
   block ends: around forks (at-fork hooks hold locks; an exception raised inside one is
   swallowed and leaves the lock taken, a hang later), pool shutdown, renames into place
@@ -37,7 +39,7 @@ SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTER
 
 _main_pid: Optional[int] = None
 _caught: list[int] = []
-_state = {"defer": 0, "delivered": False}
+_state = {"defer": 0, "delivered": False, "done": False}
 
 
 class Interrupted(BaseException):
@@ -113,7 +115,7 @@ def _handler(signum, frame) -> None:
         # here; the parent, which got the same signal, kills it
         return
     _caught.append(signum)
-    if len(_caught) == 1 and not _state["defer"]:
+    if len(_caught) == 1 and not _state["defer"] and not _state["done"]:
         raise Interrupted(signum)
     # deferred, or a second signal while cleaning up: remembered, the work or cleanup goes on
 
@@ -141,7 +143,8 @@ class deferred:
 def check() -> None:
     """Raise :class:`Interrupted` if a signal arrived that has not ended the run yet (deferred,
     or swallowed by library code); a no-op otherwise. Cheap: call it in long loops."""
-    if _caught and not _state["delivered"] and not _state["defer"] and os.getpid() == _main_pid:
+    if _caught and not _state["delivered"] and not _state["defer"] and not _state["done"] \
+            and os.getpid() == _main_pid:
         _state["delivered"] = True
         raise Interrupted(_caught[0])
 
@@ -149,6 +152,13 @@ def check() -> None:
 def pending() -> bool:
     """A signal arrived that has not ended the run yet."""
     return bool(_caught) and not _state["delivered"]
+
+
+def finished() -> None:
+    """The run's output is in place: a signal from now on is recorded and changes nothing (the
+    summary line is still printed, exit 0). Call it where the output was committed, inside
+    :class:`deferred`, after checking :func:`pending`."""
+    _state["done"] = True
 
 
 def delivered() -> None:
@@ -161,7 +171,7 @@ def install_handlers() -> None:
     global _main_pid
     _main_pid = os.getpid()
     _caught.clear()
-    _state.update(defer=0, delivered=False)
+    _state.update(defer=0, delivered=False, done=False)
     for s in SIGNALS:
         signal.signal(s, _handler)
 

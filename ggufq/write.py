@@ -39,7 +39,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from . import GgufqError, quant
 from .arch import OutTensor
-from .procs import WorkerPool, check as check_signals, deferred, pending
+from .procs import WorkerPool, check as check_signals, deferred, finished, pending
 from .progress import Progress
 
 CHUNK_ELEMENTS = 1 << 22          # ~16 MiB of float32 per chunk
@@ -363,6 +363,8 @@ def _commit(moves: Sequence[tuple[Path, Path]]) -> None:
                     pass
         if err is not None:
             raise err
+        if not pending():
+            finished()              # placed: the run is done, a signal from here on changes nothing
 
 
 def _finish(w: gguf.GGUFWriter, fout, job: Job, written: int) -> None:

@@ -156,8 +156,12 @@ def _child_main(args, cwd, out_fd, err_fd, new_group) -> None:
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
         sys.stdin = io.TextIOWrapper(io.FileIO(os.open(os.devnull, os.O_RDONLY), "r"))
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        # as the `ggufq` console script starts: the early handlers first (a forked pytest has
+        # ggufq.cli imported already, so its import-time hook does not run here). With the
+        # default ones instead, the CLI puts them back when it ends, as it does for any
+        # in-process caller, and a late SIGTERM then kills the finished child (-15)
+        from ggufq._early import early_handlers
+        early_handlers()
         if cwd:
             os.chdir(cwd)
         from ggufq.cli import main

@@ -39,7 +39,13 @@ def command(model, ref, text, ctx, chunks, gpu_layers, threads, json_out, quiet)
                    threads=threads, progress=not quiet and sys.stderr.isatty())
     click.echo(format_result(res))
     if json_out:
+        from ..procs import deferred
         tmp = json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res.to_dict(), f, indent=1)
-        os.replace(tmp, json_out)
+        with deferred():           # a signal here is raised after the file is whole (or removed)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(res.to_dict(), f, indent=1)
+                os.replace(tmp, json_out)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
