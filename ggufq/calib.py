@@ -215,7 +215,7 @@ def write_temp_model(prepared, add_metadata, path: Path, jobs: int, progress: bo
     jl = [Job(t, by[t.name]) for t in prepared.tensors]
     with prepared.model:
         paths = write_gguf(path, prepared.arch.name, functools.partial(add_metadata, plan), jl, n_jobs=jobs,
-                           progress=progress, label=f"calibration model {ftype}")
+                           progress=progress, label=f"calibration model {ftype}", final=False)
     return ftype, sum(p.stat().st_size for p in paths)
 
 

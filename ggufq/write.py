@@ -210,8 +210,11 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                split_max_tensors: int = 0, split_max_size: int = 0,
                progress: bool = True, label: str = "writing", allow_nonfinite: bool = False,
                before_commit: Optional[Callable[[list[Path], list[Path]], list[tuple[Path, Path]]]] = None,
-               protect: Sequence[Path] = (), notes: Optional[list] = None) -> list[Path]:
+               protect: Sequence[Path] = (), notes: Optional[list] = None, final: bool = True) -> list[Path]:
     """Write a complete GGUF (or its shards) atomically; returns the final paths.
+
+    ``final``: this file is the run's output, so once it is in place a signal changes nothing
+    (:func:`ggufq.procs.finished`); ``False`` for intermediate files (the calibration model).
 
     ``before_commit(tmp_paths, final_paths)`` runs on the complete files before anything is
     renamed into place and returns further ``(tmp file, final path)`` pairs to place with them.
@@ -291,7 +294,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             moves += before_commit(names, finals)
         for _, dst in moves:
             check_target(dst, force, protect)
-        _commit(moves)
+        _commit(moves, final)
         ok = True
         return finals
     except BrokenProcessPool:
@@ -342,7 +345,7 @@ def check_target(dst: Path, force: bool, protect: Sequence[Path] = ()) -> None:
         raise GgufqError(f"{dst} is a directory")
 
 
-def _commit(moves: Sequence[tuple[Path, Path]]) -> None:
+def _commit(moves: Sequence[tuple[Path, Path]], final: bool = True) -> None:
     """Rename every file into place with SIGINT/SIGTERM/SIGHUP deferred; if one rename
     fails, the files already placed are removed again. A signal during the renames is
     raised after them, the files placed removed again: interrupted means nothing written."""
@@ -363,7 +366,7 @@ def _commit(moves: Sequence[tuple[Path, Path]]) -> None:
                     pass
         if err is not None:
             raise err
-        if not pending():
+        if final and not pending():
             finished()              # placed: the run is done, a signal from here on changes nothing
 
 

@@ -32,9 +32,27 @@ def send(f: BinaryIO, msg: Any, arr: Optional[np.ndarray] = None) -> None:
     f.flush()
 
 
+POLL = 0.2    # seconds between returns to the interpreter while waiting for the other side
+
+
+def _wait_readable(f: BinaryIO) -> None:
+    """Block until ``f`` has data, in short slices. A signal sent to the process may be delivered
+    to another thread (OpenBLAS's, a progress bar's); a ``read`` blocked in the main thread is then
+    not interrupted, and Python runs the handler (which ends the run) only when the main thread
+    gets back to the interpreter -- after the worker's next message, which may be minutes away."""
+    import select
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    while not select.select([fd], [], [], POLL)[0]:
+        pass
+
+
 def _read_into(f: BinaryIO, buf: memoryview) -> None:
     got = 0
     while got < len(buf):
+        _wait_readable(f)
         n = f.readinto(buf[got:])
         if not n:
             raise ProtocolEOF("pipe closed")
