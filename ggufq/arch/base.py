@@ -255,7 +255,9 @@ class TextArch:
             return None
         d = self.dims()
         shape = tuple(d[t] for t in terms)
-        return shape[:-1] if bias else shape     # a stacked expert tensor's bias: [n_expert, rows]
+        if bias and len(shape) > 1:
+            return shape[:-1]      # a matrix's bias: [rows]; a stacked expert tensor's: [n_expert, rows]
+        return shape
 
     def required(self) -> list[tuple[MT, str]]:
         """(tensor type, suffix) every layer must have."""
