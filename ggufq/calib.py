@@ -88,6 +88,9 @@ def wanted(tensors) -> dict[str, str]:
     a lookup (no input), also when the output matrix is tied to it."""
     out = {}
     for t in tensors:
+        if len(t.shape) == 3 and "_exps." in t.name:     # stacked experts: llama.cpp's MUL_MAT_ID
+            out[t.name] = "experts"
+            continue
         if len(t.shape) != 2 or t.name.startswith("token_embd."):
             continue
         out[t.name] = "diag" if any(f".{r}." in f".{t.name}" for r in DIAG_ONLY) else "full"
@@ -117,12 +120,19 @@ class SelfCalibration:
         return self.key(name) is not None
 
     def moment(self, name: str) -> Optional[np.ndarray]:
-        """E[x x^T] [n, n] (float64, a view of the scratch) or E[x^2] [n] of ``name``'s inputs."""
+        """E[x x^T] [n, n] (float64, a view of the scratch) or E[x^2] [n] of ``name``'s inputs; for
+        stacked experts E[x^2] per expert over the tokens routed to it, [n_expert * n] (an expert
+        that got none: ones, as llama-quantize reads a zero count)."""
         k = self.key(name)
         if k is None or not self.count:
             return None
         off, n, kind = self.index["keys"][k]
         o = off // 8
+        if kind == "experts":
+            # float32 sums / float32 counts: what llama-quantize (ggufq.imatrix) makes of the saved file
+            c = np.asarray(self.index["expert_counts"][k], np.float32)
+            sums = np.asarray(self.mm[o:o + n * c.size], np.float32).reshape(c.size, n)
+            return np.where(c[:, None] > 0, sums / np.maximum(c, 1)[:, None], np.float32(1)).reshape(-1)
         if kind == "full":
             m = self.mm[o:o + n * n].reshape(n, n) / self.count
             return np.diag(m).copy() if _diag_only(name) else m
@@ -154,15 +164,27 @@ class SelfCalibration:
             return None
         return (np.diag(m) if m.ndim == 2 else m).astype(np.float32)
 
-    def diagonals(self) -> dict[str, np.ndarray]:
-        """Per weight: the column sums of squared inputs (float64) -- an imatrix's ``in_sum2``."""
+    def diagonals(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per weight: (column sums of squared inputs [n_mat, n] float64, token counts [n_mat]) -- an
+        imatrix's ``in_sum2`` and ``counts``; ``n_mat`` is the expert count of a stacked tensor, else 1."""
         out = {}
         for w, k in self.index["weight_key"].items():
             off, n, kind = self.index["keys"][k]
             o = off // 8
-            out[w] = (np.diag(self.mm[o:o + n * n].reshape(n, n)).copy() if kind == "full"
-                      else np.array(self.mm[o:o + n]))
+            if kind == "experts":
+                c = np.asarray(self.index["expert_counts"][k], np.float64)
+                out[w] = (np.array(self.mm[o:o + n * c.size]).reshape(c.size, n), c)
+                continue
+            d = np.diag(self.mm[o:o + n * n].reshape(n, n)).copy() if kind == "full" else np.array(self.mm[o:o + n])
+            out[w] = (d.reshape(1, n), np.array([float(self.count)]))
         return out
+
+    def expert_tokens(self) -> Optional[tuple[int, int, int]]:
+        """(stacked expert tensors' experts that got no token, experts in all, routed tokens) or None."""
+        cs = [np.asarray(v) for v in self.index.get("expert_counts", {}).values()]
+        if not cs:
+            return None
+        return sum(int((c == 0).sum()) for c in cs), sum(c.size for c in cs), int(sum(c.sum() for c in cs))
 
     # ---- report ------------------------------------------------------------------------
     def summary(self) -> str:
@@ -174,7 +196,15 @@ class SelfCalibration:
                 f"per batch; decode {tm.get('decode', 0):.1f} s, sampling {tm.get('sample', 0):.1f} s, "
                 f"moment sums {tm.get('sums', 0):.1f} s); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
                 f"{s['model_seconds']:.1f} s, moment scratch {_mib(s['scratch_bytes'])}; peak RSS: "
-                f"{self.peak_rss_line()}")
+                f"{self.peak_rss_line()}" + self._experts_line())
+
+    def _experts_line(self) -> str:
+        e = self.expert_tokens()
+        if e is None:
+            return ""
+        idle, total, _ = e
+        return (f"; experts: per-expert diagonal moments (MUL_MAT_ID), {idle} of {total} expert slots got no "
+                f"token and are weighted uniformly")
 
     def peak_rss_line(self) -> str:
         return f"worker {_mib(self.stats['worker_rss'])}, ggufq {_mib(_peak_rss())}"
@@ -312,7 +342,8 @@ def _why_died(rc) -> str:
 
 
 def _scratch_estimate(weights: dict, prepared) -> str:
-    return "up to " + _mib(8 * sum(t.row_len ** 2 for t in prepared.tensors if weights.get(t.name) == "full"))
+    return "up to " + _mib(8 * sum(t.row_len ** 2 if weights.get(t.name) == "full" else t.shape[0] * t.row_len
+                                   for t in prepared.tensors if weights.get(t.name) in ("full", "experts")))
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -343,8 +374,9 @@ def save_imatrix(cal: SelfCalibration, path: os.PathLike | str, dataset: str) ->
     w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, n_tok)
     diags = cal.diagonals()
     for name in sorted(diags):
-        w.add_tensor(f"{name}.in_sum2", diags[name].astype(np.float32).reshape(1, -1))
-        w.add_tensor(f"{name}.counts", np.array([[float(cal.count)]], np.float32))
+        sums, counts = diags[name]      # stacked experts: one row and one count per expert, as llama-imatrix
+        w.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
+        w.add_tensor(f"{name}.counts", counts.astype(np.float32).reshape(-1, 1))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         w.write_header_to_file(tmp)

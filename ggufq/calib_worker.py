@@ -28,7 +28,16 @@ host when it lives on a GPU) is the matrix's input. Weights that read the same g
 tensor's name, so nothing here knows an architecture. Rows of "full" inputs are buffered
 (``buffer_bytes``, at least 1024 rows: fewer passes over the n^2 sums) and their float32
 ``X^T X`` (syrk) is added to float64 sums in a memory-mapped scratch file; "diag" inputs are
-summed (squares, float64) at once. ``MUL_MAT_ID`` (experts) is not collected.
+summed (squares, float64) at once.
+
+Experts: ``MUL_MAT_ID`` (a stacked ``[n_expert, rows, cols]`` weight, the routed tokens' inputs in
+``src1`` ``[cols, n_used or 1, n_tokens]``, the chosen experts in ``src[2]`` ``[n_used, n_tokens]``)
+is read as llama-imatrix's ``collect_imatrix`` reads it: the input row of slot ``k`` of token ``t``
+(``src1`` row ``k % ne1``) is added, squared, to the sums of expert ``ids[k, t]``, whose count goes
+up by one. These "experts" moments are per-expert diagonals ``[n_expert, cols]`` with per-expert
+counts (a full ``cols^2`` moment per expert would be ``n_expert`` times a dense layer's scratch:
+gpt-oss-120b 128 x 2880^2 x 8 bytes = 8.5 GB per tensor), keyed ``ids:`` + the input's name (the
+router's ``MUL_MAT`` reads the same tensor whole).
 """
 import llama_cpp  # noqa: I001  -- must come before numpy (see module docstring)
 
@@ -91,6 +100,11 @@ class Collector:
     def __init__(self, weights: dict, scratch: str, buffer_bytes: int):
         self.lib = _ggml()
         self.mul_mat = _op_index(self.lib, b"MUL_MAT")
+        self.mul_mat_id = _op_index(self.lib, b"MUL_MAT_ID")
+        self.experts: dict[bytes, np.ndarray] = {}     # "experts" key -> float64 sums [n_expert, cols]
+        self.expert_counts: dict[bytes, np.ndarray] = {}
+        self.n_as: dict[bytes, int] = {}
+        self.ids_buf = ctypes.create_string_buffer(0)
         self.f32 = 0                                  # GGML_TYPE_F32
         self.want = {k.encode(): v for k, v in weights.items()}
         self.claim: dict[bytes, bytes] = {}           # input key -> the one weight that collects it
@@ -122,16 +136,28 @@ class Collector:
     def _callback(self, ptr, ask, _user):
         try:
             t = _Tensor.from_address(ptr)
-            if t.op != self.mul_mat or not t.src[0] or not t.src[1]:
+            if t.op not in (self.mul_mat, self.mul_mat_id) or not t.src[0] or not t.src[1]:
                 return False
             w = _Tensor.from_address(t.src[0]).name
             kind = self.want.get(w)
-            if kind is None:
+            if kind is None or (kind == "experts") != (t.op == self.mul_mat_id) or (kind == "experts" and not t.src[2]):
                 return False
             x = _Tensor.from_address(t.src[1])
             if x.type != self.f32:
                 return False
             key = x.name or w
+            if kind == "experts":
+                key = b"ids:" + key
+                if ask:
+                    owner = self.claim.setdefault(key, w)
+                    self.weight_key[w] = key
+                    if owner == w:
+                        self.kind[key] = "experts"
+                        self.width[key] = int(x.ne[0])
+                        self.n_as[key] = int(_Tensor.from_address(t.src[0]).ne[2])
+                    return owner == w
+                self._collect_experts(key, x, t.src[1], t.src[2])
+                return True
             if ask:
                 if not self.checked:
                     self._check(t.src[1], x)
@@ -174,6 +200,46 @@ class Collector:
         else:
             self.pending.setdefault(key, []).append(np.array(a, np.float32))
 
+    def _host(self, ptr: int, x: _Tensor, buf_name: str) -> int:
+        """The address of a tensor's data in host memory (copied from a GPU when needed)."""
+        span = int(self.lib.ggml_nbytes(ptr))
+        if self.lib.ggml_backend_buffer_is_host(x.buffer):
+            return x.data
+        buf = getattr(self, buf_name)
+        if len(buf) < span:
+            buf = ctypes.create_string_buffer(span)
+            setattr(self, buf_name, buf)
+        self.lib.ggml_backend_tensor_get(ptr, buf, 0, span)
+        return ctypes.addressof(buf)
+
+    def _collect_experts(self, key: bytes, x: _Tensor, ptr: int, ids_ptr: int) -> None:
+        """llama-imatrix's MUL_MAT_ID branch: per (slot, token), the input row squared into the sums
+        of the expert the router chose, and one count for that expert."""
+        ids = _Tensor.from_address(ids_ptr)
+        ne0, ne1, n_tok = int(x.ne[0]), int(x.ne[1]), int(x.ne[2])
+        n_ids = int(ids.ne[0])
+        if int(ids.ne[1]) != n_tok or int(x.ne[3]) != 1:
+            raise RuntimeError(f"{key.decode()}: MUL_MAT_ID inputs of an unexpected shape")
+        span = int(self.lib.ggml_nbytes(ptr))
+        xs = np.lib.stride_tricks.as_strided(
+            np.frombuffer((ctypes.c_char * span).from_address(self._host(ptr, x, "host")), np.float32),
+            shape=(n_tok, ne1, ne0), strides=(int(x.nb[2]), int(x.nb[1]), 4))
+        ispan = int(self.lib.ggml_nbytes(ids_ptr))
+        e = np.lib.stride_tricks.as_strided(
+            np.frombuffer((ctypes.c_char * ispan).from_address(self._host(ids_ptr, ids, "ids_buf")), np.int32),
+            shape=(n_tok, n_ids), strides=(int(ids.nb[1]), int(ids.nb[0])))
+        n_as = self.n_as[key]
+        if e.size and (e.min() < 0 or e.max() >= n_as):
+            raise RuntimeError(f"{key.decode()}: expert id outside 0..{n_as - 1}")
+        acc = self.experts.get(key)
+        if acc is None:
+            acc = self.experts[key] = np.zeros((n_as, ne0))
+            self.expert_counts[key] = np.zeros(n_as, np.int64)
+        for k in range(n_ids):
+            rows = xs[:, k % ne1, :].astype(np.float64)
+            np.add.at(acc, e[:, k], rows * rows)
+            self.expert_counts[key] += np.bincount(e[:, k], minlength=n_as)
+
     # ---- sums --------------------------------------------------------------------
     def buffered_tokens(self) -> int:
         return sum(x.shape[0] for x in next(iter(self.pending.values()), []))
@@ -186,7 +252,7 @@ class Collector:
         for key in sorted(self.kind):
             n = self.width[key]
             self.offsets[key] = off
-            off += 8 * (n * n if self.kind[key] == "full" else n)
+            off += 8 * {"full": n * n, "diag": n, "experts": n * self.n_as.get(key, 0)}[self.kind[key]]
         fd = os.open(self.scratch_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, max(off, 1)) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, max(off, 1))
@@ -197,6 +263,7 @@ class Collector:
             n = self.width[key]
             o = self.offsets[key] // 8
             self.acc[key] = (self.mm[o:o + n * n].reshape(n, n) if self.kind[key] == "full"
+                             else self.mm[o:o + n * self.n_as[key]].reshape(-1, n) if self.kind[key] == "experts"
                              else self.mm[o:o + n])
 
     def flush(self, final: bool = False) -> None:
@@ -218,9 +285,13 @@ class Collector:
                 self.acc[key][:] = d
             if not self.count and self.diag_rows:
                 self.count = next(iter(self.diag_rows.values()))
+            for key, d in self.experts.items():
+                self.acc[key][:] = d
 
     def index(self) -> dict:
         return {"keys": {k.decode(): [self.offsets[k], self.width[k], self.kind[k]] for k in self.kind},
+                "expert_counts": {k.decode(): [int(c) for c in self.expert_counts.get(k, np.zeros(self.n_as[k]))]
+                                  for k in self.kind if self.kind[k] == "experts"},
                 "weight_key": {w.decode(): k.decode() for w, k in self.weight_key.items()},
                 "count": self.count, "scratch_bytes": int(self.mm.size * 8) if self.mm is not None else 0}
 

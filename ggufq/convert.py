@@ -144,9 +144,9 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     if imatrix is None and (self_imatrix or meth.moments):
         from . import calib
         blind = [e.name for e in plan.needs_imatrix() if e.name not in calib.wanted(p.tensors)]
-        if blind:     # stacked experts: llama.cpp's expert matmuls (MUL_MAT_ID) are not collected yet
+        if blind:     # a matrix no MUL_MAT / MUL_MAT_ID of llama.cpp's graph reads (calib.wanted)
             raise GgufqError(f"--type {plan.ftype} needs an importance matrix for {blind[0]} ({len(blind)} tensors), "
-                             "whose inputs ggufq's self-calibration does not collect yet: pass --imatrix FILE "
+                             "whose inputs ggufq's self-calibration does not collect: pass --imatrix FILE "
                              "(from llama-imatrix)")
     plan.check_imatrix(imatrix is not None or meth.moments or self_imatrix)
     path = resolve_output(p, plan, out, name)

@@ -27,7 +27,7 @@ from . import GgufqError
 from .source import SourceTensor
 
 FP8 = ("F8_E4M3", "F8_E5M2")
-READS = "ggufq reads FP8 (block-scaled, quant_method fp8), BF16, F16 and F32 weights"
+READS = "ggufq reads FP8 (block-scaled, quant_method fp8), MXFP4 (quant_method mxfp4), BF16, F16 and F32 weights"
 
 
 def _e4m3_table() -> np.ndarray:
@@ -135,6 +135,11 @@ def dequantizing(config: dict, tensors: dict[str, SourceTensor]) -> dict[str, So
             raise GgufqError(f"tensor {fp8_names[0]} is {tensors[fp8_names[0]].dtype} but config.json has no "
                              f"quantization_config saying how it is scaled; {READS}")
         return tensors
+    if method == "mxfp4":              # gpt-oss: expert blocks + E8M0 scales (ggufq.source_mxfp4)
+        from .source_mxfp4 import repacking
+        if fp8_names:
+            raise GgufqError(f"tensor {fp8_names[0]} is {tensors[fp8_names[0]].dtype} in an MXFP4 checkpoint; {READS}")
+        return repacking(tensors)
     if method != "fp8":
         raise GgufqError(f"this checkpoint is quantized with quant_method {method!r} (config.json "
                          f"quantization_config), which ggufq does not read; {READS}")

@@ -59,6 +59,11 @@ class Job:
         return self.tensor.n_rows * quant.row_nbytes(self.qtype, self.tensor.row_len)
 
     @property
+    def copies(self) -> bool:
+        """The checkpoint already holds these rows in the target type: their bytes are copied."""
+        return self.tensor.native is not None and self.qtype == self.tensor.native
+
+    @property
     def n_elements(self) -> int:
         return self.tensor.n_rows * self.tensor.row_len
 
@@ -152,8 +157,19 @@ def _read(job: Job, lo: int, hi: int) -> np.ndarray:
 _FORKED_JOBS: Sequence[Job] = ()
 
 
+def _copy(job: Job, lo: int, hi: int) -> tuple[bytes, int, int]:
+    """A chunk of a tensor kept in its checkpoint's block type: its block bytes as they are."""
+    data = np.ascontiguousarray(job.tensor.raw(lo, hi), dtype=np.uint8)
+    want = (hi - lo) * quant.row_nbytes(job.qtype, job.tensor.row_len)
+    if data.size != want:
+        raise GgufqError(f"{job.tensor.name}: raw rows {lo}.. gave {data.size} bytes, expected {want}")
+    return data.tobytes(), 0, 0
+
+
 def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights, allow_nonfinite: bool):
     job = _FORKED_JOBS[i]
+    if job.copies:
+        return _copy(job, lo, hi)
     return _work(encoder, job.qtype, _read(job, lo, hi), weights, allow_nonfinite)
 
 
@@ -180,19 +196,25 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
     a bounded window of chunks in flight."""
     if pool is None:
         for i, job in enumerate(jobs):
-            wts = _weights(job)
+            wts = None if job.copies else _weights(job)
             for lo, hi in _ranges(job):
+                if job.copies:
+                    yield i, (hi - lo) * job.tensor.row_len, _copy(job, lo, hi)
+                    continue
                 rows = _read(job, lo, hi)
                 yield i, rows.size, _work(encoder, job.qtype, rows, _chunk_weights(job, wts, lo), allow_nonfinite)
         return
     window: deque[tuple[int, int, Future]] = deque()
     limit = 2 * getattr(pool, "_max_workers", 2)
     for i, job in enumerate(jobs):
-        wts = _weights(job)
+        wts = None if job.copies else _weights(job)
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
             cw = _chunk_weights(job, wts, lo)
-            if workers_read:
+            if job.copies and not workers_read:      # a plain read: no need to ship it to a worker
+                fut = Future()
+                fut.set_result(_copy(job, lo, hi))
+            elif workers_read:
                 fut = pool.submit(_read_and_encode, encoder, i, lo, hi, cw, allow_nonfinite)
             else:
                 fut = pool.submit(_work, encoder, job.qtype, _read(job, lo, hi), cw, allow_nonfinite)

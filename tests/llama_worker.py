@@ -2,6 +2,7 @@
 
     python tests/llama_worker.py logits MODEL.gguf IDS.json OUT.npy     # F32 KV cache, all positions
     python tests/llama_worker.py tokenize MODEL.gguf TEXTS.json OUT.json
+    python tests/llama_worker.py generate MODEL.gguf [PROMPT_IDS, N].json OUT.json   # greedy ids
 
 From Python: :func:`llama_logits` and :func:`llama_tokenize` (they raise with the worker's stderr).
 """
@@ -26,6 +27,15 @@ def _main(argv) -> int:
                               type_k=0, type_v=0, verbose=False)   # GGML_TYPE_F32 = 0
         llm.eval(ids)
         np.save(out, np.array(llm.scores[: len(ids)], dtype=np.float32))
+    elif cmd == "generate":
+        prompt, n = json.load(open(inp))
+        llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, verbose=False)
+        out_ids = []
+        for tok in llm.generate(prompt, temp=0.0, top_k=1):
+            out_ids.append(int(tok))
+            if len(out_ids) >= n:
+                break
+        json.dump(out_ids, open(out, "w"))
     elif cmd == "tokenize":
         texts = json.load(open(inp))
         llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
@@ -59,6 +69,11 @@ def _run(cmd: str, gguf_path, payload, suffix: str):
 def llama_logits(gguf_path, ids) -> "np.ndarray":  # noqa: F821
     """float32 [len(ids), n_vocab]: llama.cpp's logits for every position, F32 KV cache."""
     return _run("logits", gguf_path, [int(i) for i in ids], ".npy")
+
+
+def llama_generate(gguf_path, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` (llama-cpp-python's generate, top-1)."""
+    return _run("generate", gguf_path, [[int(i) for i in prompt], int(n)], ".json")
 
 
 def llama_tokenize(gguf_path, texts: list[str]) -> list[list[int]]:

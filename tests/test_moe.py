@@ -8,7 +8,11 @@ checkpoints made by tools/synthetic_moe.py:
   dequantization against a whole-tensor ``codes * repeat(scale)``, logits of an FP8 checkpoint's
   F32 conversion against the BF16 reference forward of the same dequantized weights;
 * bad input: a missing expert, unequal expert shapes, an FP8 tensor without its scale, a scale of
-  the wrong shape, an unsupported quant_method -> one ``ggufq: error:`` line, exit 1, nothing written.
+  the wrong shape, an unsupported quant_method -> one ``ggufq: error:`` line, exit 1, nothing written;
+* self-calibration of expert tensors (llama.cpp's MUL_MAT_ID): per-expert token counts and input
+  moments against the reference routing; an IQ2_XXS MoE without --imatrix, its saved imatrix;
+* gpt-oss: MXFP4 blocks repacked value for value, copied into the F16 / MXFP4_MOE files, requantized
+  for a K-quant mixture, generation through llama-cpp-python, bad MXFP4 input.
 
 Byte parity with llama.cpp's converter and plan parity with llama-quantize: tools/moe_parity.py.
 """
@@ -286,12 +290,215 @@ def test_workers_reading_stacked_experts_give_the_same_bytes(tmp_path):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("method", ["kquant", "calibrated"])
-def test_iq2_mixture_needs_a_real_imatrix_for_experts(tmp_path, method):
-    """IQ2_XXS's expert tensors need an importance matrix, and self-calibration does not collect the
-    inputs of llama.cpp's expert matmuls yet: one line naming --imatrix FILE, before any calibration."""
-    d = make_moe(tmp_path / "m", "qwen3moe", **{**SMALL, "hidden": 256, "ff": 256})
+# ---- self-calibration of expert tensors (MUL_MAT_ID) -------------------------------------------
+def _routed_reference(d):
+    """The reference forward recording, per (layer, GGUF role, expert), the rows each expert's
+    gate/up and down matrices read."""
+    from reference import Reference
+
+    class Routed(Reference):
+        seen: dict = {}
+
+        def _mlp(self, h, gate, up, down):
+            if ".experts." in gate:
+                _, _, layer, _, _, e, _ = gate.split(".")
+                g = self._linear(h, gate)
+                x = g / (1 + np.exp(-g)) * self._linear(h, up)
+                self.seen.setdefault((int(layer), "ffn_gate_exps", int(e)), []).append(h)
+                self.seen.setdefault((int(layer), "ffn_down_exps", int(e)), []).append(x)
+            return super()._mlp(h, gate, up, down)
+    r = Routed(d)
+    r.seen = {}
+    return r
+
+
+def test_expert_moments_per_expert_equal_the_reference_routing(tmp_path):
+    """Given tokens decoded by llama.cpp (F16 temporary model): for each stacked expert tensor, the
+    tokens routed to each expert and the mean of their squared inputs (llama-imatrix's MUL_MAT_ID
+    branch) agree with the NumPy reference forward's routing of the HF weights."""
+    pytest.importorskip("llama_cpp")
+    from ggufq import calib
+    d = make_moe(tmp_path / "m", "mixtral", **SMALL)
+    toks = np.random.default_rng(4).integers(3, 8000, (2, 40))
+    ref = _routed_reference(d)
+    for row in toks:
+        ref.logits(row)
+    with calib.calibrate_folder(d, tmp_path, tokens=toks, jobs=1, progress=False) as c:
+        assert c.covers("blk.0.ffn_gate_exps.weight") and c.key("blk.0.ffn_gate_exps.weight") == \
+            c.key("blk.0.ffn_up_exps.weight") != c.key("blk.0.ffn_down_exps.weight")
+        diags = c.diagonals()
+        for layer in range(2):
+            for role in ("ffn_gate_exps", "ffn_down_exps"):
+                sums, counts = diags[f"blk.{layer}.{role}.weight"]
+                assert sums.shape == (8, 64) and counts.sum() == toks.size * 2
+                want_n = np.array([sum(len(x) for x in ref.seen.get((layer, role, e), [])) for e in range(8)])
+                assert np.abs(counts - want_n).sum() <= 4, (layer, role, counts, want_n)   # near-ties in F16
+                mean = c.moment(f"blk.{layer}.{role}.weight").reshape(8, 64)
+                for e in range(8):
+                    if want_n[e] >= 8 and counts[e] == want_n[e]:
+                        x = np.concatenate(ref.seen[(layer, role, e)]).astype(np.float64)
+                        want = (x * x).mean(0)
+                        assert np.abs(mean[e] - want).max() / want.max() < 2e-2, (layer, role, e)
+
+
+def test_iq2_mixture_of_a_moe_calibrates_its_experts(tmp_path):
+    """IQ2_XXS needs an importance matrix for the expert tensors too: without --imatrix ggufq calibrates
+    itself through llama.cpp, its expert matmuls included; the saved imatrix has one row and one count
+    per expert (llama-imatrix's layout), gives the same file through --imatrix, llama-quantize takes it
+    for the expert tensors, and llama-cpp-python loads the result."""
+    import gguf
+    import subprocess
+    from conftest import LLAMA_BIN
+    pytest.importorskip("llama_cpp")
+    d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "layers": 1, "experts": 4})
+    out, im = tmp_path / "iq2.gguf", tmp_path / "im.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "IQ2_XXS", "--calib-tokens", "512", "--save-imatrix", im)
+    assert r.returncode == 0, r.stderr
+    assert "experts: per-expert diagonal moments" in r.stderr
+    ts = {t.name: t for t in gguf.GGUFReader(im).tensors}
+    assert ts["blk.0.ffn_up_exps.weight.in_sum2"].data.shape == (4, 256)
+    counts = np.asarray(ts["blk.0.ffn_up_exps.weight.counts"].data).reshape(-1)
+    assert counts.shape == (4,) and counts.sum() == 512 * 2
+    assert gguf.GGMLQuantizationType(
+        next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_gate_exps.weight").tensor_type
+    ) == gguf.GGMLQuantizationType.IQ2_XXS
+    again = tmp_path / "again.gguf"
+    r = run_cli("convert", d, "-o", again, "--type", "IQ2_XXS", "--imatrix", im, "-q")
+    assert r.returncode == 0, r.stderr
+    a, b = gguf.GGUFReader(out), gguf.GGUFReader(again)
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.name == y.name and np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes(), x.name
+    from llama_worker import llama_logits
+    assert np.isfinite(llama_logits(out, list(range(10, 30)))).all()
+    tool = LLAMA_BIN / "llama-quantize"
+    if tool.exists():
+        f16 = tmp_path / "f16.gguf"
+        assert run_cli("convert", d, "-o", f16, "--type", "F16", "-q").returncode == 0
+        q = subprocess.run([str(tool), "--imatrix", str(im), str(f16), str(tmp_path / "lq.gguf"), "IQ2_XXS", "2"],
+                           capture_output=True, text=True)
+        assert q.returncode == 0, q.stderr[-1500:]
+        assert "did not find weights for blk.0.ffn_gate_exps" not in q.stdout + q.stderr
+
+
+# ---- gpt-oss: MXFP4 experts ------------------------------------------------------------------
+from synthetic_gptoss import make_gpt_oss  # noqa: E402
+
+GPT_OSS_SMALL = dict(hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=4, active=2, shards=2, seed=3,
+                     tokenizer="spm")
+FP4 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)   # HF's FP4_VALUES
+
+
+def _hf_mxfp4_values(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """transformers' convert_moe_packed_tensors: code 2j low nibble, 2j+1 high, times 2^(scale - 127)."""
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    v = FP4[codes] * np.ldexp(np.float32(1), scales.astype(np.int32) - 127)[..., None]
+    return v.reshape(*blocks.shape[:-2], -1)
+
+
+def test_mxfp4_repack_keeps_every_value():
+    """HF's nibble order -> ggml's block_mxfp4: gguf-py decodes the repacked bytes to exactly the values
+    transformers decodes from the checkpoint's blocks and scales; and the repack inverts."""
+    import gguf
+    from ggufq.source_mxfp4 import dequantize, ggml_to_hf_blocks, hf_to_ggml_blocks
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (6, 3, 16), dtype=np.uint8)
+    scales = rng.integers(110, 135, (6, 3), dtype=np.uint8)
+    raw = hf_to_ggml_blocks(blocks, scales)
+    want = _hf_mxfp4_values(blocks, scales)
+    np.testing.assert_array_equal(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.MXFP4), want)
+    np.testing.assert_array_equal(dequantize(raw), want)
+    b2, s2 = ggml_to_hf_blocks(raw, 3)
+    assert np.array_equal(b2, blocks) and np.array_equal(s2, scales)
+
+
+def _tensor(path, name):
+    import gguf
+    return next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
+
+
+def test_gpt_oss_mxfp4_experts_copied_and_generate(tmp_path):
+    """F16 of an MXFP4 checkpoint: expert tensors are MXFP4 holding the checkpoint's blocks (gate and up
+    de-interleaved), general.file_type MOSTLY_MXFP4_MOE, llama.cpp's gpt-oss keys; llama-cpp-python
+    loads it and generates. --type MXFP4_MOE copies the same bytes."""
+    import gguf
+    from ggufq.source import open_model
+    from ggufq.source_mxfp4 import hf_to_ggml_blocks
+    d = make_gpt_oss(tmp_path / "g", **GPT_OSS_SMALL)
+    out = tmp_path / "f16.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "F16", "-q")
+    assert r.returncode == 0, r.stderr
+    rd = gguf.GGUFReader(out)
+    kv = {f.name: f.contents() for f in rd.fields.values() if not f.name.startswith("tokenizer.ggml.")}
+    assert kv["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
+    assert kv["gpt-oss.attention.sliding_window"] == 128 and kv["gpt-oss.expert_feed_forward_length"] == 64
+    assert kv["gpt-oss.rope.scaling.type"] == "yarn" and kv["gpt-oss.expert_used_count"] == 2
+    src = open_model(d).tensors["model.layers.1.mlp.experts.gate_up_proj"]      # [4, 128, 64] as blocks
+
+    def stored(t):
+        return np.frombuffer(t.path.read_bytes()[t.offset:t.offset + t.nbytes], np.uint8)
+    raw = hf_to_ggml_blocks(stored(src).reshape(4 * 128, 2, 16), stored(src.scales).reshape(4 * 128, 2))
+    raw = raw.reshape(4, 128, 34)
+    for name, half in (("blk.1.ffn_gate_exps.weight", 0), ("blk.1.ffn_up_exps.weight", 1)):
+        t = _tensor(out, name)
+        assert gguf.GGMLQuantizationType(t.tensor_type) == gguf.GGMLQuantizationType.MXFP4
+        assert np.asarray(t.data).tobytes() == raw[:, half::2].tobytes(), name
+    for name in ("blk.0.attn_sinks.weight", "blk.0.ffn_gate_exps.bias", "blk.0.ffn_gate_inp.weight"):
+        assert gguf.GGMLQuantizationType(_tensor(out, name).tensor_type) == gguf.GGMLQuantizationType.F32
+    mx = tmp_path / "mx.gguf"
+    r = run_cli("convert", d, "-o", mx, "--type", "MXFP4_MOE", "-q")
+    assert r.returncode == 0, r.stderr
+    for name in ("blk.0.ffn_down_exps.weight", "blk.1.ffn_up_exps.weight"):
+        assert np.asarray(_tensor(mx, name).data).tobytes() == np.asarray(_tensor(out, name).data).tobytes()
+    assert gguf.GGMLQuantizationType(_tensor(mx, "blk.0.attn_q.weight").tensor_type) == gguf.GGMLQuantizationType.Q8_0
+    pytest.importorskip("llama_cpp")
+    from llama_worker import llama_generate, llama_logits
+    ids = llama_generate(out, [1, 2, 3, 4], 8)
+    assert len(ids) == 8
+    logits = llama_logits(mx, list(range(10, 40)))
+    assert np.isfinite(logits).all() and logits.std() > 0
+
+
+def test_gpt_oss_requantized_experts(tmp_path):
+    """--type Q4_K_M: the MXFP4 experts are dequantized and quantized again as the mixture chooses
+    (what llama-quantize --allow-requantize does; the plan says so); the file loads in llama.cpp."""
+    import gguf
+    from ggufq.source import open_model
+    from ggufq.quant import encode
+    d = make_gpt_oss(tmp_path / "g", **{**GPT_OSS_SMALL, "hidden": 256, "ff": 256})
+    r = run_cli("plan", d, "--type", "Q4_K_M")
+    assert r.returncode == 0, r.stderr
+    assert "dequantized from MXFP4" in r.stdout + r.stderr
+    out = tmp_path / "q.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q4_K_M", "-q")
+    assert r.returncode == 0, r.stderr
+    t = _tensor(out, "blk.0.ffn_down_exps.weight")
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    assert qtype not in (gguf.GGMLQuantizationType.MXFP4, gguf.GGMLQuantizationType.F16)
+    m = open_model(d)
+    with m:
+        rows = m.tensors["model.layers.0.mlp.experts.down_proj"].rows(0, 4 * 256)
+    assert np.asarray(t.data).tobytes() == encode(qtype, rows).tobytes()
+    pytest.importorskip("llama_cpp")
+    from llama_worker import llama_logits
+    assert np.isfinite(llama_logits(out, list(range(10, 30)))).all()
+
+
+def _edit_gpt_oss(stored, fn):
+    return [s for s in (fn(*s) for s in stored) if s is not None]
+
+
+@pytest.mark.parametrize("case,fn,must", [
+    ("scales missing", lambda n, dt, sh, b: None if n == "model.layers.0.mlp.experts.down_proj_scales" else (n, dt, sh, b),
+     "down_proj_blocks has no scales model.layers.0.mlp.experts.down_proj_scales"),
+    ("scales misshapen", lambda n, dt, sh, b: (n, dt, (sh[0], sh[1] * 2, 1), b) if n.endswith("0.mlp.experts.down_proj_scales")
+     else (n, dt, sh, b), "have shape [4, 128, 1]; blocks [4, 64, 2, 16] need [4, 64, 2]"),
+    ("blocks not U8", lambda n, dt, sh, b: (n, "I8", sh, b) if n.endswith("0.mlp.experts.down_proj_blocks")
+     else (n, dt, sh, b), "has dtype I8; blocks and scales are U8"),
+    ("bias missing", lambda n, dt, sh, b: None if n == "model.layers.1.mlp.experts.down_proj_bias" else (n, dt, sh, b),
+     "down_proj.bias is missing (GGUF blk.1.ffn_down_exps.bias)"),
+])
+def test_bad_gpt_oss_input(case, fn, must, tmp_path):
+    d = make_gpt_oss(tmp_path / "g", **{**GPT_OSS_SMALL, "shards": 1}, mutate=lambda st: _edit_gpt_oss(st, fn))
     out = tmp_path / "out"
     out.mkdir()
-    _fails(["convert", d, "-o", out / "x.gguf", "--type", "IQ2_XXS", "--method", method, "--calib-tokens", "512"],
-           out, must_contain="ffn_gate_exps.weight")
+    _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)

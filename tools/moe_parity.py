@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python tools/moe_parity.py                                  # every family, BF16 source
     PYTHONPATH=. python tools/moe_parity.py --arch qwen3moe --fp8 e4m3 --types F16 Q8_0
+    PYTHONPATH=. python tools/moe_parity.py --arch gptoss gptoss-bf16 --types F16 BF16 Q8_0 F32
 
 For each family of tools/synthetic_moe.py (8 experts, 2 active, 2 layers, 3 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for each --type (both converters
@@ -30,6 +31,9 @@ sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 from arch_parity import _run, converter_parity  # noqa: E402
 from compare_convert import LLAMA_CONVERT  # noqa: E402
 from synthetic_moe import FAMILIES, make_moe  # noqa: E402
+from synthetic_gptoss import make_gpt_oss  # noqa: E402
+
+GPT_OSS = {"gptoss": "GptOssForCausalLM, MXFP4 experts", "gptoss-bf16": "GptOssForCausalLM, BF16 experts"}
 
 # OLMoE is multi-head (llama.cpp's olmoe loader wants attn_k_norm of n_embd, as OLMoE-1B-7B has)
 SHAPES = {"qwen3moe": dict(hidden=64, ff=64, kv_heads=2), "mixtral": dict(hidden=256, ff=256, kv_heads=2),
@@ -43,10 +47,15 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 def row(fam: str, work: Path, types, fp8=None) -> dict:
     tag = fam + (f"-fp8{fp8}" if fp8 else "")
-    d = make_moe(work / tag, fam, layers=2, heads=4, experts=8, active=2, shards=3, seed=7, fp8=fp8,
-                 **SHAPES[fam])
+    if fam in GPT_OSS:      # MXFP4 experts (or their BF16 dequantization), tools/synthetic_gptoss.py
+        d = make_gpt_oss(work / tag, hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=8, active=2,
+                         shards=3, seed=7, bf16=fam == "gptoss-bf16")
+        fp8 = "mxfp4"       # logits against llama.cpp's own F32 conversion (the reference has no gpt-oss)
+    else:
+        d = make_moe(work / tag, fam, layers=2, heads=4, experts=8, active=2, shards=3, seed=7, fp8=fp8,
+                     **SHAPES[fam])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = {"arch": FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
+    out = {"arch": GPT_OSS[fam] if fam in GPT_OSS else FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
     out.update(converter_parity(d, tag, work, types, env))
     from llama_worker import llama_logits
     f32 = work / f"{tag}-F32.gguf"
@@ -75,7 +84,7 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--arch", nargs="*", default=list(FAMILIES) + list(GPT_OSS))
     ap.add_argument("--types", nargs="*", default=["F16", "BF16", "Q8_0"])
     ap.add_argument("--fp8", choices=["e4m3", "e5m2"], default=None)
     ap.add_argument("--keep", type=Path, default=None)
@@ -90,7 +99,8 @@ def main(argv=None) -> int:
             try:
                 r = row(fam, work, a.types, a.fp8)
             except Exception as e:  # one family failing does not hide the others
-                r = {"arch": FAMILIES[fam][0], a.types[0] if a.types else "logits": f"error: {str(e).splitlines()[-1][:120]}"}
+                r = {"arch": GPT_OSS.get(fam) or FAMILIES[fam][0],
+                     a.types[0] if a.types else "logits": f"error: {str(e).splitlines()[-1][:120]}"}
             print("| " + " | ".join(r.get(c, "-") for c in cols) + " |", flush=True)
     return 0
 

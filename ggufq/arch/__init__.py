@@ -31,7 +31,7 @@ from ..plan import TensorSpec
 
 MT = gguf.MODEL_TENSOR
 
-_MODULES = ("llama", "qwen", "gemma", "phi3", "olmo2", "granite", "moe")
+_MODULES = ("llama", "qwen", "gemma", "phi3", "olmo2", "granite", "moe", "gpt_oss")
 _REGISTRY: dict[str, "ArchRecord"] = {}
 _loaded = False
 
@@ -42,6 +42,10 @@ class OutTensor:
     name: str
     shape: tuple[int, ...]
     read: Callable[[int, int], np.ndarray]   # rows [lo, hi) of the [n_rows, row_len] view, float32
+    # a tensor the checkpoint already holds in a ggml block type (gpt-oss's MXFP4 experts): that type
+    # and raw(lo, hi) -> its rows' block bytes, which the writer copies when the plan keeps the type
+    native: Optional[gguf.GGMLQuantizationType] = None
+    raw: Optional[Callable[[int, int], np.ndarray]] = None
 
     @property
     def row_len(self) -> int:
@@ -56,7 +60,7 @@ class OutTensor:
 
     @property
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.shape)
+        return TensorSpec(self.name, self.shape, self.native)
 
 
 # the layer of a Llama-style pre-norm decoder: what every record starts from
@@ -75,6 +79,7 @@ SHAPES: dict[MT, tuple[str, ...]] = {
     MT.FFN_GATE_INP: ("X", "E"), MT.FFN_GATE_EXP: ("X", "Fx", "E"), MT.FFN_UP_EXP: ("X", "Fx", "E"),
     MT.FFN_DOWN_EXP: ("X", "E", "Fx"), MT.FFN_GATE_SHEXP: ("Fs", "E"), MT.FFN_UP_SHEXP: ("Fs", "E"),
     MT.FFN_DOWN_SHEXP: ("E", "Fs"), MT.FFN_GATE_INP_SHEXP: ("1", "E"),
+    MT.ATTN_SINKS: ("H",),     # one attention-sink logit per head (gpt-oss)
 }
 
 
@@ -107,6 +112,9 @@ class Moe:
     # how the HF model weights the top-k experts: "always" renormalises them to sum 1 (Mixtral),
     # otherwise the config key that switches it on and its default ("norm_topk_prob", False)
     renorm: object = "always"
+    # how a fused gate_up tensor holds its halves: "halves" ([gate; up] on the row axis, transformers 5's
+    # Qwen2/3-MoE) or "interleaved" (gate rows even, up rows odd, with biases: gpt-oss)
+    gate_up: str = "halves"
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ class TextArch:
     # ---- tensors ----------------------------------------------------------------------
     def dims(self) -> dict[str, int]:
         E, H, KV, hd = self.n_embd, self.n_head, self.n_head_kv, self.head_dim
-        d = {"E": E, "F": self.n_ff, "2F": 2 * self.n_ff, "V": self.n_vocab, "hd": hd,
+        d = {"E": E, "F": self.n_ff, "2F": 2 * self.n_ff, "V": self.n_vocab, "hd": hd, "H": H,
              "q": H * hd, "kv": KV * hd, "qkv": (H + 2 * KV) * hd}
         if self.record.moe is not None:
             from .moe import moe_dims
@@ -255,7 +255,9 @@ class TextArch:
             return None
         d = self.dims()
         shape = tuple(d[t] for t in terms)
-        return shape[:1] if bias else shape
+        if bias and len(shape) > 1:
+            return shape[:-1]      # a matrix's bias: [rows]; a stacked expert tensor's: [n_expert, rows]
+        return shape
 
     def required(self) -> list[tuple[MT, str]]:
         """(tensor type, suffix) every layer must have."""
@@ -275,10 +277,15 @@ class TextArch:
         items = model.tensors
         if rec.moe is not None:   # per-expert tensors become one stacked tensor each (ggufq.arch.moe)
             from .moe import stacked_sources
+            if rec.moe.gate_up == "interleaved":      # gpt-oss's fused (MXFP4) experts
+                from .gpt_oss import expert_sources
+                items = expert_sources(self, items)
             items = stacked_sources(self, items)
         for hf, t in items.items():
             if hf.endswith(IGNORED_SUFFIXES) or hf in rec.skip_tensors:
                 continue
+            if hf.endswith(".sinks"):       # GptOssModel.filter_tensors: attention sinks get ".weight"
+                hf += ".weight"
             m = tmap.get_type_and_name(hf, try_suffixes=(".weight", ".bias"))
             if m is None:
                 unmapped.append(hf)
@@ -312,7 +319,9 @@ class TextArch:
             bid = int(m.group(1)) if m else -1
             group = 1 if mt == MT.TOKEN_EMBD else (2 if bid >= 0 else 3)
             key = (group, bid, order.get(mt, 999) * 2 + bias, gname)
-            out.append((key, OutTensor(gname, src_shape, self._reader(t, mt, hf, src_shape))))
+            native = getattr(t, "native", None)
+            out.append((key, OutTensor(gname, src_shape, self._reader(t, mt, hf, src_shape), native,
+                                       t.raw if native is not None else None)))
         out.sort(key=lambda kv: kv[0])
         return [t for _, t in out]
 

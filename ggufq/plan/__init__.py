@@ -36,6 +36,7 @@ from .maps import PRESETS, MapRule, Preset, format_layers, layer_of, load_map, p
 class TensorSpec:
     name: str                 # GGUF name, e.g. "blk.0.attn_q.weight"
     shape: tuple[int, ...]    # numpy order: (..., rows, n_per_row); last dim is the row length
+    native: Optional[T] = None  # the block type the checkpoint already stores it in (MXFP4 experts)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,10 @@ class Plan:
             out[e.qtype.name] = out.get(e.qtype.name, 0) + 1
         return out
 
+
+# the --types convert_hf_to_gguf.py writes itself: a tensor the checkpoint stores quantized (MXFP4) is
+# copied, not requantized (GptOssModel.repack_mxfp4)
+CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 
 # kept for callers of the first skeleton: --type -> (general.file_type, default matrix type)
 SIMPLE_TYPES = {k: v for k, v in R.FTYPES.items() if k in ("F32", "F16", "BF16", "Q8_0")}
@@ -264,6 +269,7 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
     allowed = [w is None for w in why_not]
     llama = _llama_types(tensors, info, key, default, allowed, has_imatrix) if default not in R.FLOAT_TYPES else {}
     used: set[int] = set()
+    requant = 0
     for i, spec in enumerate(tensors):
         if not allowed[i]:
             plan.entries.append(_unquantized(spec, why_not[i], default))
@@ -273,6 +279,8 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
         if hit is not None:
             used.add(id(hit))
             qtype, why = hit.qtype, f"{hit.describe()} -> {hit.qtype.name}"
+        elif spec.native is not None and key in CONVERTER_TYPES:
+            qtype, why = spec.native, f"{spec.native.name} in the checkpoint: copied as convert_hf_to_gguf.py does"
         elif i in llama:
             qtype, why = llama[i]
         else:
@@ -280,7 +288,18 @@ def make_plan(tensors: Sequence[TensorSpec], info: ModelInfo, ftype: Optional[st
         final, note = R.fallback(qtype, spec.shape[-1])
         if note:
             why = f"{why}; {note}"
+        if spec.native is not None and final != spec.native:
+            why = f"{why} (dequantized from {spec.native.name}, as llama-quantize --allow-requantize)"
+            requant += 1
         plan.entries.append(PlanEntry(spec.name, spec.shape, final, why, fallback=note is not None))
+    kept = sum(1 for e, s in zip(plan.entries, tensors) if s.native is not None and e.qtype == s.native)
+    if kept and key in ("F32", "F16", "BF16"):
+        # convert_hf_to_gguf.py's prepare_metadata: an MXFP4 checkpoint written as F32/F16/BF16 is MXFP4_MOE
+        plan.file_type = LlamaFileType.MOSTLY_MXFP4_MOE
+    if requant:
+        plan.warnings.append(f"{requant} tensors stored as MXFP4 in the checkpoint are dequantized and "
+                             f"quantized again as --type {key} chooses (--type MXFP4_MOE or F16/BF16/Q8_0 "
+                             "keep them byte for byte)")
     for r in user:
         if id(r) not in used:
             plan.warnings.append(f"{r.describe()} matched no quantizable tensor")
