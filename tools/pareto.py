@@ -1,0 +1,204 @@
+"""KLD against file size: llama-quantize's presets, ggufq's presets and ggufq --target-size at the
+same sizes (kquant and calibrated), one PNG per model and a printed table.
+
+For each llama-quantize mixture in --presets (made from ggufq's F16 by llama-quantize), the target
+is that file's size in bytes; ggufq allocates one table of measured errors and group sensitivities
+per method (one self-calibration, one probe: :func:`ggufq.convert.allocation`), solves it for every
+size (:func:`ggufq.alloc.resolve`) and writes each file through convert's explicit-types seam with the
+recipe keys. Every file's mean KLD against the F16 logits comes from llama-perplexity (llama.cpp's
+own tool, same chunks). Also printed: the rank correlation of the predicted KLD (the recipe's) with
+the measured one over the allocations, with and without the probe's group scales.
+
+Example (tinyllama, 60 chunks of 512 of its held-out text)::
+
+    python -m tools.pareto --model MODEL_DIR --text heldout.txt --chunks 60 --work SCRATCH \\
+        --presets Q2_K Q3_K_M Q4_K_M Q5_K_M IQ4_XS --png docs/img/pareto-tinyllama.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _cpu() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _spearman(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ggufq(*args) -> float:
+    """Runs the ggufq CLI; returns its CPU seconds (user+sys)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run([sys.executable, "-m", "ggufq", *map(str, args)], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"ggufq {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def main() -> None:
+    from tools.hqq_table import kld, llama_bin, run
+
+    from ggufq import alloc
+    from ggufq.convert import Options, allocation, convert
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--text", required=True, help="evaluation text for llama-perplexity")
+    ap.add_argument("--chunks", type=int, default=60)
+    ap.add_argument("--work", required=True, help="scratch folder")
+    ap.add_argument("--presets", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS"])
+    ap.add_argument("--methods", nargs="+", default=["kquant", "calibrated"])
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-bin", default=None)
+    ap.add_argument("--png", default=None, help="plot file (needs matplotlib)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    ap.add_argument("--label", default=None, help="model name in the plot title")
+    a = ap.parse_args()
+    binp = llama_bin(a.llama_bin)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "f16.gguf"
+    if not f16.exists():
+        _ggufq("convert", a.model, "-o", f16, "-t", "F16", "-q", "-f")
+    base = work / "f16.kld"
+    if not base.exists():
+        run([binp / "llama-perplexity", "-m", f16, "-f", a.text, "--kl-divergence-base", base, "--chunks", a.chunks,
+             "-t", a.threads])
+    rows = []
+
+    def measure(kind, method, path, cpu, preset=None, pred=None, pred_raw=None):
+        k = kld(binp, path, base, a.chunks, a.threads)
+        rows.append({"kind": kind, "method": method, "preset": preset, "bytes": path.stat().st_size, "kld": k,
+                     "pred": pred, "pred_raw": pred_raw, "cpu_s": cpu})
+        print(f"{kind:<16} {method:<11} {preset or '':<8} {path.stat().st_size:>10} B  KLD {k:.5f}"
+              + (f"  predicted {pred:.5f}" if pred is not None else ""), flush=True)
+
+    sizes = {}
+    for pr in a.presets:
+        out = work / f"lq-{pr}.gguf"
+        if not out.exists():
+            run([binp / "llama-quantize", f16, out, pr, str(a.threads)])
+        sizes[pr] = out.stat().st_size
+    tables = {}
+    for m in a.methods:
+        c0 = _cpu()
+        opts = Options(method=m, jobs=a.jobs, calib_tokens=a.calib_tokens, progress=False,
+                       target_size=min(sizes.values()))
+        tables[m] = allocation(a.model, opts, work)
+        print(f"{m}: table {tables[m].seconds.get('table', 0):.1f} s, probe {tables[m].seconds.get('probe', 0):.1f} s "
+              f"wall; allocation CPU {_cpu() - c0:.1f} s", flush=True)
+
+    def predicted(m, path):
+        import gguf
+        from gguf import GGMLQuantizationType as T
+        types = {t.name: T(int(t.tensor_type)) for t in gguf.GGUFReader(path).tensors}
+        tb = tables[m]
+        raw = sum(float(r.error[r.types.index(types[r.name])]) for r in tb.rows if types[r.name] in r.types)
+        return tb.predict(types), raw
+
+    for pr in a.presets:
+        measure("llama-quantize", "-", work / f"lq-{pr}.gguf", 0.0, pr, *predicted(a.methods[0], work / f"lq-{pr}.gguf"))
+    for m in a.methods:
+        for pr in a.presets:
+            out = work / f"gq-{m}-{pr}.gguf"
+            cpu = _ggufq("convert", a.model, "-o", out, "-t", pr, "--method", m, "--calib-tokens", a.calib_tokens,
+                         "-j", a.jobs, "-q", "-f")
+            measure("ggufq preset", m, out, cpu, pr, *predicted(m, out))
+    for m in a.methods:
+        table = tables[m]
+        for pr in a.presets:
+            al = alloc.resolve(table, sizes[pr])
+            types = {e.name: e.qtype for e in al.plan.entries}
+            unscaled = sum(float(r.error[r.types.index(types[r.name])]) for r in al.rows)
+            out = work / f"gt-{m}-{pr}.gguf"
+            c1 = _cpu()
+            convert(a.model, out, options=Options(
+                method=m, jobs=a.jobs, calib_tokens=a.calib_tokens if m != "kquant" else 0, progress=False,
+                force=True, types=types, ftype=pr, quantize_keys=al.metadata()))
+            measure("ggufq target", m, out, _cpu() - c1, pr, al.predicted_kld, unscaled)
+    print()
+    print_table(rows, a.presets, a.methods)
+    for m in a.methods:
+        sel = [r for r in rows if r["pred"] is not None and (r["method"] == m or (r["method"] == "-" and m == a.methods[0]))]
+        print(f"rank correlation predicted vs measured KLD ({m}, {len(sel)} files: presets and targets): "
+              f"scaled {_spearman([r['pred'] for r in sel], [r['kld'] for r in sel]):.3f}, "
+              f"unscaled tr(EHE^T) {_spearman([r['pred_raw'] for r in sel], [r['kld'] for r in sel]):.3f}")
+        for pr in a.presets:      # at one size: does the prediction order the files as measured?
+            same = [r for r in sel if r["preset"] == pr]
+            if len(same) >= 2:
+                print(f"  at {pr}'s size: " + ", ".join(f"{r['kind']} pred {r['pred']:.4f} meas {r['kld']:.4f}"
+                                                        for r in same))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.png:
+        plot(rows, a.png, a.label or Path(a.model).name)
+
+
+def print_table(rows, presets, methods) -> None:
+    def get(kind, method, pr):
+        return next((r for r in rows if r["kind"] == kind and r["method"] == method and r["preset"] == pr), None)
+    head = ["size of", "bytes", "llama-quantize"]
+    for m in methods:
+        head += [f"ggufq {m}", f"target {m}", "bytes/target", "ratio"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for pr in presets:
+        lq = get("llama-quantize", "-", pr)
+        cells = [pr, str(lq["bytes"]), f"{lq['kld']:.5f}"]
+        for m in methods:
+            g, t = get("ggufq preset", m, pr), get("ggufq target", m, pr)
+            cells += [f"{g['kld']:.5f}" if g else "-", f"{t['kld']:.5f}" if t else "-",
+                      f"{t['bytes'] / lq['bytes']:.4f}" if t else "-",
+                      f"{t['kld'] / lq['kld']:.3f}x" if t else "-"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def plot(rows, png, label) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for r in rows:
+        key = r["kind"] if r["kind"] == "llama-quantize" else f"{r['kind']} ({r['method']})"
+        series.setdefault(key, []).append(r)
+    for key, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["bytes"])
+        ax.plot([r["bytes"] / 1e6 for r in rs], [r["kld"] for r in rs], "o-", label=key)
+        if key == "llama-quantize":
+            for r in rs:
+                ax.annotate(r["preset"], (r["bytes"] / 1e6, r["kld"]), fontsize=7)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KLD vs F16")
+    ax.set_yscale("log")
+    ax.set_title(f"{label}: KLD vs size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
