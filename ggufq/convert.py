@@ -124,7 +124,9 @@ class Options:
     row-length fallback still applies), ``ftype`` then only names ``general.file_type``.
     ``target_size`` (bytes, or a string such as ``4.2G``) or ``target_bpw``: :mod:`ggufq.alloc` chooses every quantizable tensor's
     type from measured sensitivity (``ftype``'s and ``plan_kw``'s rules name the fixed points).
-    ``quantize_keys``: extra ``quantize.*`` metadata (key -> str or int).
+    ``quantize_keys``: extra ``quantize.*`` metadata (key -> str or int). ``calibration``: a
+    :class:`ggufq.calib.SelfCalibration` made earlier for this model (tools: one calibration for
+    several files); used instead of calibrating, and left open.
     ``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every file of
     the model folder, the imatrix and ``protect`` -- are never overwritten). ``save_imatrix`` is part
     of the output: written beside the temporary GGUF and placed with it. ``log(line)``: gets
@@ -153,6 +155,7 @@ class Options:
     target_bpw: Optional[float] = None
     alloc_kw: Optional[dict] = None
     quantize_keys: Optional[dict] = None
+    calibration: Optional[object] = None
 
     @property
     def targets(self) -> bool:
@@ -201,7 +204,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         paths = write_stage(p, opts, meth, plan, path, job_list, inputs, notes, hessians,
                             lambda w: write_header(p, md, vocab, plan, w, im, qkeys))
     finally:
-        if hessians is not None:
+        if hessians is not None and hessians is not opts.calibration:
             hessians.close()
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)
 
@@ -261,7 +264,7 @@ def allocation(model_dir: os.PathLike | str, opts: Options, workdir: os.PathLike
         return alloc.allocate(p, opts, meth, planned.plan, im=im, hessians=hessians, free=free, vocab=vocab, md=md,
                               workdir=Path(workdir), log=opts.log, budget=budget)
     finally:
-        if hessians is not None:
+        if hessians is not None and hessians is not opts.calibration:
             hessians.close()
 
 
@@ -300,6 +303,8 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
     moments (a :class:`ggufq.calib.SelfCalibration`, the caller closes it), else None."""
     from .quant import methods
     plan = planned.plan
+    if opts.calibration is not None:
+        return opts.calibration
     wants_moments = meth.moments or planned.self_imatrix or (opts.targets and opts.imatrix is None)
     calibrates = wants_moments and opts.calib_tokens > 0
     if opts.save_imatrix is not None and not calibrates:

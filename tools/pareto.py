@@ -17,12 +17,10 @@ Example (tinyllama, 60 chunks of 512 of its held-out text)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +37,6 @@ def _spearman(x, y) -> float:
         return float("nan")
     rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
     return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def _ggufq(*args) -> float:
-    """Runs the ggufq CLI; returns its CPU seconds (user+sys)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run([sys.executable, "-m", "ggufq", *map(str, args)], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"ggufq {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def main() -> None:
@@ -71,13 +59,15 @@ def main() -> None:
     ap.add_argument("--png", default=None, help="plot file (needs matplotlib)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     ap.add_argument("--label", default=None, help="model name in the plot title")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also allocate without the probe's group scales (scale 1 everywhere), first method only")
     a = ap.parse_args()
     binp = llama_bin(a.llama_bin)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     f16 = work / "f16.gguf"
     if not f16.exists():
-        _ggufq("convert", a.model, "-o", f16, "-t", "F16", "-q", "-f")
+        convert(a.model, f16, "F16", progress=False, jobs=a.jobs)
     base = work / "f16.kld"
     if not base.exists():
         run([binp / "llama-perplexity", "-m", f16, "-f", a.text, "--kl-divergence-base", base, "--chunks", a.chunks,
@@ -97,14 +87,25 @@ def main() -> None:
         if not out.exists():
             run([binp / "llama-quantize", f16, out, pr, str(a.threads)])
         sizes[pr] = out.stat().st_size
+    # one self-calibration (seeded) serves every allocation and every calibrated file
+    from ggufq import calib
+    c0 = _cpu()
+    cal = calib.calibrate_folder(a.model, work, a.calib_tokens, jobs=a.jobs, progress=False)
+    cpu = {"calibration": _cpu() - c0}
     tables = {}
     for m in a.methods:
         c0 = _cpu()
-        opts = Options(method=m, jobs=a.jobs, calib_tokens=a.calib_tokens, progress=False,
-                       target_size=min(sizes.values()))
+        opts = Options(method=m, jobs=a.jobs, calibration=cal, progress=False, target_size=min(sizes.values()))
         tables[m] = allocation(a.model, opts, work)
+        cpu[f"allocation {m}"] = _cpu() - c0
         print(f"{m}: table {tables[m].seconds.get('table', 0):.1f} s, probe {tables[m].seconds.get('probe', 0):.1f} s "
-              f"wall; allocation CPU {_cpu() - c0:.1f} s", flush=True)
+              f"wall; allocation CPU {cpu[f'allocation {m}']:.1f} s", flush=True)
+
+    def write(m, out, **kw):
+        c1 = _cpu()
+        convert(a.model, out, options=Options(method=m, jobs=a.jobs, progress=False, force=True,
+                                              calibration=cal if m != "kquant" else None, **kw))
+        return _cpu() - c1
 
     def predicted(m, path):
         import gguf
@@ -119,9 +120,7 @@ def main() -> None:
     for m in a.methods:
         for pr in a.presets:
             out = work / f"gq-{m}-{pr}.gguf"
-            cpu = _ggufq("convert", a.model, "-o", out, "-t", pr, "--method", m, "--calib-tokens", a.calib_tokens,
-                         "-j", a.jobs, "-q", "-f")
-            measure("ggufq preset", m, out, cpu, pr, *predicted(m, out))
+            measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
     for m in a.methods:
         table = tables[m]
         for pr in a.presets:
@@ -129,13 +128,24 @@ def main() -> None:
             types = {e.name: e.qtype for e in al.plan.entries}
             unscaled = sum(float(r.error[r.types.index(types[r.name])]) for r in al.rows)
             out = work / f"gt-{m}-{pr}.gguf"
-            c1 = _cpu()
-            convert(a.model, out, options=Options(
-                method=m, jobs=a.jobs, calib_tokens=a.calib_tokens if m != "kquant" else 0, progress=False,
-                force=True, types=types, ftype=pr, quantize_keys=al.metadata()))
-            measure("ggufq target", m, out, _cpu() - c1, pr, al.predicted_kld, unscaled)
+            measure("ggufq target", m, out, write(m, out, types=types, ftype=pr, quantize_keys=al.metadata()), pr,
+                    al.predicted_kld, unscaled)
+            if m == a.methods[0] and a.ablation:     # the same table without the probe's group scales
+                flat = alloc.resolve(dataclasses.replace(table, scales={g: 1.0 for g in table.scales}), sizes[pr])
+                ft = {e.name: e.qtype for e in flat.plan.entries}
+                out = work / f"gt-noprobe-{m}-{pr}.gguf"
+                measure("target no probe", m, out, write(m, out, types=ft, ftype=pr, quantize_keys=flat.metadata()),
+                        pr, table.predict(ft), flat.solution.loss)
+    cal.close()
     print()
     print_table(rows, a.presets, a.methods)
+    enc = {r["method"]: r["cpu_s"] for r in rows if r["kind"] == "ggufq preset" and r["preset"] == "Q4_K_M"}
+    for m in a.methods:
+        base = enc.get(m, 0.0) + (cpu["calibration"] if m != "kquant" else 0.0)
+        print(f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
+              f"{cpu[f'allocation {m}']:.1f} CPU s, Q4_K_M conversion {base:.1f} CPU s"
+              + (" incl. calibration" if m != "kquant" else "")
+              + f": the allocation adds {cpu[f'allocation {m}'] / max(base, 1e-9):.0%} beyond the calibration")
     for m in a.methods:
         sel = [r for r in rows if r["pred"] is not None and (r["method"] == m or (r["method"] == "-" and m == a.methods[0]))]
         print(f"rank correlation predicted vs measured KLD ({m}, {len(sel)} files: presets and targets): "

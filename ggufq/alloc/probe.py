@@ -126,14 +126,15 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
                         f.seek(off)
                         f.write(d.astype(np.float16 if tt == T.F16 else np.float32).tobytes())
                 try:
-                    kld = _mean_kld(_logits(worker, tokens), ref, tokens)
-                    if not fresh and kld == 0.0:      # the process does not see the patched file
-                        worker.close()
+                    kld = None if fresh else _mean_kld(_logits(worker, tokens), ref, tokens)
+                    if kld == 0.0:       # this process does not see the patched file: fresh ones from here on
                         fresh = True
                     if fresh:
-                        worker = _open(path, tokens.shape[1], jobs)
-                        kld = _mean_kld(_logits(worker, tokens), ref, tokens)
-                        worker.close()
+                        w2 = _open(path, tokens.shape[1], jobs)
+                        try:
+                            kld = _mean_kld(_logits(w2, tokens), ref, tokens)
+                        finally:
+                            w2.close()
                 finally:
                     with open(path, "r+b") as f:
                         for off, b in saved:
