@@ -108,3 +108,15 @@ def test_bpw_budget(tmp_path, tiny):
     nel = sum(int(np.prod(t.shape)) for t in rd.tensors)
     data = sum(int(t.n_bytes) for t in rd.tensors)
     assert 4.5 * 0.99 <= data * 8 / nel <= 4.5 * 1.001
+
+
+def test_plan_prints_the_allocation_and_the_nearest_preset(tiny):
+    """ggufq plan --target-size: the per-tensor table, the totals, the predicted loss and the nearest
+    llama-quantize mixture with the roles where the allocation differs from it; nothing written."""
+    r = run_cli("plan", tiny, "--target-size", "6.9M", "--calib-tokens", "0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "target-size -> " in out and "predicted KLD" in out and "gap" in out
+    assert "nearest llama-quantize mixture: Q4_K_M" in out
+    r = run_cli("plan", tiny, "--target-size", "6.9M", "--type", "Q4_K_M")
+    assert r.returncode == 2 and "not both" in r.stderr
