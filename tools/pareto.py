@@ -98,6 +98,10 @@ def main() -> None:
         opts = Options(method=m, jobs=a.jobs, calibration=cal, progress=False, target_size=min(sizes.values()))
         tables[m] = allocation(a.model, opts, work)
         cpu[f"allocation {m}"] = _cpu() - c0
+        chk = sorted(v for _, v in tables[m].sample_check())
+        if chk:
+            print(f"{m}: row-sample estimate / whole tensor at Q2_K over {len(chk)} sampled tensors: median "
+                  f"{chk[len(chk) // 2]:.3f}, range {chk[0]:.3f} .. {chk[-1]:.3f}")
         print(f"{m}: table {tables[m].seconds.get('table', 0):.1f} s, probe {tables[m].seconds.get('probe', 0):.1f} s "
               f"wall; allocation CPU {cpu[f'allocation {m}']:.1f} s", flush=True)
 

@@ -87,6 +87,21 @@ class Allocation:
             tot += self.scales.get(r.group, 1.0) * float(r.error[r.types.index(t)])
         return tot
 
+    def sample_check(self) -> list[tuple[str, float]]:
+        """For tensors whose estimate came from a row sample: sampled estimate / whole-tensor error at
+        the probe's type (the probe encodes whole tensors); empty without a probe."""
+        if self.probe is None:
+            return []
+        full = dict(self.probe.rows)
+        shapes = {e.name: e.shape for e in self.plan.entries}
+        out = []
+        for r in self.rows:
+            t = R.fallback(P.PROBE_TYPE, shapes[r.name][-1])[0]
+            n_rows = int(np.prod(shapes[r.name][:-1]))
+            if n_rows > L.SAMPLE_ROWS and t in r.types and full.get(r.name):
+                out.append((r.name, float(r.error[r.types.index(t)]) / full[r.name]))
+        return out
+
     def recipe(self) -> dict:
         return {"tool": "ggufq", "target_bytes": self.target, "method": self.method,
                 "candidates": [t.name for t in L.CANDIDATES],

@@ -3,6 +3,7 @@ its predicted KLD, and how it differs from the nearest llama-quantize mixture.""
 from __future__ import annotations
 
 from ..plan import rules as R
+from . import probe as P
 from ..progress import fmt_bytes
 
 
@@ -38,6 +39,11 @@ def format_allocation(a) -> str:
         top = sorted(a.probe.kld.items(), key=lambda kv: -kv[1])[:5]
         lines.append(f"probe ({a.probe.n_tokens} self-generated tokens, {a.probe.seconds:.1f} s), most sensitive "
                      "groups at Q2_K: " + ", ".join(f"{g} {k:.4f}" for g, k in top))
+    chk = a.sample_check()
+    if chk:
+        q = sorted(v for _, v in chk)
+        lines.append(f"row-sample estimate / whole tensor at {P.PROBE_TYPE.name} ({len(q)} sampled tensors): median "
+                     f"{q[len(q) // 2]:.3f}, range {q[0]:.3f} .. {q[-1]:.3f}")
     if a.presets:
         name = nearest_preset(a.presets, a.plan.total_bytes)
         pp = a.presets[name]
