@@ -120,3 +120,28 @@ def test_plan_prints_the_allocation_and_the_nearest_preset(tiny):
     assert "nearest llama-quantize mixture: Q4_K_M" in out
     r = run_cli("plan", tiny, "--target-size", "6.9M", "--type", "Q4_K_M")
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_probe_shared_process_sees_the_patched_weights(tmp_path, tiny):
+    """The probe patches dequantized weights into one F16 file that a single llama.cpp process keeps
+    mapped: its KLD per group equals a fresh process's per group (and is not zero)."""
+    import functools
+
+    from ggufq import vocab as vocabs
+    from ggufq.alloc import loss as L, probe as P
+    from ggufq.convert import metadata_for, prepare, write_header
+    p = prepare(tiny)
+    vocab = vocabs.load(p.model.path, p.model.config)
+    add = functools.partial(write_header, p, metadata_for(p), vocab)
+    groups = {}
+    for t in p.tensors:
+        if L.group_of(t.name) in ("blk.0.ffn", "blk.5.attn"):
+            groups.setdefault(L.group_of(t.name), []).append(t)
+    tokens = np.concatenate([np.ones((1, 1), np.int64), np.random.default_rng(0).integers(3, 8000, (1, 127))], 1)
+    got = [P.probe(p, groups, lambda n: None, lambda n: None, tokens, add, tmp_path, fresh=fresh).kld
+           for fresh in (False, True)]
+    assert set(got[0]) == set(groups)
+    for g in groups:
+        assert got[0][g] > 1e-4
+        assert got[0][g] == pytest.approx(got[1][g], rel=1e-4), (g, got)
+    assert list(tmp_path.iterdir()) == []
