@@ -126,7 +126,9 @@ class Options:
     type from measured sensitivity (``ftype``'s and ``plan_kw``'s rules name the fixed points).
     ``quantize_keys``: extra ``quantize.*`` metadata (key -> str or int). ``calibration``: a
     :class:`ggufq.calib.SelfCalibration` made earlier for this model (tools: one calibration for
-    several files); used instead of calibrating, and left open.
+    several files); used instead of calibrating, and left open. ``encoder`` (``(qtype, rows, weights)
+    -> blocks``) and ``importance`` (name -> importance vector, instead of the data-free one) replace
+    the method's: studies in tools/ that vary one piece of the pipeline.
     ``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every file of
     the model folder, the imatrix and ``protect`` -- are never overwritten). ``save_imatrix`` is part
     of the output: written beside the temporary GGUF and placed with it. ``log(line)``: gets
@@ -156,6 +158,8 @@ class Options:
     alloc_kw: Optional[dict] = None
     quantize_keys: Optional[dict] = None
     calibration: Optional[object] = None
+    encoder: Optional[Callable] = None
+    importance: Optional[dict] = None
 
     @property
     def targets(self) -> bool:
@@ -187,7 +191,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     if opts.targets:            # a budget outside the feasible range is refused before any weight is read
         from . import alloc
         budget = alloc.check_budget(p, opts, plan, md, vocab, im)
-    free = data_free_importance(p, meth)
+    free = opts.importance if opts.importance is not None else data_free_importance(p, meth)
     hessians = calibrate_stage(p, opts, meth, planned, vocab, md, path, notes)
     try:
         qkeys = dict(opts.quantize_keys or {})
@@ -366,7 +370,7 @@ def write_stage(p: Prepared, opts: Options, meth, plan: plans.Plan, path: Path, 
             return [(tmp_im, final_im), *(before_commit(tmp_paths, finals) if before_commit else [])]
         commit.targets = lambda path: [final_im, *getattr(before_commit, "targets", lambda q: [])(path)]
     with p.model:
-        paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=meth.encoder or quant.encode,
+        paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=opts.encoder or meth.encoder or quant.encode,
                            n_jobs=opts.jobs, force=opts.force, split_max_tensors=opts.split_max_tensors,
                            split_max_size=opts.split_max_size, progress=opts.progress, label=f"{plan.ftype}",
                            allow_nonfinite=opts.allow_nonfinite, before_commit=commit, protect=inputs, notes=notes)
