@@ -118,27 +118,26 @@ def main() -> None:
         raw = sum(float(r.error[r.types.index(types[r.name])]) for r in tb.rows if types[r.name] in r.types)
         return tb.predict(types), raw
 
-    for pr in a.presets:
+    for pr in a.presets:          # size by size, so a partial run has whole comparisons
         measure("llama-quantize", "-", work / f"lq-{pr}.gguf", 0.0, pr, *predicted(a.methods[0], work / f"lq-{pr}.gguf"))
-    for m in a.methods:
-        for pr in a.presets:
-            out = work / f"gq-{m}-{pr}.gguf"
-            measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
-    for m in a.methods:
-        table = tables[m]
-        for pr in a.presets:
+        for m in a.methods:
+            table = tables[m]
             al = alloc.resolve(table, sizes[pr])
             types = {e.name: e.qtype for e in al.plan.entries}
             unscaled = sum(float(r.error[r.types.index(types[r.name])]) for r in al.rows)
             out = work / f"gt-{m}-{pr}.gguf"
             measure("ggufq target", m, out, write(m, out, types=types, ftype=pr, quantize_keys=al.metadata()), pr,
                     al.predicted_kld, unscaled)
+            out = work / f"gq-{m}-{pr}.gguf"
+            measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
             if m == a.methods[0] and a.ablation:     # the same table without the probe's group scales
                 flat = alloc.resolve(dataclasses.replace(table, scales={g: 1.0 for g in table.scales}), sizes[pr])
                 ft = {e.name: e.qtype for e in flat.plan.entries}
                 out = work / f"gt-noprobe-{m}-{pr}.gguf"
                 measure("target no probe", m, out, write(m, out, types=ft, ftype=pr, quantize_keys=flat.metadata()),
                         pr, table.predict(ft), flat.solution.loss)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
     cal.close()
     print()
     print_table(rows, a.presets, a.methods)
