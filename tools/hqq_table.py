@@ -23,7 +23,6 @@ Example (tinyllama, 60 chunks of heldout):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -39,11 +38,9 @@ import numpy as np  # noqa: E402
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggufq import vocab as vocabs  # noqa: E402
-from ggufq.convert import metadata_for, prepare  # noqa: E402
+from ggufq.convert import prepare  # noqa: E402
 from ggufq.importance import combine, importance_for  # noqa: E402
 from ggufq.quant import ggml_ref, hqq  # noqa: E402
-from ggufq.write import Job, write_gguf  # noqa: E402
 
 PURE = {t.name for t in (T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)}
 # llama-quantize ftype names; "Q2_K_MIX" = llama-quantize's Q2_K preset (a mixture), pure "Q2_K" = --pure
@@ -98,39 +95,26 @@ def bpw(path, types):
 _CALIB: dict = {}     # model -> SelfCalibration (seeded: the same sample and moments for every type)
 
 
-def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512, calib_seed=0, jobs=1):
-    p = prepare(model)
-    vocab = vocabs.load(p.model.path, p.model.config)
-    md = metadata_for(p)
+def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512, calib_seed=0, jobs=1,
+          imatrix=None):
+    """The GGUF with llama-quantize's per-tensor ``types`` through convert's explicit-types seam,
+    encoded by ``encoder`` with the importance ``ims``; with ``calib_tokens`` the matrices the
+    self-calibration covers get its moments (one seeded calibration per model, shared by every type),
+    and ``imatrix`` (the file) picks their block scales."""
+    from ggufq.convert import Options, convert
     t0 = time.monotonic()
-
-    def add(plan_types, w):
-        w.add_type(gguf.GGUFType.MODEL)
-        md.set_gguf_meta_model(w)
-        p.arch.write_hparams(w)
-        w.add_file_type(1)
-        p.arch.write_arch_extras(w)
-        w.add_quantization_version(2)
-        vocab.write(w)
     sc = None
     if calib_tokens:
         from ggufq import calib
         key = (model, calib_tokens, calib_seq, calib_seed)
         if key not in _CALIB:
-            _CALIB[key] = calib.self_calibrate(p, vocab, add, Path(path), calib_tokens, seq_len=calib_seq,
-                                               seed=calib_seed, jobs=jobs, progress=False)
+            _CALIB[key] = calib.calibrate_folder(model, Path(path).parent, calib_tokens, seq_len=calib_seq,
+                                                 seed=calib_seed, jobs=jobs, progress=False)
         sc = _CALIB[key]
-
-    def weights(t):
-        if types[t.name] in (T.F32, T.F16, T.BF16):
-            return None
-        if sc is not None and sc.covers(t.name):
-            return sc.lazy(t.name, ims.get(t.name) if label.endswith("imatrix") else None)
-        return ims.get(t.name)
-    jobs_ = [Job(t, types[t.name], weights(t)) for t in p.tensors]
-    with p.model:
-        write_gguf(path, p.arch.name, functools.partial(add, None), jobs_, encoder=encoder, force=True,
-                   progress=False, label=label, n_jobs=jobs)
+    convert(model, path, options=Options(
+        types=types, encoder=encoder, importance=ims, calibration=sc, method="calibrated" if sc else "kquant",
+        imatrix=imatrix if sc is not None and label.endswith("imatrix") else None,
+        force=True, progress=False, jobs=jobs))
     return time.monotonic() - t0
 
 
@@ -216,7 +200,8 @@ def main():
                     "hqq+imatrix*gamma": (hqq.encode_hqq, {k: combine(real.get(k), free.get(k), "product")
                                                            for k in set(real) | set(free)}),
                 }[m]
-                secs = build(a.model, out, types, enc, ims, m, calib_tokens, a.calib_seq, a.calib_seed, a.jobs)
+                secs = build(a.model, out, types, enc, ims, m, calib_tokens, a.calib_seq, a.calib_seed, a.jobs,
+                             imatrix=a.imatrix)
             k = kld(binp, out, base, a.chunks, a.threads)
             res[m] = k
             rec = dict(model=Path(a.model).name, type=ty, method=m, kld=k, bpw=bpw(out, types), build_s=secs)

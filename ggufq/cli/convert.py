@@ -44,6 +44,11 @@ def _default_jobs() -> int:
               help="Built-in layer map over --type, e.g. attn8-mlp4 (attention Q8_0, MLP Q4_K).")
 @click.option("-m", "--map", "map_file", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="TOML layer map: [[rule]] pattern/layers/type, first match wins over --preset and --type.")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="File size budget (4.2G, 4200M, 3.9GiB or bytes): each tensor's type is chosen from the "
+                   "model's measured sensitivity for the least predicted KLD within it (instead of --type).")
+@click.option("--bpw", "target_bpw", type=float, default=None, metavar="BITS",
+              help="As --target-size, in bits per weight of the tensor data (e.g. 4.5).")
 @click.option("--method", default="kquant", show_default=True, type=click.Choice(_methods.cli_names()),
               help=_methods.cli_help())
 @click.option("--calib-tokens", type=click.IntRange(min=0), default=32768, show_default=True,
@@ -85,7 +90,7 @@ def _default_jobs() -> int:
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
             allow_nonfinite, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
@@ -95,6 +100,8 @@ def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib
     from ..convert import convert
     from ..plan import load_map
 
+    if (target_size is not None or target_bpw is not None) and ftype is not None:
+        raise click.UsageError("give --type or --target-size/--bpw, not both (a --map or --preset fixes tensors)")
     if ftype is None and preset is None:
         ftype = "F16"
     if validate and val_text is None:
@@ -137,7 +144,7 @@ def command(model_dir, out, ftype, preset, map_file, method, calib_tokens, calib
                   calib_tokens=calib_tokens, calib_cache=sizes["calib_cache"], gpu_layers=gpu_layers,
                   save_imatrix=save_imatrix, log=None if quiet else (lambda line: click.echo(line, err=True)),
                   split_max_size=sizes["split_max_size"], split_max_tensors=split_max_tensors or 0,
-                  allow_nonfinite=allow_nonfinite, protect=protect,
+                  allow_nonfinite=allow_nonfinite, protect=protect, target_size=target_size, target_bpw=target_bpw,
                   before_commit=before_commit if (ollama or validate) else None)
     notes = list(res.notes) + extra_notes
     if not quiet:

@@ -1,0 +1,147 @@
+"""--target-size / --bpw: the budget, the exact allocation, map rules as fixed points, the recipe key,
+and a file llama.cpp runs."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from ggufq.alloc import KEY_RECIPE, KEY_TARGET, size as S, solve as SV
+from tests.conftest import run_cli
+
+
+def test_size_strings():
+    assert S.parse("4.2G") == 4_200_000_000
+    assert S.parse("4200M") == 4_200_000_000
+    assert S.parse("3.9GiB") == int(3.9 * (1 << 30))
+    assert S.parse("512k") == 512_000
+    assert S.parse("123456") == 123456
+    assert S.parse("7 MB") == 7_000_000
+    for bad in ("4.x", "", "G", "-3M", "1e3", "nan", "4.2Q"):
+        assert S.parse(bad) is None, bad
+
+
+def _brute(costs, losses, budget):
+    best = None
+    for ch in itertools.product(*[range(len(c)) for c in costs]):
+        c = sum(cs[j] for cs, j in zip(costs, ch))
+        if c <= budget:
+            l = sum(ls[j] for ls, j in zip(losses, ch))
+            if best is None or l < best - 1e-12:
+                best = l
+    return best
+
+
+def test_solver_fits_and_is_near_exact():
+    """Random multiple-choice knapsacks against brute force: the answer always fits, and loses at most
+    what one DP cell of rounding can cost; the dual bound is a true lower bound."""
+    rng = np.random.default_rng(0)
+    worse = 0
+    for trial in range(40):
+        n = rng.integers(3, 6)
+        costs, losses = [], []
+        for _ in range(n):
+            c = np.sort(rng.integers(10, 400, 4))
+            costs.append(c)
+            losses.append(np.sort(rng.random(4) * 10)[::-1])
+        lo, hi = sum(int(c.min()) for c in costs), sum(int(c.max()) for c in costs)
+        budget = int(rng.integers(lo, hi + 1))
+        sol = SV.solve(costs, losses, budget)
+        assert sol.cost <= budget
+        opt = _brute(costs, losses, budget)
+        assert sol.bound <= opt + 1e-9
+        worse += sol.loss > opt + 1e-9
+    assert worse <= 2          # DP cells are ~budget/4000 bytes: rounding rarely matters here
+
+
+def test_solver_refuses_impossible_budget():
+    with pytest.raises(ValueError):
+        SV.solve([np.array([10, 20])], [np.array([1.0, 0.0])], 9)
+
+
+@pytest.mark.parametrize("args", [["--target-size", "1K"], ["--target-size", "4.x"], ["--bpw", "40"],
+                                  ["--target-size", "1T"]])
+def test_bad_budgets_are_one_line(tmp_path, tiny, args):
+    out = tmp_path / "x.gguf"
+    r = run_cli("convert", tiny, "-o", out, *args)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "feasible" in lines[0] and "F32" in lines[0], r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_target_size_with_map_writes_a_file_llama_runs(tmp_path, tiny):
+    """Data-free budget allocation (--calib-tokens 0: plain squared error, no probe): within 1% under
+    the target, the map's tensors as the map says, the recipe in quantize.ggufq.*, loads and generates."""
+    import llama_cpp
+    m = tmp_path / "map.toml"
+    m.write_text('[[rule]]\npattern = "blk.0.attn_v.weight"\ntype = "Q8_0"\n'
+                 '[[rule]]\npattern = "output.weight"\ntype = "Q6_K"\n')
+    out = tmp_path / "t.gguf"
+    target = 5_500_000
+    r = run_cli("convert", tiny, "-o", out, "--target-size", str(target), "--map", m, "--calib-tokens", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    n = out.stat().st_size
+    assert 0.99 * target <= n <= target, n
+    rd = gguf.GGUFReader(out)
+    types = {t.name: T(int(t.tensor_type)) for t in rd.tensors}
+    assert types["blk.0.attn_v.weight"] == T.Q8_0 and types["output.weight"] == T.Q6_K
+    assert len({types[k] for k in types if k.endswith(("attn_q.weight", "ffn_up.weight", "ffn_down.weight"))}) > 1
+    f = rd.fields[KEY_RECIPE]
+    recipe = json.loads(bytes(f.parts[f.data[0]]).decode())
+    assert recipe["target_bytes"] == target and recipe["method"] == "kquant"
+    f = rd.fields[KEY_TARGET]
+    assert int(f.parts[f.data[0]][0]) == target
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
+    assert llm("The word apple means", max_tokens=8, temperature=0)["choices"][0]["text"].strip()
+
+
+def test_bpw_budget(tmp_path, tiny):
+    out = tmp_path / "b.gguf"
+    r = run_cli("convert", tiny, "-o", out, "--bpw", "4.5", "--calib-tokens", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    rd = gguf.GGUFReader(out)
+    nel = sum(int(np.prod(t.shape)) for t in rd.tensors)
+    data = sum(int(t.n_bytes) for t in rd.tensors)
+    assert 4.5 * 0.99 <= data * 8 / nel <= 4.5 * 1.001
+
+
+def test_plan_prints_the_allocation_and_the_nearest_preset(tiny):
+    """ggufq plan --target-size: the per-tensor table, the totals, the predicted loss and the nearest
+    llama-quantize mixture with the roles where the allocation differs from it; nothing written."""
+    r = run_cli("plan", tiny, "--target-size", "6.9M", "--calib-tokens", "0")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "target-size -> " in out and "predicted KLD" in out and "gap" in out
+    assert "nearest llama-quantize mixture: Q4_K_M" in out
+    r = run_cli("plan", tiny, "--target-size", "6.9M", "--type", "Q4_K_M")
+    assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_probe_shared_process_sees_the_patched_weights(tmp_path, tiny):
+    """The probe patches dequantized weights into one F16 file that a single llama.cpp process keeps
+    mapped: its KLD per group equals a fresh process's per group (and is not zero)."""
+    import functools
+
+    from ggufq import vocab as vocabs
+    from ggufq.alloc import loss as L, probe as P
+    from ggufq.convert import metadata_for, prepare, write_header
+    p = prepare(tiny)
+    vocab = vocabs.load(p.model.path, p.model.config)
+    add = functools.partial(write_header, p, metadata_for(p), vocab)
+    groups = {}
+    for t in p.tensors:
+        if L.group_of(t.name) in ("blk.0.ffn", "blk.5.attn"):
+            groups.setdefault(L.group_of(t.name), []).append(t)
+    tokens = np.concatenate([np.ones((1, 1), np.int64), np.random.default_rng(0).integers(3, 8000, (1, 127))], 1)
+    got = [P.probe(p, groups, lambda n: None, lambda n: None, tokens, add, tmp_path, fresh=fresh).kld
+           for fresh in (False, True)]
+    assert set(got[0]) == set(groups)
+    for g in groups:
+        assert got[0][g] > 1e-4
+        assert got[0][g] == pytest.approx(got[1][g], rel=1e-4), (g, got)
+    assert list(tmp_path.iterdir()) == []

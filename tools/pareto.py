@@ -1,0 +1,216 @@
+"""KLD against file size: llama-quantize's presets, ggufq's presets and ggufq --target-size at the
+same sizes (kquant and calibrated), one PNG per model and a printed table.
+
+For each llama-quantize mixture in --presets (made from ggufq's F16 by llama-quantize), the target
+is that file's size in bytes; ggufq allocates one table of measured errors and group sensitivities
+per method (one self-calibration, one probe: :func:`ggufq.convert.allocation`), solves it for every
+size (:func:`ggufq.alloc.resolve`) and writes each file through convert's explicit-types seam with the
+recipe keys. Every file's mean KLD against the F16 logits comes from llama-perplexity (llama.cpp's
+own tool, same chunks). Also printed: the rank correlation of the predicted KLD (the recipe's) with
+the measured one over the allocations, with and without the probe's group scales.
+
+Example (tinyllama, 60 chunks of 512 of its held-out text)::
+
+    python -m tools.pareto --model MODEL_DIR --text heldout.txt --chunks 60 --work SCRATCH \\
+        --presets Q2_K Q3_K_M Q4_K_M Q5_K_M IQ4_XS --png docs/img/pareto-tinyllama.png
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+from pathlib import Path
+
+import numpy as np
+
+
+def _cpu() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _spearman(x, y) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def main() -> None:
+    from tools.hqq_table import kld, llama_bin, run
+
+    from ggufq import alloc
+    from ggufq.convert import Options, allocation, convert
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--text", required=True, help="evaluation text for llama-perplexity")
+    ap.add_argument("--chunks", type=int, default=60)
+    ap.add_argument("--work", required=True, help="scratch folder")
+    ap.add_argument("--presets", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS"])
+    ap.add_argument("--methods", nargs="+", default=["kquant", "calibrated"])
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-bin", default=None)
+    ap.add_argument("--png", default=None, help="plot file (needs matplotlib)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    ap.add_argument("--label", default=None, help="model name in the plot title")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also allocate without the probe's group scales (scale 1 everywhere), first method only")
+    a = ap.parse_args()
+    binp = llama_bin(a.llama_bin)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "f16.gguf"
+    if not f16.exists():
+        convert(a.model, f16, "F16", progress=False, jobs=a.jobs)
+    base = work / "f16.kld"
+    if not base.exists():
+        run([binp / "llama-perplexity", "-m", f16, "-f", a.text, "--kl-divergence-base", base, "--chunks", a.chunks,
+             "-t", a.threads])
+    rows = []
+
+    def measure(kind, method, path, cpu, preset=None, pred=None, pred_raw=None):
+        k = kld(binp, path, base, a.chunks, a.threads)
+        rows.append({"kind": kind, "method": method, "preset": preset, "bytes": path.stat().st_size, "kld": k,
+                     "pred": pred, "pred_raw": pred_raw, "cpu_s": cpu})
+        print(f"{kind:<16} {method:<11} {preset or '':<8} {path.stat().st_size:>10} B  KLD {k:.5f}"
+              + (f"  predicted {pred:.5f}" if pred is not None else ""), flush=True)
+
+    sizes = {}
+    for pr in a.presets:
+        out = work / f"lq-{pr}.gguf"
+        if not out.exists():
+            run([binp / "llama-quantize", f16, out, pr, str(a.threads)])
+        sizes[pr] = out.stat().st_size
+    # one self-calibration (seeded) serves every allocation and every calibrated file
+    from ggufq import calib
+    c0 = _cpu()
+    cal = calib.calibrate_folder(a.model, work, a.calib_tokens, jobs=a.jobs, progress=False)
+    cpu = {"calibration": _cpu() - c0}
+    tables = {}
+    for m in a.methods:
+        c0 = _cpu()
+        opts = Options(method=m, jobs=a.jobs, calibration=cal, progress=False, target_size=min(sizes.values()))
+        tables[m] = allocation(a.model, opts, work)
+        cpu[f"allocation {m}"] = _cpu() - c0
+        chk = sorted(v for _, v in tables[m].sample_check())
+        if chk:
+            print(f"{m}: row-sample estimate / whole tensor at Q2_K over {len(chk)} sampled tensors: median "
+                  f"{chk[len(chk) // 2]:.3f}, range {chk[0]:.3f} .. {chk[-1]:.3f}")
+        print(f"{m}: table {tables[m].seconds.get('table', 0):.1f} s, probe {tables[m].seconds.get('probe', 0):.1f} s "
+              f"wall; allocation CPU {cpu[f'allocation {m}']:.1f} s", flush=True)
+
+    def write(m, out, **kw):
+        c1 = _cpu()
+        convert(a.model, out, options=Options(method=m, jobs=a.jobs, progress=False, force=True,
+                                              calibration=cal if m != "kquant" else None, **kw))
+        return _cpu() - c1
+
+    def predicted(m, path):
+        import gguf
+        from gguf import GGMLQuantizationType as T
+        types = {t.name: T(int(t.tensor_type)) for t in gguf.GGUFReader(path).tensors}
+        tb = tables[m]
+        raw = sum(float(r.error[r.types.index(types[r.name])]) for r in tb.rows if types[r.name] in r.types)
+        return tb.predict(types), raw
+
+    for pr in a.presets:          # size by size, so a partial run has whole comparisons
+        measure("llama-quantize", "-", work / f"lq-{pr}.gguf", 0.0, pr, *predicted(a.methods[0], work / f"lq-{pr}.gguf"))
+        for m in a.methods:
+            table = tables[m]
+            al = alloc.resolve(table, sizes[pr])
+            types = {e.name: e.qtype for e in al.plan.entries}
+            unscaled = sum(float(r.error[r.types.index(types[r.name])]) for r in al.rows)
+            out = work / f"gt-{m}-{pr}.gguf"
+            measure("ggufq target", m, out, write(m, out, types=types, ftype=pr, quantize_keys=al.metadata()), pr,
+                    al.predicted_kld, unscaled)
+            out = work / f"gq-{m}-{pr}.gguf"
+            measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
+            if m == a.methods[0] and a.ablation:     # the same table without the probe's group scales
+                flat = alloc.resolve(dataclasses.replace(table, scales={g: 1.0 for g in table.scales}), sizes[pr])
+                ft = {e.name: e.qtype for e in flat.plan.entries}
+                out = work / f"gt-noprobe-{m}-{pr}.gguf"
+                measure("target no probe", m, out, write(m, out, types=ft, ftype=pr, quantize_keys=flat.metadata()),
+                        pr, table.predict(ft), flat.solution.loss)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+    cal.close()
+    print()
+    print_table(rows, a.presets, a.methods)
+    enc = {r["method"]: r["cpu_s"] for r in rows if r["kind"] == "ggufq preset" and r["preset"] == "Q4_K_M"}
+    for m in a.methods:
+        base = enc.get(m, 0.0) + (cpu["calibration"] if m != "kquant" else 0.0)
+        print(f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
+              f"{cpu[f'allocation {m}']:.1f} CPU s, Q4_K_M conversion {base:.1f} CPU s"
+              + (" incl. calibration" if m != "kquant" else "")
+              + f": the allocation adds {cpu[f'allocation {m}'] / max(base, 1e-9):.0%} beyond the calibration")
+    for m in a.methods:
+        sel = [r for r in rows if r["pred"] is not None and (r["method"] == m or (r["method"] == "-" and m == a.methods[0]))]
+        print(f"rank correlation predicted vs measured KLD ({m}, {len(sel)} files: presets and targets): "
+              f"scaled {_spearman([r['pred'] for r in sel], [r['kld'] for r in sel]):.3f}, "
+              f"unscaled tr(EHE^T) {_spearman([r['pred_raw'] for r in sel], [r['kld'] for r in sel]):.3f}")
+        for pr in a.presets:      # at one size: does the prediction order the files as measured?
+            same = [r for r in sel if r["preset"] == pr]
+            if len(same) >= 2:
+                print(f"  at {pr}'s size: " + ", ".join(f"{r['kind']} pred {r['pred']:.4f} meas {r['kld']:.4f}"
+                                                        for r in same))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.png:
+        plot(rows, a.png, a.label or Path(a.model).name)
+
+
+def print_table(rows, presets, methods) -> None:
+    def get(kind, method, pr):
+        return next((r for r in rows if r["kind"] == kind and r["method"] == method and r["preset"] == pr), None)
+    head = ["size of", "bytes", "llama-quantize"]
+    for m in methods:
+        head += [f"ggufq {m}", f"target {m}", "bytes/target", "ratio"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for pr in presets:
+        lq = get("llama-quantize", "-", pr)
+        cells = [pr, str(lq["bytes"]), f"{lq['kld']:.5f}"]
+        for m in methods:
+            g, t = get("ggufq preset", m, pr), get("ggufq target", m, pr)
+            cells += [f"{g['kld']:.5f}" if g else "-", f"{t['kld']:.5f}" if t else "-",
+                      f"{t['bytes'] / lq['bytes']:.4f}" if t else "-",
+                      f"{t['kld'] / lq['kld']:.3f}x" if t else "-"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def plot(rows, png, label) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for r in rows:
+        key = r["kind"] if r["kind"] == "llama-quantize" else f"{r['kind']} ({r['method']})"
+        series.setdefault(key, []).append(r)
+    for key, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["bytes"])
+        ax.plot([r["bytes"] / 1e6 for r in rs], [r["kld"] for r in rs], "o-", label=key)
+        if key == "llama-quantize":
+            for r in rs:
+                ax.annotate(r["preset"], (r["bytes"] / 1e6, r["kld"]), fontsize=7)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KLD vs F16")
+    ax.set_yscale("log")
+    ax.set_title(f"{label}: KLD vs size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
