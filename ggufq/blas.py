@@ -9,6 +9,7 @@ where the libraries cannot be listed, it does nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -25,23 +26,50 @@ def _loaded_openblas() -> list[str]:
     return sorted(p for p in libs if os.path.isabs(p))
 
 
-def set_threads(n: int) -> bool:
-    """Set NumPy's OpenBLAS to ``n`` threads; False when no OpenBLAS was found."""
+def _fns(kind: str) -> list:
     import numpy  # noqa: F401  (loads the BLAS)
-    done = False
+    out = []
     for path in _loaded_openblas():
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
         for name in _NAMES:
-            fn = getattr(lib, name, None)
+            fn = getattr(lib, name.replace("set_", kind + "_"), None)
             if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(int(n))
-                done = True
+                out.append(fn)
                 break
-    return done
+    return out
+
+
+def set_threads(n: int) -> bool:
+    """Set NumPy's OpenBLAS to ``n`` threads; False when no OpenBLAS was found."""
+    fns = _fns("set")
+    for fn in fns:
+        fn.argtypes = [ctypes.c_int]
+        fn(int(n))
+    return bool(fns)
+
+
+def get_threads() -> int:
+    """NumPy's OpenBLAS thread count (0 when no OpenBLAS was found)."""
+    for fn in _fns("get"):
+        fn.restype = ctypes.c_int
+        return int(fn())
+    return 0
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """NumPy's OpenBLAS on ``n`` threads inside the block, the previous count after it."""
+    before = get_threads()
+    if before and before != n:
+        set_threads(n)
+    try:
+        yield
+    finally:
+        if before and before != n:
+            set_threads(before)
 
 
 def one_thread() -> None:
