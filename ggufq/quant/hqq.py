@@ -203,13 +203,9 @@ def hqq_fields(qtype: T, x: np.ndarray, w: Optional[np.ndarray], prm: HqqParams 
 
 # --- encoders (module-level, picklable: write_gguf(encoder=...)) ----------------
 
-def _hessian_aware(enc=None, *, sweep_start: Optional[dict] = None):
+def _hessian_aware(enc):
     """Let ``enc`` take a :class:`gptq.Hessian` as its ``imatrix``: error-feedback rounding
-    (:func:`gptq.encode`) whose block scales ``enc`` picks, weighted by the Hessian's diagonal.
-    ``sweep_start``: {qtype: start encoder} used instead of ``enc`` inside the sweep for those types."""
-    if enc is None:
-        return functools.partial(_hessian_aware, sweep_start=sweep_start)
-
+    (:func:`gptq.encode`) whose block scales ``enc`` picks, weighted by the Hessian's diagonal."""
     @functools.wraps(enc)
     def wrapped(qtype: T, rows: np.ndarray, imatrix=None) -> np.ndarray:
         if isinstance(imatrix, _gptq.Hessian):
@@ -218,7 +214,7 @@ def _hessian_aware(enc=None, *, sweep_start: Optional[dict] = None):
                 return iq3_gptq.encode(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
-            return _gptq.encode(qtype, rows, imatrix, start=(sweep_start or {}).get(qtype, enc))
+            return _gptq.encode(qtype, rows, imatrix, start=enc)
         return enc(qtype, rows, imatrix)
     return wrapped
 
@@ -312,15 +308,7 @@ def encode_hqq_fast(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = 
     return layout.pack(f).reshape(rows.shape[0], -1)
 
 
-# Inside the error-feedback sweep the symmetric legacy types take the k-quant search's own scales
-# as the start: on SmolLM2's calibrated moments (Q5_0 layers 0/15/29, Q4_0 layer 15) the output error
-# e^T H e was 0.991 / 0.983 of the refined two-start search's at 1/4 of its time. The affine legacy
-# types (Q4_1, Q5_1: 1.011x), Q8_0 (1.1-1.4x) and the K-quants (tinyllama Q4_K_M: 1.011x) keep the
-# refined start.
-SWEEP_KQUANT = {T.Q4_0: _start, T.Q5_0: _start}
-
-
-@_hessian_aware(sweep_start=SWEEP_KQUANT)
+@_hessian_aware
 def encode_hqq(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """``--method hqq``, the calibration-free default: K-quants as ``encode_hqq_fast``
     (a KLD tie with ``hqq-max`` on tinyllama's Q4_K_M/Q3_K_M/Q2_K mixtures at ~1/5 of
