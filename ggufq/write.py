@@ -37,7 +37,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from . import GgufqError, quant
+from . import GgufqError, blas, quant
 from .arch import OutTensor
 from .procs import WorkerPool, check as check_signals, deferred, finished, pending
 from .progress import Progress
@@ -186,8 +186,8 @@ def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[WorkerPool], bool]
         return None, False
     if "fork" in mp.get_all_start_methods():
         _FORKED_JOBS = jobs
-        return WorkerPool(n_jobs, mp_context=mp.get_context("fork")), True
-    return WorkerPool(n_jobs, mp_context=mp.get_context("spawn")), False
+        return WorkerPool(n_jobs, mp_context=mp.get_context("fork"), initializer=blas.one_thread), True
+    return WorkerPool(n_jobs, mp_context=mp.get_context("spawn"), initializer=blas.one_thread), False
 
 
 def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],

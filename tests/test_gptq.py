@@ -84,3 +84,16 @@ def test_shape_mismatch_is_an_error(gate):
     rows, m = gate
     with pytest.raises(ValueError):
         gptq.encode(T.Q4_K, rows[:, :128], gptq.Hessian.from_moment(m), start=quant.encode)
+
+
+def test_blas_threads_set_and_restored():
+    """Encoder workers and small factorizations run NumPy's OpenBLAS on one thread."""
+    from ggufq import blas
+    before = blas.get_threads()
+    if not before:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS that can be found")
+    with blas.threads(1):
+        assert blas.get_threads() == 1
+        h = gptq.Hessian.from_moment(np.eye(64) + 0.1)
+        assert np.allclose(h.u.T @ h.u, np.linalg.inv(np.eye(64) + 0.1 + gptq.DAMP * 1.1 * np.eye(64)))
+    assert blas.get_threads() == before

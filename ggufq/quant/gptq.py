@@ -48,11 +48,13 @@ class Hessian:
         h[dead, dead] = 1.0
         lam = (DAMP if damp is None else damp) * float(d[~dead].mean()) if (~dead).any() else 1.0
         h[np.diag_indices_from(h)] += lam
-        # (H)^-1 = L^-T L^-1 with H = L L^T; its upper factor is chol((H)^-1)^T
-        lo = np.linalg.cholesky(h)
-        li = np.linalg.solve(lo, np.eye(h.shape[0]))       # L^-1 (lower)
-        u = np.linalg.cholesky(li.T @ li).T
-        return cls(np.maximum(d, 0).astype(np.float32), u)
+        # U = P L'^-1 P with P H P = L' L'^T (P reverses the order): U is upper triangular with a
+        # positive diagonal and U^T U = P (P H P)^-1 P = H^-1, so it is the upper Cholesky factor of
+        # H^-1 -- one Cholesky and one triangular inverse, no explicit H^-1 and no second Cholesky
+        lo = np.linalg.cholesky(h[::-1, ::-1])
+        u = np.linalg.inv(lo)[::-1, ::-1]
+        u = np.triu(u)
+        return cls(np.maximum(d, 0).astype(np.float32), np.ascontiguousarray(u))
 
     @property
     def n(self) -> int:
@@ -68,35 +70,51 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
 
     ``start(qtype, cols, importance)`` picks the block scales of one block-column;
     ``importance`` (default ``h.diag``) is what it weights by.
+
+    The sweep works on ``W^T`` (one contiguous row per column) and pushes errors in three
+    tiers: column by column only inside a sub-block (its scale is fixed, 16 or 32 columns),
+    a finished sub-block's errors onto the rest of its block-column in one product, and a
+    finished block-column's onto every later column in one product. The arithmetic is
+    GPTQ's; only the order of the updates differs.
     """
     tr = TRAITS[qtype]
     qk, sub, zq = tr.qk, tr.sub_len, tr.zq
     lo, hi = (-128, 127) if qtype == T.Q8_0 else (0, tr.qmax)
-    W = np.array(rows, np.float64)
-    n, k = W.shape
+    n, k = rows.shape
     if k != h.n or k % qk:
         raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {qk}")
+    Wt = np.array(np.asarray(rows).T, np.float64, order="C")          # [k, n]
     imp = h.diag if importance is None else np.asarray(importance, np.float32)
     U = h.u
     out = np.empty((n, k // qk, layout._ts(qtype)), np.uint8)
+    Et = np.empty((qk, n))             # the block-column's errors, already divided by U[j, j]
+    Qt = np.empty((qk, n))             # its codes minus zq
     for b, c0 in enumerate(range(0, k, qk)):
         c1 = c0 + qk
-        f = layout.unpack(qtype, start(qtype, W[:, c0:c1].astype(np.float32), imp[c0:c1]))
+        f = layout.unpack(qtype, start(qtype, np.ascontiguousarray(Wt[c0:c1].T, np.float32), imp[c0:c1]))
         A, B = layout.affine(f)
-        A = A.astype(np.float64)
-        B = B.astype(np.float64)
-        inv = np.where(A != 0, 1.0 / np.where(A != 0, A, 1.0), 0.0)
-        E = np.empty((n, qk))
-        for c in range(qk):
-            s, j = c // sub, c0 + c
-            w = W[:, j]
-            q = np.clip(np.rint((w - B[:, s]) * inv[:, s]) + zq, lo, hi)
-            e = (w - (A[:, s] * (q - zq) + B[:, s])) / U[j, j]
-            if c + 1 < qk:
-                W[:, j + 1:c1] -= np.outer(e, U[j, j + 1:c1])
-            E[:, c] = e
-            f.q[:, c] = q.astype(np.int32)
+        At = np.ascontiguousarray(A.T, np.float64)                     # [n_sub, n]
+        Bt = np.ascontiguousarray(B.T, np.float64)
+        inv = np.where(At != 0, 1.0 / np.where(At != 0, At, 1.0), 0.0)
+        for s in range(tr.n_sub):
+            s0, s1 = c0 + s * sub, c0 + (s + 1) * sub
+            a, bb, ia = At[s], Bt[s], inv[s]
+            for j in range(s0, s1):
+                w, q, e = Wt[j], Qt[j - c0], Et[j - c0]
+                np.subtract(w, bb, out=q)                  # q = clip(rint((w - B) / A), lo, hi) - zq
+                q *= ia
+                np.rint(q, out=q)
+                np.clip(q, lo - zq, hi - zq, out=q)
+                np.multiply(a, q, out=e)                   # e = (w - (A q + B)) / U[j, j]
+                e += bb
+                np.subtract(w, e, out=e)
+                e /= U[j, j]
+                if j + 1 < s1:
+                    Wt[j + 1:s1] -= U[j, j + 1:s1, None] * e
+            if s1 < c1:
+                Wt[s1:c1] -= U[s0:s1, s1:c1].T @ Et[s0 - c0:s1 - c0]
         if c1 < k:
-            W[:, c1:] -= E @ U[c0:c1, c1:]
+            Wt[c1:] -= U[c0:c1, c1:].T @ Et
+        f.q = (Qt.T + zq).astype(np.int32)
         out[:, b] = layout.pack(f)
     return out.reshape(n, -1)
