@@ -131,7 +131,10 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     meth = methods.get(method)
     encoder = meth.encoder or quant.encode
     p = prepare(model_dir)
-    plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None, **(plan_kw or {})})
+    # a self-calibrated method has the moments' diagonal as its imatrix: planned as llama-quantize plans with one
+    # (the same types and size as llama-quantize --imatrix, and the comparison the quality tables make)
+    plan = make_plan(p, ftype, **{"has_imatrix": imatrix is not None or (meth.moments and calib_tokens > 0),
+                                  **(plan_kw or {})})
     plan.check_encoders()
     # a mixture that needs an importance matrix and got none: the model calibrates itself through
     # llama.cpp and the diagonal of its input moments is the imatrix (planned as with one)
