@@ -1,4 +1,4 @@
-"""Error feedback (GPTQ) into the IQ2 grids and the IQ4 tables: ggufq.quant.iq2_gptq / iq4_gptq.
+"""Error feedback (GPTQ) into the IQ2/IQ1 grids and the IQ4 tables: ggufq.quant.iq2_gptq / iq1_gptq / iq4_gptq.
 
 Moments come from llama.cpp (ggufq.calib with given tokens) over two disjoint pieces of the tiny
 model's held-out text; the bytes are decoded with gguf-py's dequantizer (what llama.cpp computes
@@ -13,11 +13,12 @@ from gguf import quants as gq
 from gguf.quants import dequantize
 
 from conftest import HELDOUT, TINY
-from ggufq.quant import encode, gptq, iq2_gptq, iq4_gptq
+from ggufq.quant import encode, gptq, iq1_gptq, iq2_gptq, iq4_gptq
 
 GRID = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]
+TERNARY = [T.IQ1_S, T.IQ1_M]
 TABLE = [T.IQ4_NL, T.IQ4_XS]
-MODULE = {**{t: iq2_gptq for t in GRID}, **{t: iq4_gptq for t in TABLE}}
+MODULE = {**{t: iq2_gptq for t in GRID}, **{t: iq1_gptq for t in TERNARY}, **{t: iq4_gptq for t in TABLE}}
 ROWS = 96
 
 
@@ -50,7 +51,7 @@ def _out_err(qtype, rows, blocks, m):
     return float(np.einsum("ij,jk,ik->", e, m, e))
 
 
-@pytest.mark.parametrize("qtype", GRID + TABLE, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", GRID + TERNARY + TABLE, ids=lambda t: t.name)
 def test_error_feedback_lowers_the_output_error(qtype, moments):
     """Under the ggml encoder's own block scales, the product error drops below the plain encoding
     weighted by diag(H): on the text the moments came from, and on another text."""
@@ -61,7 +62,7 @@ def test_error_feedback_lowers_the_output_error(qtype, moments):
     assert got.shape == base.shape and got.dtype == np.uint8
     # the scale bytes are the start encoder's (one super-block: no error has reached it before)
     head = {T.IQ2_XXS: [0, 1], T.IQ2_XS: [0, 1, *range(66, 74)], T.IQ2_S: [0, 1, *range(74, 82)],
-            T.IQ4_NL: [0, 1], T.IQ4_XS: list(range(8))}[qtype]
+            T.IQ1_S: [0, 1], T.IQ1_M: list(range(48, 56)), T.IQ4_NL: [0, 1], T.IQ4_XS: list(range(8))}[qtype]
     assert (got[:, head] == base[:, head]).all()
     assert _out_err(qtype, rows, got, m) / _out_err(qtype, rows, base, m) < 0.85
     assert _out_err(qtype, rows, got, m_other) / _out_err(qtype, rows, base, m_other) < 0.95
@@ -91,6 +92,29 @@ def test_grid_feedback_without_correlations_is_the_exact_grid_search(qtype, mome
             if qtype != T.IQ2_S:
                 assert (s < 0).sum() % 2 == 0, (r, unit)
             cand = db[r, unit // per] * s * grid                      # every grid point, same signs
+            e_all = ((rows[r, c] - cand) ** 2 * hd[c]).sum(axis=1)
+            e_got = ((rows[r, c] - deq[r, c]) ** 2 * hd[c]).sum()
+            assert e_got <= e_all.min() * (1 + 1e-5) + 1e-12, (r, unit)
+
+
+@pytest.mark.parametrize("qtype", TERNARY, ids=lambda t: t.name)
+def test_ternary_feedback_without_correlations_is_the_exact_grid_search(qtype, moments):
+    """IQ1: with a diagonal H every 8 weights are the grid point (under the decoded block scale and
+    delta the start encoder chose) with the least h-weighted squared error."""
+    rows, m, _ = moments
+    rows = rows[:24]
+    hd = np.diag(m).copy()
+    h = gptq.Hessian.from_moment(np.diag(hd), damp=0.0)
+    got = iq1_gptq.encode(qtype, rows, h, start=encode)
+    deq = dequantize(got, qtype).reshape(rows.shape)
+    cls = gq.IQ1_S if qtype == T.IQ1_S else gq.IQ1_M
+    cls.init_grid()
+    grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)
+    dl, delta = iq1_gptq._unit_scales(qtype, got.reshape(len(rows), -1))
+    for r in range(len(rows)):
+        for unit in range(0, rows.shape[1] // 8, 3):
+            c = slice(8 * unit, 8 * unit + 8)
+            cand = dl[r, unit] * (grid + delta[r, unit])
             e_all = ((rows[r, c] - cand) ** 2 * hd[c]).sum(axis=1)
             e_got = ((rows[r, c] - deq[r, c]) ** 2 * hd[c]).sum()
             assert e_got <= e_all.min() * (1 + 1e-5) + 1e-12, (r, unit)
