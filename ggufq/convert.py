@@ -221,7 +221,10 @@ class Planned:
 
 def plan_stage(p: Prepared, opts: Options, meth) -> Planned:
     """The plan of every tensor, checked against the encoders and the importance sources."""
-    kw = {"has_imatrix": opts.imatrix is not None, **(opts.plan_kw or {})}
+    # a self-calibrated method has the moments' diagonal as its imatrix: planned as llama-quantize plans with one
+    # (the same types and size as llama-quantize --imatrix, and the comparison the quality tables make)
+    kw = {"has_imatrix": opts.imatrix is not None or bool(meth.moments and opts.calib_tokens > 0),
+          **(opts.plan_kw or {})}
     plan = make_plan(p, opts.ftype, **kw)
     if opts.types is not None:
         plan = with_types(plan, opts.types)

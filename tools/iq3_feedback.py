@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Does error feedback into the IQ3 codebooks (ggufq.quant.iq3_gptq) lower the output error?
+"""Does error feedback into the i-quant blocks (ggufq.quant.iq1_gptq, iq2_gptq, iq3_gptq, iq4_gptq) lower the output error?
 
 For every matrix of MODEL_DIR with a full input moment (collected by llama.cpp through
 ggufq.calib.calibrate_folder over a piece of TEXT), encodes with the ggml-identical encoder weighted by diag(H) ("plain") and with
-quad-wise GPTQ under the same encoder's scales ("feedback"), and prints the product error
+GPTQ (8 weights at a time for IQ2/IQ1, quads for IQ3, columns for IQ4) under the same encoder's scales ("feedback"), and prints the product error
 tr(E H E^T) of both: on the text the moments came from and on the next, disjoint piece of
 the same text (held out). Prints a markdown table.
 
@@ -24,7 +24,10 @@ from gguf.quants import dequantize  # noqa: E402
 
 from ggufq import calib, quant  # noqa: E402
 from ggufq.convert import prepare  # noqa: E402
-from ggufq.quant import gptq, iq3_gptq  # noqa: E402
+from ggufq.quant import gptq, iq1_gptq, iq2_gptq, iq3_gptq, iq4_gptq  # noqa: E402
+
+FEEDBACK = {T.IQ3_XXS: iq3_gptq, T.IQ3_S: iq3_gptq, T.IQ4_XS: iq4_gptq, T.IQ4_NL: iq4_gptq,
+            T.IQ2_XXS: iq2_gptq, T.IQ2_XS: iq2_gptq, T.IQ2_S: iq2_gptq, T.IQ1_S: iq1_gptq, T.IQ1_M: iq1_gptq}
 
 
 def _err(qt, rows, blocks, m) -> float:
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
             for qt in types:
                 t0 = time.perf_counter()
                 plain = quant.encode(qt, rows, h.diag)
-                fb = iq3_gptq.encode(qt, rows, h, start=quant.encode)
+                fb = FEEDBACK[qt].encode(qt, rows, h, start=quant.encode)
                 dt = time.perf_counter() - t0
                 e = {"plain": _err(qt, rows, plain, m_in), "fb": _err(qt, rows, fb, m_in),
                      "plain_ho": _err(qt, rows, plain, m_ho), "fb_ho": _err(qt, rows, fb, m_ho)}

@@ -212,6 +212,15 @@ def _hessian_aware(enc):
             if qtype in (T.IQ3_XXS, T.IQ3_S):      # codebook error feedback, quad by quad
                 from . import iq3_gptq
                 return iq3_gptq.encode(qtype, rows, imatrix, start=enc)
+            if qtype in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S):    # the same, 8 weights per grid point
+                from . import iq2_gptq
+                return iq2_gptq.encode(qtype, rows, imatrix, start=enc)
+            if qtype in (T.IQ1_S, T.IQ1_M):                # the same over the 2048-point ternary grid
+                from . import iq1_gptq
+                return iq1_gptq.encode(qtype, rows, imatrix, start=enc)
+            if qtype in (T.IQ4_NL, T.IQ4_XS):      # one code per weight into the kvalues table
+                from . import iq4_gptq
+                return iq4_gptq.encode(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
             return _gptq.encode(qtype, rows, imatrix, start=enc)
