@@ -72,7 +72,7 @@ MIXED = ["Hello world! The quick brown fox.", "  leading spaces, trailing   ", "
          "emoji: 🙂 👍🏽", "code: def f(x):\n    return x ** 2  # sq"]
 
 
-@pytest.mark.parametrize("fam", ["qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("fam", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_tokenizer_parity(fam, synth, tmp_path):
     pytest.importorskip("llama_cpp")
     from llama_worker import llama_tokenize

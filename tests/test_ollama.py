@@ -33,6 +33,7 @@ MODELS = {
     "gemma-3-4b-it": ("<bos>", "<end_of_turn>", True, "gemma", None),
     "gemma-2-2b-it": ("<bos>", "<end_of_turn>", True, "gemma", None),
     "phi-3.5-mini-instruct": ("<s>", "<|endoftext|>", True, "phi3", None),
+    "phi-4-mini-instruct": ("<|endoftext|>", "<|endoftext|>", False, "phi3", None),
     "smollm3-3b": ("", "<|im_end|>", False, None, None),             # metadata header, /think switches
     "granite-3.3-2b-instruct": ("", "<|end_of_text|>", False, None, None),   # today's date in its system
 }
