@@ -49,7 +49,7 @@ def row(fam: str, work: Path, a) -> dict:
     if a.train_steps:
         from tools.train_tiny import train
         text = a.text.read_bytes()[a.skip_bytes:].decode("utf-8", "replace")
-        trained = train(d, text, a.train_steps, seq=256, batch=32, lr=a.lr, log=lambda m: print(m, file=sys.stderr))
+        trained = train(d, text, a.train_steps, seq=a.train_seq, batch=a.train_batch, lr=a.lr, log=lambda m: print(m, file=sys.stderr))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     ggufq = [sys.executable, "-m", "ggufq", "convert", d, "-q", "-f", "-j", str(a.threads)]
     lf16, gf16 = work / f"{fam}-llama-F16.gguf", work / f"{fam}-ggufq-F16.gguf"
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=0, help="train each checkpoint first (tools/train_tiny.py)")
     ap.add_argument("--skip-bytes", type=int, default=200000, help="head of --text left out of training")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--train-seq", type=int, default=256)
+    ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--ppl-only", action="store_true", help="only the PPL columns")
     ap.add_argument("--no-llama", action="store_true", help="leave out llama.cpp's converter and llama-perplexity")
     ap.add_argument("--json", type=Path, default=None, help="write every row here")
