@@ -17,7 +17,9 @@ Reference (read, not copied): Ollama v0.32.15 (commit b7871fc0d1d82fe109536efa3e
   ``.json`` stop lists as the family stops; the ``[INST]`` templates are ours, written in the
   same conventions (``range .Messages``, ``.Role``/``.Content``, ``$.System``, a ``$first``
   variable as ``template/llama2-chat.gotmpl`` uses) so that they reproduce the Hugging Face
-  Jinja output exactly;
+  Jinja output exactly; so are the Gemma, Phi-3 and Qwen3 templates, modelled on the Ollama
+  library's gemma3, phi3 and qwen3 templates (a last assistant message left open, Qwen3's
+  ``.Thinking``, ``$.IsThinkSet`` and ``$.Think``);
 * Ollama prepends the Modelfile ``SYSTEM`` as a system message when a chat has none
   (``server/routes.go``), which is how a template's default system prompt is reproduced;
 * since commit 9db4bdbad (2026-05-29, "Remove CGO engines, use llama-server exclusively")
