@@ -17,7 +17,9 @@ Reference (read, not copied): Ollama v0.32.15 (commit b7871fc0d1d82fe109536efa3e
   ``.json`` stop lists as the family stops; the ``[INST]`` templates are ours, written in the
   same conventions (``range .Messages``, ``.Role``/``.Content``, ``$.System``, a ``$first``
   variable as ``template/llama2-chat.gotmpl`` uses) so that they reproduce the Hugging Face
-  Jinja output exactly;
+  Jinja output exactly; so are the Gemma, Phi-3 and Qwen3 templates, modelled on the Ollama
+  library's gemma3, phi3 and qwen3 templates (a last assistant message left open, Qwen3's
+  ``.Thinking``, ``$.IsThinkSet`` and ``$.Think``);
 * Ollama prepends the Modelfile ``SYSTEM`` as a system message when a chat has none
   (``server/routes.go``), which is how a template's default system prompt is reproduced;
 * since commit 9db4bdbad (2026-05-29, "Remove CGO engines, use llama-server exclusively")
@@ -244,14 +246,74 @@ _MISTRAL_GO = """{{- $first := true }}
 {{- end }}"""
 
 
+# The templates below follow the Ollama library's own (gemma3, phi3, qwen3 on ollama.com): a
+# ``$last`` message that is the assistant's stays open (Ollama continues it: prefill), any other
+# last message is followed by the generation prompt. They are written to render exactly what the
+# model's Jinja template renders with add_generation_prompt=True.
+
+# Gemma 2/3: "model" for the assistant, the system prompt in front of the first user message.
+_GEMMA_GO = """{{- $first := true }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<start_of_turn>user
+{{ if and $first $.System }}{{ $.System }}
+
+{{ end }}{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}{{ $first = false }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}{{ $first = false }}
+{{- end }}
+{{- end }}"""
+
+# Phi-3 / Phi-3.5 (NL = newline) and Phi-4-mini (NL = ""): <|role|> ... <|end|>; an empty system
+# message is left out as Phi-3.5's template does, other roles are not rendered.
+_PHI3_GO = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if or (eq .Role "user") (eq .Role "assistant") (and (eq .Role "system") .Content) }}<|{{ .Role }}|>{NL}{{ .Content }}
+{{- if or (ne .Role "assistant") (not $last) }}<|end|>{NL}{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<|assistant|>{NL}{{ end }}
+{{- end }}"""
+
+# Qwen3: ChatML; reasoning of an assistant turn after the last user message is shown as
+# <think>...</think> (earlier turns lose it, as in Qwen3's Jinja); with think=false (Ollama's
+# IsThinkSet and not Think, the Jinja's enable_thinking=false) the generation prompt carries an
+# empty <think> block. Ollama infers the <think>/</think> tags from the .Thinking action.
+_QWEN3_GO = """{{- $lastUser := -1 }}
+{{- range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ $lastUser = $i }}{{ end }}{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "assistant" }}<|im_start|>assistant
+{{ if and .Thinking (or $last (gt $i $lastUser)) }}<think>
+{{ .Thinking }}
+</think>
+
+{{ end }}{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- else }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
+{{ if and $.IsThinkSet (not $.Think) }}<think>
+
+</think>
+
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+
 @dataclass
 class Family:
     name: str
-    go: str                                   # Go template; {BOS}/{EOS}/... filled in per model
+    go: str                                   # Go template; {BOS}/{EOS}/{NL}/... filled in per model
     stops: tuple[str, ...]                    # PARAMETER stop besides the EOS token texts
-    reference: Callable                       # (messages, system_default, bos, eos, **params) -> prompt
+    reference: Callable                       # (messages, system_default, bos, eos, think=None, **params) -> prompt
     system_pattern: Optional[str] = None      # regex whose group 1 is a default system prompt
     variants: tuple[dict, ...] = ({},)        # parameter sets to try
+    thinking: bool = False                    # the template shows reasoning (Ollama's .Thinking, think=false)
 
 
 def _sys_and_rest(messages):
@@ -260,7 +322,7 @@ def _sys_and_rest(messages):
     return None, messages
 
 
-def _ref_chatml(messages, default_system, bos, eos):
+def _ref_chatml(messages, default_system, bos, eos, think=None):
     out = []
     if default_system is not None and (not messages or messages[0]["role"] != "system"):
         out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
@@ -268,7 +330,7 @@ def _ref_chatml(messages, default_system, bos, eos):
     return "".join(out) + "<|im_start|>assistant\n"
 
 
-def _ref_llama3(messages, default_system, bos, eos):
+def _ref_llama3(messages, default_system, bos, eos, think=None):
     msgs = list(messages)
     if default_system is not None and (not msgs or msgs[0]["role"] != "system"):
         msgs.insert(0, {"role": "system", "content": default_system})
@@ -276,7 +338,7 @@ def _ref_llama3(messages, default_system, bos, eos):
                    for m in msgs) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def _ref_llama2(messages, default_system, bos, eos):
+def _ref_llama2(messages, default_system, bos, eos, think=None):
     system, rest = _sys_and_rest(messages)
     if system is None:
         system = default_system
@@ -291,7 +353,7 @@ def _ref_llama2(messages, default_system, bos, eos):
     return "".join(out)
 
 
-def _ref_mistral(messages, default_system, bos, eos, lead="", apre="", post=""):
+def _ref_mistral(messages, default_system, bos, eos, lead="", apre="", post="", think=None):
     system, rest = _sys_and_rest(messages)
     if system is None:
         system = default_system
@@ -306,9 +368,66 @@ def _ref_mistral(messages, default_system, bos, eos, lead="", apre="", post=""):
     return "".join(out)
 
 
+def _with_default_system(messages, default_system):
+    if default_system is not None and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": default_system}] + list(messages)
+    return list(messages)
+
+
+def _ref_gemma(messages, default_system, bos, eos, think=None):
+    system, rest = _sys_and_rest(messages)
+    if system is None:
+        system = default_system
+    out = []
+    for i, m in enumerate(rest):
+        role = "model" if m["role"] == "assistant" else m["role"]
+        prefix = f"{system}\n\n" if i == 0 and system else ""
+        out.append(f"<start_of_turn>{role}\n{prefix}{m['content']}<end_of_turn>\n")
+    return "".join(out) + "<start_of_turn>model\n"
+
+
+def _ref_phi3(messages, default_system, bos, eos, nl="\n", think=None):
+    out = [f"<|{m['role']}|>{nl}{m['content']}<|end|>{nl}" for m in _with_default_system(messages, default_system)
+           if m["role"] in ("user", "assistant") or (m["role"] == "system" and m["content"])]
+    return "".join(out) + f"<|assistant|>{nl}"
+
+
+def split_thinking(content: str) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant text holding ``<think>...</think>``, as Qwen3's Jinja
+    splits it; ("", content) without one."""
+    if "</think>" not in content:
+        return "", content
+    head, _, tail = content.rpartition("</think>")
+    return head.rstrip("\n").split("<think>")[-1].lstrip("\n"), tail.lstrip("\n")
+
+
+def _ref_qwen3(messages, default_system, bos, eos, think=None):
+    msgs = _with_default_system(messages, default_system)
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    out = []
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            reasoning, content = split_thinking(m["content"])
+            if i > last_user and (i == len(msgs) - 1 or reasoning):
+                content = f"<think>\n{reasoning}\n</think>\n\n{content}"
+            out.append(f"<|im_start|>assistant\n{content}<|im_end|>\n")
+        else:
+            out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    out.append("<|im_start|>assistant\n")
+    if think is False:
+        out.append("<think>\n\n</think>\n\n")
+    return "".join(out)
+
+
+_CHATML_SYSTEM = r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n"
+
 FAMILIES = (
-    Family("chatml", _CHATML_GO, ("<|im_start|>", "<|im_end|>"), _ref_chatml,
-           r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n"),
+    # before chatml: Qwen3's template renders as ChatML unless reasoning is involved
+    Family("qwen3", _QWEN3_GO, ("<|im_start|>", "<|im_end|>"), _ref_qwen3, _CHATML_SYSTEM, thinking=True),
+    Family("gemma", _GEMMA_GO, ("<start_of_turn>", "<end_of_turn>"), _ref_gemma),
+    Family("phi3", _PHI3_GO, ("<|end|>", "<|user|>", "<|assistant|>"), _ref_phi3,
+           r"^<\|system\|>\n?(.*?)<\|end\|>", ({"nl": "\n"}, {"nl": ""})),
+    Family("chatml", _CHATML_GO, ("<|im_start|>", "<|im_end|>"), _ref_chatml, _CHATML_SYSTEM),
     Family("llama3", _LLAMA3_GO, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), _ref_llama3,
            r"^<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>"),
     Family("llama2", _LLAMA2_GO, ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"), _ref_llama2,
@@ -326,6 +445,15 @@ PROBES = (
     [{"role": "system", "content": _S}, {"role": "user", "content": _U1},
      {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}],
 )
+# reasoning probes: (messages, enable_thinking); a family without ``thinking`` renders them as any
+# conversation (the <think> text is content), a thinking one drops earlier reasoning and answers
+# enable_thinking=false with an empty <think> block
+_R1 = "<think>\nZq some reasoning.\n</think>\n\n" + _A1
+THINK_PROBES = (
+    ([{"role": "user", "content": _U1}, {"role": "assistant", "content": _R1}, {"role": "user", "content": _U2}], None),
+    ([{"role": "user", "content": _U1}], False),
+    ([{"role": "user", "content": _U1}], True),
+)
 
 
 @dataclass
@@ -340,35 +468,40 @@ class Match:
 
     @property
     def go_template(self) -> str:
-        p = {"BOS": self.bos, "EOS": self.eos, "LEAD": "", "APRE": "", "POST": ""}
+        p = {"BOS": self.bos, "EOS": self.eos, "LEAD": "", "APRE": "", "POST": "", "NL": ""}
         p.update({k.upper(): v for k, v in self.params.items()})
-        return re.sub(r"\{(BOS|EOS|LEAD|APRE|POST)\}", lambda m: p[m.group(1)], self.family.go)
+        return re.sub(r"\{(BOS|EOS|LEAD|APRE|POST|NL)\}", lambda m: p[m.group(1)], self.family.go)
 
-    def reference(self, messages) -> str:
-        return self.family.reference(messages, self.default_system, self.bos, self.eos, **self.params)
+    def reference(self, messages, think: Optional[bool] = None) -> str:
+        return self.family.reference(messages, self.default_system, self.bos, self.eos, think=think, **self.params)
 
 
 def _strip_bos(text: str, bos: str) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
-def prompt_after_bos(chat_template: str, messages, bos: str, eos: str, add_bos: bool = True) -> str:
+def prompt_after_bos(chat_template: str, messages, bos: str, eos: str, add_bos: bool = True,
+                     think: Optional[bool] = None) -> str:
     """The Jinja prompt with add_generation_prompt=True, less a leading BOS when llama.cpp
-    adds that token itself (the GGUF's add_bos_token)."""
-    text = render_jinja(chat_template, messages, bos=bos, eos=eos)
+    adds that token itself (the GGUF's add_bos_token). ``think``: ``enable_thinking`` (None: unset)."""
+    extra = {} if think is None else {"enable_thinking": think}
+    text = render_jinja(chat_template, messages, bos=bos, eos=eos, **extra)
     return _strip_bos(text, bos) if add_bos else text
 
 
-def recognise(chat_template: Optional[str], bos: str = "", eos: str = "", add_bos: bool = True) -> Optional[Match]:
-    """The family whose reference rendering equals the template's on every probe, or None."""
+def recognise(chat_template: Optional[str], bos: str = "", eos: str = "", add_bos: bool = True,
+              prefer: Optional[str] = None) -> Optional[Match]:
+    """The family whose reference rendering equals the template's on every probe, or None.
+    ``prefer``: a family tried first (the architecture's ``template_family``)."""
     from jinja2.exceptions import TemplateError
 
     if not chat_template:
         return None
+    probes = [(p, None) for p in PROBES] + list(THINK_PROBES)
     rendered = []
-    for probe in PROBES:
+    for probe, think in probes:
         try:
-            rendered.append(prompt_after_bos(chat_template, probe, bos, eos, add_bos))
+            rendered.append(prompt_after_bos(chat_template, probe, bos, eos, add_bos, think))
         except TemplateError:
             rendered.append(None)                  # e.g. "Only user and assistant roles are supported!"
         except TemplateLimitError:
@@ -378,7 +511,7 @@ def recognise(chat_template: Optional[str], bos: str = "", eos: str = "", add_bo
     if rendered[0] is None or rendered[1] is None:
         return None
     system_supported = rendered[2] is not None and rendered[3] is not None
-    for fam in FAMILIES:
+    for fam in sorted(FAMILIES, key=lambda f: f.name != prefer):
         systems = [None]
         if fam.system_pattern:
             m = re.match(fam.system_pattern, rendered[0], re.S)
@@ -386,8 +519,8 @@ def recognise(chat_template: Optional[str], bos: str = "", eos: str = "", add_bo
                 systems.insert(0, m.group(1))
         for params in fam.variants:
             for default_system in systems:
-                ok = all(r is None or r == fam.reference(p, default_system, bos, eos, **params)
-                         for p, r in zip(PROBES, rendered))
+                ok = all(r is None or r == fam.reference(p, default_system, bos, eos, think=think, **params)
+                         for (p, think), r in zip(probes, rendered))
                 if ok:
                     padded = [{"role": "user", "content": f"  {_U1}  "}]
                     try:
@@ -415,11 +548,12 @@ def _quote_param(text: str) -> Optional[str]:
 
 def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: str = "",
               add_bos: bool = True, eos_texts: Sequence[str] = (), license_text: Optional[str] = None,
-              header: Optional[str] = None) -> tuple[str, list[str]]:
+              header: Optional[str] = None, family_hint: Optional[str] = None) -> tuple[str, list[str]]:
     """(Modelfile text, notes). ``gguf_name``: the file name relative to the Modelfile, or the
     list of a split's shards (one FROM line each: ``ollama create`` sends every FROM file and
     joins llama.cpp split shards itself, server/create.go). ``eos_texts``: texts of every
-    end-of-generation token (``eos`` and the generation_config's eos ids)."""
+    end-of-generation token (``eos`` and the generation_config's eos ids). ``family_hint``: the
+    architecture's template family, tried first."""
     notes: list[str] = []
     lines = []
     if header:
@@ -429,7 +563,7 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
         n = str(n)
         lines.append(f"FROM {n if Path(n).is_absolute() else './' + n}")
     try:
-        match, limited = recognise(chat_template, bos, eos, add_bos), None
+        match, limited = recognise(chat_template, bos, eos, add_bos, prefer=family_hint), None
     except TemplateLimitError as e:
         match, limited = None, str(e)
     stops = []
@@ -438,7 +572,8 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
             notes.append(f"{limited} (limits: {RENDER_SECONDS:g} s, {RENDER_OUTPUT >> 20} MiB of text): "
                          "no TEMPLATE written")
         elif chat_template:
-            notes.append("chat template not recognised as ChatML, Llama 3, Llama 2 or Mistral [INST]: no TEMPLATE "
+            notes.append("chat template not recognised as ChatML, Qwen3, Gemma, Phi-3, Llama 3, Llama 2 or Mistral "
+                         "[INST]: no TEMPLATE "
                          "written; Ollama autodetects one from the GGUF's tokenizer.chat_template or renders "
                          "that Jinja template itself")
         else:
@@ -457,6 +592,9 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
                 notes.append("the default system prompt cannot be quoted in a Modelfile: no SYSTEM written")
             else:
                 lines.append(f"SYSTEM {q}")
+        if match.family.thinking:
+            notes.append("reasoning: the TEMPLATE shows .Thinking between <think> and </think> as the Jinja "
+                         "template does, and think=false gives the empty <think> block of enable_thinking=false")
         if match.trims_content:
             notes.append("the Jinja chat template strips whitespace around message contents; the Ollama "
                          "TEMPLATE keeps it (as Ollama's own templates do)")
@@ -577,6 +715,16 @@ def _generation_eos_ids(model_dir: Path) -> list[int]:
     return [ids] if isinstance(ids, int) else [i for i in ids if isinstance(i, int)]
 
 
+def _template_family(gguf_arch: str) -> Optional[str]:
+    """The ``template_family`` of the ggufq architecture record writing ``gguf_arch``."""
+    from . import arch
+    arch._load()
+    for rec in arch._REGISTRY.values():
+        if rec.name == gguf_arch and rec.template_family:
+            return rec.template_family
+    return None
+
+
 def modelfile_path_for(gguf_path: Path) -> Path:
     """``<dir>/<stem>.Modelfile`` (a split's first shard name without ``-00001-of-0000N``)."""
     gguf_path = Path(gguf_path)
@@ -603,7 +751,8 @@ def write_modelfile(out_gguf_path, model_dir: Path, modelfile_path: Optional[Pat
     header = (f"Ollama Modelfile written by ggufq {__version__} for {paths[0].name}\n"
               f"ollama create NAME -f {target.name}")
     text, notes = modelfile(names, info.chat_template, bos=info.bos, eos=info.eos, add_bos=info.add_bos,
-                            eos_texts=eos_texts, license_text=license_text(model_dir), header=header)
+                            eos_texts=eos_texts, license_text=license_text(model_dir), header=header,
+                            family_hint=_template_family(info.arch))
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

@@ -3,7 +3,7 @@
 Enough to check our TEMPLATE lines without Go: text, ``{{ }}`` actions with ``{{-``/``-}}``
 whitespace trimming, ``if``/``else if``/``else``/``end``, ``range`` (with ``$i, $x :=``),
 ``$x := ...`` and ``$x = ...``, field chains (``.Role``, ``$.System``), string literals,
-``true``/``false`` and the functions ``eq``, ``ne``, ``not``, ``and``, ``or``, ``len``,
+``true``/``false`` and the functions ``eq``, ``ne``, ``lt``, ``gt``, ``not``, ``and``, ``or``, ``len``,
 ``index``, ``slice`` with parenthesised arguments. Anything else raises, so a template using
 more than this fails the test instead of rendering wrongly.
 
@@ -184,6 +184,8 @@ _FUNCS = {
     "ne": lambda a, b: a != b,
     "not": lambda a: not _truth(a),
     "len": lambda a: len(a),
+    "gt": lambda a, b: a > b,
+    "lt": lambda a, b: a < b,
     "index": lambda a, *ix: _index(a, ix),
     "slice": lambda a, *ix: a[ix[0]:(ix[1] if len(ix) > 1 else None)],
 }

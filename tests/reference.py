@@ -2,7 +2,7 @@
 
 Independent of ggufq's converter on purpose: it parses the safetensors files itself and
 follows the Hugging Face conventions (``transformers``' modeling_llama / mistral / qwen2 /
-qwen3 / gemma3 / phi3 / smollm3 / olmo2 / granite), not llama.cpp's, so comparing it with
+qwen3 / gemma2 / gemma3 / phi3 / smollm3 / olmo2 / granite), not llama.cpp's, so comparing it with
 llama.cpp running a converted GGUF checks the whole conversion (names, Q/K permutation, rope
 layout, biases, norm offsets, tied output, rope_freqs). The few facts that tell the families
 apart (activation, q/k norms, post-norms, multipliers) are read from ggufq's arch record, so a
@@ -154,7 +154,7 @@ class Reference:
         # Gemma 3: sliding layers use the local rope base and the window
         self.sliding = [False] * self.n_layer
         if self.family == "gemma3" and c.get("sliding_window"):
-            pattern = c.get("sliding_window_pattern", 6)
+            pattern = 2 if rec.name == "gemma2" else c.get("sliding_window_pattern", 6)   # Gemma 2: every other
             types = c.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                                              for i in range(self.n_layer)]
             self.sliding = [t == "sliding_attention" for t in types]
@@ -291,7 +291,11 @@ class Reference:
             rep = H // KV
             k = np.repeat(k, rep, axis=0)
             v = np.repeat(v, rep, axis=0)
-            s = (q @ k.transpose(0, 2, 1)) * scale + (neg_local if self.sliding[L] else neg)
+            s = (q @ k.transpose(0, 2, 1)) * scale
+            if f.attn_softcap and self.config.get(f.attn_softcap):     # Gemma 2: tanh soft-capping of the scores
+                cap = self.dtype(self.config[f.attn_softcap])
+                s = np.tanh(s / cap) * cap
+            s = s + (neg_local if self.sliding[L] else neg)
             s = s.astype(np.float32) if self.dtype == np.float32 else s
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s = (s / s.sum(axis=-1, keepdims=True)).astype(self.dtype)

@@ -72,7 +72,7 @@ MIXED = ["Hello world! The quick brown fox.", "  leading spaces, trailing   ", "
          "emoji: 🙂 👍🏽", "code: def f(x):\n    return x ** 2  # sq"]
 
 
-@pytest.mark.parametrize("fam", ["qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("fam", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_tokenizer_parity(fam, synth, tmp_path):
     pytest.importorskip("llama_cpp")
     from llama_worker import llama_tokenize
@@ -215,3 +215,50 @@ def test_llama3_rope_freqs_bit_exact_with_llama_cpp_code():
                 assert np.array_equal(want.view(np.uint32), got.view(np.uint32)), (rp, dim, want, got)
                 n += int(np.count_nonzero((want != 1) & (want != factor)))
     assert n > 20   # the smoothing band, where the order of operations matters, is exercised
+
+
+# family -> (Ollama template family, control tokens its TEMPLATE writes)
+CHAT = {"qwen3": ("qwen3", ("<|im_start|>", "<|im_end|>")),
+        "gemma2": ("gemma", ("<start_of_turn>", "<end_of_turn>")),
+        "gemma3": ("gemma", ("<start_of_turn>", "<end_of_turn>")),
+        "phi3": ("phi3", ("<|user|>", "<|assistant|>", "<|end|>"))}
+
+
+@pytest.mark.parametrize("fam", sorted(CHAT))
+def test_ollama_modelfile_prompt_runs_in_llama_cpp(fam, synth, tmp_path):
+    """``convert --ollama`` of the arch's synthetic checkpoint: the Modelfile carries the family's TEMPLATE
+    (recognised from the folder's chat template), the prompt it renders is the Jinja template's, each
+    control token of it is one special token of the GGUF's vocabulary, and llama-cpp-python loads the file
+    and generates from that prompt (Ollama itself is not installed here)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from ggufq import ollama
+    from tests import gotmpl
+    from tests.modelfile_parser import parse
+    d = synth(fam)
+    out = tmp_path / f"{fam}-Q8_0.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q8_0", "--ollama")
+    assert r.returncode == 0, r.stderr
+    family, controls = CHAT[fam]
+    mf = tmp_path / f"{fam}-Q8_0.Modelfile"
+    cmds: dict = {}
+    for k, v in parse(mf.read_text()):
+        cmds.setdefault(k, []).append(v)
+    assert f"chat template: {family}" in r.stderr and "Ollama:" not in r.stderr, r.stderr
+    info = ollama.read_gguf([out])
+    msgs = [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "How are you?"}]
+    data = {"System": "", "IsThinkSet": False, "Think": False,
+            "Messages": [{"Role": m["role"], "Content": m["content"], "Thinking": ""} for m in msgs]}
+    prompt = gotmpl.render(cmds["template"][0], data)
+    assert prompt == ollama.prompt_after_bos(info.chat_template, msgs, info.bos, info.eos, info.add_bos)
+    llm = llama_cpp.Llama(str(out), n_ctx=256, n_threads=2, seed=0, verbose=False)
+    try:
+        for c in controls:
+            ids = llm.tokenize(c.encode(), add_bos=False, special=True)
+            assert len(ids) == 1 and info.tokens[ids[0]] == c, (c, ids)
+        toks = llm.tokenize(prompt.encode(), add_bos=info.add_bos, special=True)
+        assert sum(info.tokens[t] in controls for t in toks) >= 4
+        comp = llm.create_completion(prompt, max_tokens=6, temperature=0.0, stop=cmds["stop"])
+        assert comp["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        llm.close()

@@ -2,6 +2,7 @@
 rendered (by tests/gotmpl.py) against the Jinja templates, Ollama's loadability checks."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -28,7 +29,16 @@ MODELS = {
     "llama-2-7b-chat": ("<s>", "</s>", True, "llama2", None),
     "mistral-7b-instruct-v0.2": ("<s>", "</s>", True, "mistral", None),
     "mistral-large-instruct-2411": ("<s>", "</s>", True, None, None),     # [SYSTEM_PROMPT]: not ours
+    "qwen3-0.6b": ("", "<|im_end|>", False, "qwen3", None),
+    "gemma-3-4b-it": ("<bos>", "<end_of_turn>", True, "gemma", None),
+    "gemma-2-2b-it": ("<bos>", "<end_of_turn>", True, "gemma", None),
+    "phi-3.5-mini-instruct": ("<s>", "<|endoftext|>", True, "phi3", None),
+    "phi-4-mini-instruct": ("<|endoftext|>", "<|endoftext|>", False, "phi3", None),
+    "smollm3-3b": ("", "<|im_end|>", False, None, None),             # metadata header, /think switches
+    "granite-3.3-2b-instruct": ("", "<|end_of_text|>", False, None, None),   # today's date in its system
 }
+# Jinja templates that refuse a system message
+NO_SYSTEM = {"mistral-7b-instruct-v0.2", "gemma-2-2b-it"}
 
 SYSTEM_TWO_TURNS = [
     {"role": "system", "content": "You answer in one short sentence."},
@@ -42,13 +52,20 @@ def template(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text()
 
 
-def ollama_values(messages: list[dict], modelfile_system: str | None) -> dict:
+def ollama_values(messages: list[dict], modelfile_system: str | None, think: bool | None = None) -> dict:
     """What Ollama hands a messages template: the Modelfile SYSTEM prepended when the chat has
     no system message (server/routes.go), then template.Execute's collate(): consecutive
-    same-role messages merged, all system contents joined into .System."""
-    msgs = [dict(m) for m in messages]
+    same-role messages merged, all system contents joined into .System; ``think`` as the API's
+    ``think`` (None: not set). An assistant's ``<think>...</think>`` goes to ``.Thinking``, as a
+    client sends back the ``thinking`` field Ollama gave it."""
+    msgs = []
+    for m in messages:
+        m = dict(m)
+        m["thinking"], m["content"] = ollama.split_thinking(m["content"]) if m["role"] == "assistant" \
+            else ("", m["content"])
+        msgs.append(m)
     if modelfile_system and (not msgs or msgs[0]["role"] != "system"):
-        msgs.insert(0, {"role": "system", "content": modelfile_system})
+        msgs.insert(0, {"role": "system", "content": modelfile_system, "thinking": ""})
     system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
     collated = []
     for m in msgs:
@@ -56,10 +73,23 @@ def ollama_values(messages: list[dict], modelfile_system: str | None) -> dict:
             collated[-1]["content"] += "\n\n" + m["content"]
         else:
             collated.append(m)
-    return {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in collated]}
+    return {"System": system, "IsThinkSet": think is not None, "Think": bool(think),
+            "Messages": [{"Role": m["role"], "Content": m["content"], "Thinking": m["thinking"]} for m in collated]}
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str) -> tuple[str, tuple[str, ...]]:
+    text, notes = _build_uncached(name)
+    return text, tuple(notes)
 
 
 def build(name: str) -> tuple[str, list[str]]:
+    """(Modelfile text, notes) of a fixture (recognition renders the Jinja a dozen times: once per name)."""
+    text, notes = _build(name)
+    return text, list(notes)
+
+
+def _build_uncached(name: str) -> tuple[str, list[str]]:
     bos, eos, add_bos, _, _ = MODELS[name]
     return ollama.modelfile(f"{name}-Q8_0.gguf", template(name), bos=bos, eos=eos, add_bos=add_bos,
                             eos_texts=[eos], license_text=f"Licence of {name} (test text)\n",
@@ -125,17 +155,17 @@ def test_golden_modelfile(name):
 
 # ---------------------------------------------------------------- Go template == Jinja
 
-def _go_prompt(name: str, messages: list[dict]) -> str:
+def _go_prompt(name: str, messages: list[dict], think: bool | None = None) -> str:
     cmds = commands(build(name)[0])
     system = cmds.get("system", [None])[0]
-    return gotmpl.render(cmds["template"][0], ollama_values(messages, system))
+    return gotmpl.render(cmds["template"][0], ollama_values(messages, system, think))
 
 
 @pytest.mark.parametrize("name", [n for n, v in MODELS.items() if v[3] is not None])
 def test_go_template_matches_jinja_two_turns(name):
     bos, eos, add_bos, *_ = MODELS[name]
     msgs = SYSTEM_TWO_TURNS
-    if name.startswith("mistral-7b"):
+    if name in NO_SYSTEM:
         msgs = msgs[1:]                       # its Jinja refuses system messages
     want = ollama.prompt_after_bos(template(name), msgs, bos, eos, add_bos)
     assert _go_prompt(name, msgs) == want
@@ -158,6 +188,52 @@ def test_mistral_system_goes_before_first_user_message():
     got = _go_prompt("mistral-7b-instruct-v0.2", SYSTEM_TWO_TURNS)
     s, u1, a1, u2 = (m["content"] for m in SYSTEM_TWO_TURNS)
     assert got == f"[INST] {s}\n\n{u1} [/INST]{a1}</s>[INST] {u2} [/INST]"
+
+
+def test_gemma_system_goes_into_first_user_turn():
+    """Gemma 3's Jinja puts the system prompt in front of the first user message; Gemma 2's refuses
+    one, and its TEMPLATE does as Gemma 3's (Ollama's gemma templates do the same)."""
+    s, u1, a1, u2 = (m["content"] for m in SYSTEM_TWO_TURNS)
+    want = (f"<start_of_turn>user\n{s}\n\n{u1}<end_of_turn>\n<start_of_turn>model\n{a1}<end_of_turn>\n"
+            f"<start_of_turn>user\n{u2}<end_of_turn>\n<start_of_turn>model\n")
+    assert _go_prompt("gemma-3-4b-it", SYSTEM_TWO_TURNS) == want
+    assert _go_prompt("gemma-2-2b-it", SYSTEM_TWO_TURNS) == want
+    assert any("refuses system messages" in n for n in build("gemma-2-2b-it")[1])
+    assert not any("refuses system messages" in n for n in build("gemma-3-4b-it")[1])
+
+
+THINKING = [{"role": "system", "content": "You answer in one short sentence."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nIt is 4."},
+            {"role": "user", "content": "And 3+3?"}]
+
+
+@pytest.mark.parametrize("think", [None, False, True])
+def test_qwen3_thinking_matches_jinja(think):
+    """Ollama's think option against the Jinja's enable_thinking: earlier reasoning is dropped, think=false
+    gives the empty <think> block; the TEMPLATE names .Thinking so that Ollama infers the tags."""
+    bos, eos, add_bos, *_ = MODELS["qwen3-0.6b"]
+    text, notes = build("qwen3-0.6b")
+    assert "{{ .Thinking }}" in commands(text)["template"][0] and any("reasoning" in n for n in notes)
+    for msgs in (THINKING, THINKING[1:], THINKING[1:2]):
+        want = ollama.prompt_after_bos(template("qwen3-0.6b"), msgs, bos, eos, add_bos, think)
+        assert _go_prompt("qwen3-0.6b", msgs, think) == want
+    assert ("<think>\n\n</think>\n\n" in _go_prompt("qwen3-0.6b", THINKING, think)) == (think is False)
+    assert "Two and two" not in _go_prompt("qwen3-0.6b", THINKING, think)
+
+
+@pytest.mark.parametrize("name, msgs", [("gemma-3-4b-it", SYSTEM_TWO_TURNS[1:3]),
+                                        ("phi-3.5-mini-instruct", SYSTEM_TWO_TURNS[:3]),
+                                        ("qwen3-0.6b", THINKING[:3])])
+def test_last_assistant_message_is_continued(name, msgs):
+    """A chat ending with the assistant's message (Ollama continues it): the Jinja prompt without the
+    generation prompt, up to the end of that message."""
+    bos, eos, add_bos, *_ = MODELS[name]
+    jinja = ollama.render_jinja(template(name), msgs, bos=bos, eos=eos, add_generation_prompt=False)
+    jinja = jinja[len(bos):] if add_bos and jinja.startswith(bos) else jinja
+    got = _go_prompt(name, msgs)
+    assert got.endswith(msgs[-1]["content"].split("</think>")[-1].lstrip("\n"))
+    assert jinja.startswith(got) and jinja[len(got):].lstrip().startswith(("<end_of_turn>", "<|end|>", "<|im_end|>"))
 
 
 @pytest.mark.parametrize("name, trims", [("meta-llama-3-8b-instruct", True), ("llama-2-7b-chat", True),
@@ -323,12 +399,13 @@ def test_go_text_template_agrees(tmp_path):
         cmds = commands(build(name)[0])
         system = cmds.get("system", [None])[0]
         for msgs in convs:
-            if name.startswith("mistral-7b") and msgs[0]["role"] == "system":
+            if name in NO_SYSTEM and msgs[0]["role"] == "system":
                 continue
-            data = ollama_values(msgs, system)
-            jobs.append({"template": cmds["template"][0], "data": data})
-            wants.append((gotmpl.render(cmds["template"][0], data),
-                          ollama.prompt_after_bos(template(name), msgs, bos, eos, add_bos)))
+            for think in ((None, False, True) if family == "qwen3" else (None,)):
+                data = ollama_values(msgs, system, think)
+                jobs.append({"template": cmds["template"][0], "data": data})
+                wants.append((gotmpl.render(cmds["template"][0], data),
+                              ollama.prompt_after_bos(template(name), msgs, bos, eos, add_bos, think)))
     src = tmp_path / "render.go"
     src.write_text(_GO_RENDER)
     env = dict(os.environ, GOCACHE=str(tmp_path / "gocache"), GO111MODULE="off", GOFLAGS="")

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=float, default=1.0, help="GiB per shard (default 1)")
     ap.add_argument("-q", "--quiet", action="store_true")
     ap.add_argument("--arch", default=None, help="an architecture family of tools/synthetic_archs.py "
-                    "(qwen3, gemma3, phi3, smollm3, olmo2, granite) instead of the Llama shapes")
+                    "(qwen3, gemma2, gemma3, phi3, smollm3, olmo2, granite) instead of the Llama shapes")
     ap.add_argument("--hidden", type=int, default=128, help="with --arch and no --size: hidden size")
     ap.add_argument("--shards", type=int, default=3, help="with --arch: number of safetensors shards")
     a = ap.parse_args(argv)

@@ -77,6 +77,14 @@ GEMMA_TEMPLATE = (
     "{%- endif -%}{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
     "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+# Gemma 2's template (google/gemma-2-2b-it): refuses a system message
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
     "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
@@ -87,6 +95,7 @@ PHI3_TEMPLATE = (
 FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3", "bpe"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text", "spm"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", "spm"),
     "phi3": ("Phi3ForCausalLM", "phi3", "spm"),
     "smollm3": ("SmolLM3ForCausalLM", "smollm3", "bpe"),
     "olmo2": ("Olmo2ForCausalLM", "olmo2", "bpe"),
@@ -103,7 +112,7 @@ SIZES = {   # 1B-scale shapes of the published small models
 def hf_tensors(fam: str, E: int, L: int, H: int, KV: int, hd: int, F: int, V: int, tied: bool):
     """(name, shape, init) in HF's order (alphabetical within a layer); init: normal | norm | zero-norm."""
     q, kv = H * hd, KV * hd
-    gemma = fam == "gemma3"
+    gemma = fam in ("gemma2", "gemma3")
     norm = "zero-norm" if gemma else "norm"
     out = [("model.embed_tokens.weight", (V, E), "embed")]
     for i in range(L):
@@ -153,6 +162,11 @@ def config_for(fam: str, E: int, L: int, H: int, KV: int, hd: int, F: int, V: in
         c.update(attention_bias=False, head_dim=hd, hidden_act="silu", max_position_embeddings=40960,
                  max_window_layers=L, rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1000000,
                  sliding_window=None, use_sliding_window=False)
+    elif fam == "gemma2":
+        c.update(attention_bias=False, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, head_dim=hd,
+                 hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                 max_position_embeddings=8192, query_pre_attn_scalar=hd, rms_norm_eps=1e-6, rope_theta=10000.0,
+                 sliding_window=4096, cache_implementation="hybrid", pad_token_id=0)
     elif fam == "gemma3":
         c.update(attention_bias=False, attn_logit_softcapping=None, final_logit_softcapping=None, head_dim=hd,
                  hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32768, query_pre_attn_scalar=hd,
@@ -217,15 +231,15 @@ def write_bpe_tokenizer(out: Path, fam: str) -> dict:
 def write_spm_tokenizer(out: Path, fam: str) -> dict:
     """The tiny model's tokenizer.model plus the family's control tokens as added tokens (ids 8192...)."""
     shutil.copy(TINY / "tokenizer.model", out / "tokenizer.model")
-    if fam == "gemma3":   # Gemma's SentencePiece adds no dummy prefix (llama.cpp: add_space_prefix False)
+    if fam in ("gemma2", "gemma3"):   # Gemma's SentencePiece adds no dummy prefix (llama.cpp: add_space_prefix False)
         from sentencepiece import sentencepiece_model_pb2 as spm_pb2
         mp = spm_pb2.ModelProto()
         mp.ParseFromString((out / "tokenizer.model").read_bytes())
         mp.normalizer_spec.add_dummy_prefix = False
         (out / "tokenizer.model").write_bytes(mp.SerializeToString())
-    if fam == "gemma3":
+    if fam in ("gemma2", "gemma3"):
         extra = [("<start_of_turn>", True), ("<end_of_turn>", True)]
-        template, eos = GEMMA_TEMPLATE, "<end_of_turn>"
+        template, eos = GEMMA2_TEMPLATE if fam == "gemma2" else GEMMA_TEMPLATE, "<end_of_turn>"
     else:
         extra = [("<|endoftext|>", True), ("<|assistant|>", True), ("<|end|>", True), ("<|user|>", True),
                  ("<|system|>", True)]
@@ -236,15 +250,15 @@ def write_spm_tokenizer(out: Path, fam: str) -> dict:
     dec.update({str(8192 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                 "single_word": False, "special": s} for i, (t, s) in enumerate(extra)})
     tc = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": eos,
-          "unk_token": "<unk>", "pad_token": "<unk>" if fam == "gemma3" else "<|endoftext|>",
+          "unk_token": "<unk>", "pad_token": "<unk>" if fam in ("gemma2", "gemma3") else "<|endoftext|>",
           "chat_template": template, "legacy": False, "model_max_length": 32768,
-          "sp_model_kwargs": {}, "tokenizer_class": "GemmaTokenizer" if fam == "gemma3" else "LlamaTokenizer",
+          "sp_model_kwargs": {}, "tokenizer_class": "GemmaTokenizer" if fam in ("gemma2", "gemma3") else "LlamaTokenizer",
           "added_tokens_decoder": dec}
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": eos, "unk_token": "<unk>", "pad_token": tc["pad_token"]}))
     ids = {t: 8192 + i for i, (t, _) in enumerate(extra)}
-    return {"bos": 1, "eos": ids[eos], "pad": 0 if fam == "gemma3" else ids["<|endoftext|>"], "n": 8192 + len(extra)}
+    return {"bos": 1, "eos": ids[eos], "pad": 0 if fam in ("gemma2", "gemma3") else ids["<|endoftext|>"], "n": 8192 + len(extra)}
 
 
 # ---------------------------------------------------------------- weights
@@ -286,7 +300,7 @@ def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: in
     V = vocab or (151936 if kind == "bpe" else tok["n"] + (8 if fam == "phi3" else 6))
     hd = head_dim or hidden // heads
     if tied is None:
-        tied = fam in ("qwen3", "gemma3", "smollm3", "granite")
+        tied = fam in ("qwen3", "gemma2", "gemma3", "smollm3", "granite")
     tensors = hf_tensors(fam, hidden, layers, heads, kv_heads, hd, ff, V, tied)
     cfg = config_for(fam, hidden, layers, heads, kv_heads, hd, ff, V, tied, tok)
     cfg.update(config_extra or {})

@@ -1,0 +1,119 @@
+"""Per architecture, on a tiny synthetic checkpoint: ``ggufq eval``'s PPL against llama-perplexity's, and the
+KL divergence of ``--method calibrated`` against ``--method kquant`` at the same type.
+
+    python -m tools.arch_quality                                   # every family of tools/synthetic_archs.py
+    python -m tools.arch_quality --arch qwen3 gemma2 --type Q4_K_M --chunks 8
+    python -m tools.arch_quality --train-steps 300                  # trained first (torch; a GPU when present)
+
+For each family (hidden 256, 4 layers, 3 BF16 shards, seed 7; K-quant rows need 256 columns), trained first
+with ``--train-steps N`` (tools/train_tiny.py on the evaluation text less its first ``--skip-bytes``, which
+the evaluation's chunks lie in):
+
+1. llama.cpp's ``convert_hf_to_gguf.py --outtype f16`` -> ``llama-perplexity -c CTX -b CTX --chunks N`` (its PPL);
+2. ``ggufq convert --type F16`` -> ``ggufq eval`` on the same text, context and chunks (PPL, and its relative
+   difference from 1.);
+3. ``ggufq convert --type T --method kquant`` and ``--method calibrated --calib-tokens K`` -> ``ggufq eval --ref``
+   ggufq's F16: mean KLD and same-top-token %, and the calibrated/k-quant KLD ratio.
+
+Untrained, the weights are random (normal, unit-gain layers): the PPL comparison is exact whatever the weights,
+but the KLD columns then only say that the calibrated path runs end to end on each arch (docs/ARCHS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ggufq.eval import evaluate
+from tools.crosscheck_eval import WIKI, default_llama_bin, find_convert_hf, parse_ppl, run_parsed
+from tools.synthetic_archs import FAMILIES, make_arch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(cmd, env=None):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{Path(str(cmd[1])).name} failed: {(r.stdout + r.stderr)[-1500:]}")
+    return r
+
+
+def row(fam: str, work: Path, a) -> dict:
+    d = make_arch(work / fam, fam, hidden=256, layers=4, heads=4, kv_heads=2, ff=512, shards=3, seed=7,
+                  scale=0.0 if a.train_steps else 1.0)   # trained from HF's 0.02 init
+    trained = None
+    if a.train_steps:
+        from tools.train_tiny import train
+        text = a.text.read_bytes()[a.skip_bytes:].decode("utf-8", "replace")
+        trained = train(d, text, a.train_steps, seq=a.train_seq, batch=a.train_batch, lr=a.lr, log=lambda m: print(m, file=sys.stderr))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ggufq = [sys.executable, "-m", "ggufq", "convert", d, "-q", "-f", "-j", str(a.threads)]
+    lf16, gf16 = work / f"{fam}-llama-F16.gguf", work / f"{fam}-ggufq-F16.gguf"
+    _run(ggufq + ["-o", gf16, "--type", "F16"], env=env)
+    ev = dict(text=a.text, ctx=a.ctx, chunks=a.chunks, threads=a.threads, gpu_layers=0, progress=False)
+    ours = evaluate(gf16, **ev)
+    out = {"arch": FAMILIES[fam][0], "lp": float("nan"), "ours": ours.ppl, "rel": float("nan"), "trained": trained}
+    if not a.no_llama:
+        _run([sys.executable, find_convert_hf(), d, "--outtype", "f16", "--outfile", lf16])
+        common = ["-f", a.text, "-c", a.ctx, "-b", a.ctx, "--chunks", a.chunks, "-t", a.threads]
+        lp = run_parsed([default_llama_bin() / "llama-perplexity", "-m", lf16, *common], work / f"{fam}-lp.log",
+                        parse_ppl)
+        out.update(lp=lp["ppl"], rel=ours.ppl / lp["ppl"] - 1)
+    for method in () if a.ppl_only else ("kquant", "calibrated"):
+        q = work / f"{fam}-{a.type}-{method}.gguf"
+        extra = ["--calib-tokens", str(a.calib_tokens), "-ngl", "0"] if method == "calibrated" else []
+        _run(ggufq + ["-o", q, "--type", a.type, "--method", method] + extra, env=env)
+        r = evaluate(q, ref=gf16, **ev)
+        out[method] = (r.kld["kld_mean"], r.kld["same_top"])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--text", type=Path, default=WIKI, help="evaluation text (default: wikitext-2 test)")
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=0, help="train each checkpoint first (tools/train_tiny.py)")
+    ap.add_argument("--skip-bytes", type=int, default=200000, help="head of --text left out of training")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--train-seq", type=int, default=256)
+    ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--ppl-only", action="store_true", help="only the PPL columns")
+    ap.add_argument("--no-llama", action="store_true", help="leave out llama.cpp's converter and llama-perplexity")
+    ap.add_argument("--json", type=Path, default=None, help="write every row here")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the checkpoints and files here")
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ggufq-archq-") as td:
+        work = a.keep or Path(td)
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"ctx {a.ctx}, {a.chunks} chunks of {a.text.name}; {a.type}, calibrated with {a.calib_tokens} tokens; "
+              + (f"trained {a.train_steps} steps\n" if a.train_steps else "random weights\n"))
+        rows = []
+        print("| arch | llama-perplexity PPL (llama.cpp's F16) | ggufq eval PPL (ggufq's F16) | rel. diff | "
+              f"KLD kquant | KLD calibrated | calibrated / kquant | same top kquant / calibrated |")
+        print("|---|---|---|---|---|---|---|---|")
+        for fam in a.arch:
+            try:
+                r = row(fam, work, a)
+            except Exception as e:  # one family failing does not hide the others
+                print(f"| {FAMILIES[fam][0]} | error: {str(e).splitlines()[-1][:100]} |||||||", flush=True)
+                continue
+            rows.append(r)
+            if a.json:
+                a.json.write_text(json.dumps(rows, indent=1))
+            (kk, tk), (kc, tc) = r.get("kquant", (float("nan"),) * 2), r.get("calibrated", (float("nan"),) * 2)
+            print(f"| {r['arch']} | {r['lp']:.4f} | {r['ours']:.4f} | {r['rel']:+.1e} | {kk:.5f} | {kc:.5f} | "
+                  f"{kc / kk:.3f} | {tk:.2%} / {tc:.2%} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
