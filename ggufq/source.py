@@ -527,34 +527,3 @@ def check_config(config: dict, tensors: dict[str, SourceTensor], where: str = "c
                     sub.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")):
                 raise GgufqError(f"{where}: yarn rope scaling needs original_max_position_embeddings "
                                  f"(in {rkey} or at the top level)")
-
-
-def write_safetensors(path: os.PathLike | str, tensors: dict[str, tuple[np.ndarray, str]],
-                      metadata: Optional[dict] = None) -> None:
-    """Write a safetensors file from ``name -> (float array, dtype)``, dtype in BF16/F16/F32.
-
-    For tools and tests that build model folders (synthetic models, SmolLM2);
-    safetensors' own numpy API cannot write bf16.
-    """
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}}
-    blobs = []
-    off = 0
-    for name, (arr, dtype) in tensors.items():
-        a = np.asarray(arr, dtype=np.float32)
-        if dtype == "BF16":
-            from .quant.floats import f32_to_bf16_bits
-            raw = f32_to_bf16_bits(a).tobytes()
-        elif dtype in DTYPES:
-            raw = a.astype(DTYPES[dtype][1]).tobytes()
-        else:
-            raise ValueError(f"cannot write dtype {dtype}")
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for b in blobs:
-            f.write(b)

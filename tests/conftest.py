@@ -17,7 +17,6 @@ WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SMOLLM2 = Path(os.environ.get("GGUFQ_SMOLLM2", Path.home() / ".cache" / "ggufq" / "smollm2-135m-dither"))
 LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache" / "ggufq" / "llama-bin"))
 
-sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")

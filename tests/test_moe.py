@@ -78,8 +78,8 @@ def test_fused_gate_up_halves():
 @pytest.mark.parametrize("fam", ["mixtral", "qwen2moe", "olmoe"])
 def test_f32_logits_match_reference(fam, tmp_path):
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
     d = make_moe(tmp_path / fam, fam, shared_ff=128, **{**SMALL, "kv_heads": None})   # OLMoE: multi-head
     out = tmp_path / f"{fam}.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
@@ -129,9 +129,10 @@ def test_fp8_logits_match_reference_of_dequantized_weights(tmp_path):
     """The FP8 checkpoint's F32 GGUF in llama.cpp vs the reference forward on a BF16-free F32 copy
     of the same dequantized weights (written by the test from whole-tensor numpy products)."""
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
-    from ggufq.source import open_model, write_safetensors
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
+    from ggufq.source import open_model
+    from ggufq_ref.st_writer import write_safetensors
     d = make_moe(tmp_path / "fp8", "mixtral", fp8="e4m3", block=(32, 32), **SMALL)
     m = open_model(d)
     ref_dir = tmp_path / "f32"
@@ -247,11 +248,11 @@ def _write_imatrix(path, entries: dict):
 def test_per_expert_imatrix_applied_per_expert(tmp_path):
     """An imatrix with one vector per expert (llama-imatrix's layout for 3-D tensors): each expert's
     rows are encoded with its own vector, byte for byte as libggml's ggml_quantize_chunk does them."""
-    from ggufq.quant import ggml_ref
+    from ggufq_ref import ggml_ref
     if not ggml_ref.available():
         pytest.skip("libggml (llama-cpp-python) not found")
     import gguf
-    from reference import load_folder, to_float
+    from ggufq_ref.forward import load_folder, to_float
     d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "experts": 4})
     name, hf = "blk.1.ffn_down_exps.weight", "model.layers.1.block_sparse_moe.experts.{}.w2.weight"
     rng = np.random.default_rng(3)

@@ -103,7 +103,7 @@ def test_plan_follows_llama_cpp_visit_order_not_input_order():
 # ---------------------------------------------------------------------------
 # 2. llama.cpp's own type selection (llama_quant_compute_types), synthetic models
 def _llama_ref():
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
     if not llama_ref.available():
         pytest.skip("llama-cpp-python's libllama (llama_quant_compute_types) is not loadable")
     return llama_ref

@@ -17,8 +17,8 @@ import make_synthetic  # noqa: E402
 
 def test_make_synthetic_shapes_seed_and_logits(tmp_path):
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
 
     d = make_synthetic.write_model(tmp_path / "s", "0.25B", seed=1, layers=1, vocab=9000,
                                    shard_bytes=16 << 20, quiet=True)

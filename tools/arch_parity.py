@@ -6,7 +6,7 @@
 For each family of tools/synthetic_archs.py (hidden 128, 4 layers, 3 bf16 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for F16, BF16 and Q8_0 (both
 converters run; tools/compare_convert.py lists the differences), the max relative logits error of
-ggufq's F32 file through llama-cpp-python against tests/reference.py, and the number of tensors whose
+ggufq's F32 file through llama-cpp-python against ggufq_ref/forward.py, and the number of tensors whose
 Q4_K_M / Q3_K_M type differs from llama.cpp's own choice (``llama_quant_compute_types`` through
 ctypes, on llama.cpp's F16 conversion's tensors). Needs torch + transformers (llama.cpp's converter).
 """
@@ -54,8 +54,8 @@ def row(fam: str, work: Path, types) -> dict:
     out = {"arch": FAMILIES[fam][0]}
     out.update(converter_parity(d, fam, work, types, env))
     # logits
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
     import json
     f32 = work / f"{fam}-F32.gguf"
     _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
@@ -66,7 +66,7 @@ def row(fam: str, work: Path, types) -> dict:
     out["logits"] = f"{(np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max():.1e}"
     # plan types vs llama.cpp's own choice on llama.cpp's F16 tensors
     from ggufq.plan import make_plan, specs_from_gguf
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
     src = work / f"{fam}-llama-F16.gguf"
     if src.is_file() and llama_ref.available():
         specs, info = specs_from_gguf(src)

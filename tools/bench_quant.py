@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
 
-from ggufq.quant import encode, encoders, ggml_ref  # noqa: E402
-from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
+from ggufq.quant import encode, encoders
+from ggufq_ref import ggml_ref  # noqa: E402
+from ggufq_ref.parity import model_matrices, synthetic_imatrix  # noqa: E402
 
 
 def registered_types() -> list[T]:

@@ -1,4 +1,4 @@
-"""Self-check of tests/reference.py against transformers (torch, float32) on a HF folder.
+"""Self-check of ggufq_ref/forward.py against transformers (torch, float32) on a HF folder.
 
     python tools/check_reference.py fixtures/tinyllama-spm-10m [--text FILE] [--n 128]
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         print(f"check_reference: needs torch and transformers ({e})", file=sys.stderr)
         return 2
     from conftest import HELDOUT
-    from reference import Reference, hf_tokenize
+    from ggufq_ref.forward import Reference, hf_tokenize
 
     text = Path(a.text or HELDOUT).read_text(encoding="utf-8")[:20000]
     ids = hf_tokenize(a.model_dir, text)[: a.n]

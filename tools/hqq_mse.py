@@ -20,7 +20,8 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ggufq.convert import prepare  # noqa: E402
-from ggufq.quant import ggml_ref, hqq, layout  # noqa: E402
+from ggufq.quant import hqq, layout
+from ggufq_ref import ggml_ref  # noqa: E402
 
 
 def main():

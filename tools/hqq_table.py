@@ -42,7 +42,8 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from ggufq import vocab as vocabs  # noqa: E402
 from ggufq.convert import metadata_for, prepare  # noqa: E402
 from ggufq.importance import combine, importance_for  # noqa: E402
-from ggufq.quant import ggml_ref, hqq  # noqa: E402
+from ggufq.quant import hqq  # noqa: E402
+from ggufq_ref import ggml_ref  # noqa: E402
 from ggufq.write import Job, write_gguf  # noqa: E402
 
 PURE = {t.name for t in (T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)}

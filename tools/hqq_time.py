@@ -19,7 +19,8 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from ggufq.convert import prepare  # noqa: E402
 from ggufq.importance import importance_for  # noqa: E402
-from ggufq.quant import encoders, ggml_ref, hqq  # noqa: E402
+from ggufq.quant import encoders, hqq
+from ggufq_ref import ggml_ref  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 from hqq_table import build  # noqa: E402

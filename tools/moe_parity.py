@@ -6,7 +6,7 @@
 For each family of tools/synthetic_moe.py (8 experts, 2 active, 2 layers, 3 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for each --type (both converters
 run; tools/compare_convert.py lists the differences), the max relative logits error of ggufq's F32
-file through llama-cpp-python against tests/reference.py (a NumPy forward with routing; FP8 sources
+file through llama-cpp-python against ggufq_ref/forward.py (a NumPy forward with routing; FP8 sources
 are compared against llama.cpp's own F32 conversion's logits instead, the reference reads no FP8),
 and the number of tensors whose Q4_K_M / Q3_K_M type differs from llama.cpp's own choice
 (``llama_quant_compute_types`` through ctypes, on llama.cpp's F16 conversion's tensors).
@@ -48,7 +48,7 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = {"arch": FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
     out.update(converter_parity(d, tag, work, types, env))
-    from llama_worker import llama_logits
+    from ggufq_ref.llama_worker import llama_logits
     f32 = work / f"{tag}-F32.gguf"
     _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
     cfg = json.loads((d / "config.json").read_text())
@@ -59,9 +59,10 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
         _run([sys.executable, LLAMA_CONVERT, d, "--outtype", "f32", "--outfile", ref_gguf])
         out["logits"] = f"{rel_err(got, llama_logits(ref_gguf, ids)):.1e} (vs llama.cpp F32)"
     else:
-        from reference import Reference
+        from ggufq_ref.forward import Reference
         out["logits"] = f"{rel_err(got, Reference(d).logits(ids)):.1e}"
-    from ggufq.plan import llama_ref, make_plan, specs_from_gguf
+    from ggufq.plan import make_plan, specs_from_gguf
+    from ggufq_ref import llama_ref
     src = work / f"{tag}-llama-F16.gguf"
     if src.is_file() and llama_ref.available():
         specs, info = specs_from_gguf(src)

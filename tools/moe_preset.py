@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--types", nargs="*", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
     a = ap.parse_args(argv)
-    from llama_worker import llama_logits
+    from ggufq_ref.llama_worker import llama_logits
     from ggufq.convert import make_plan, prepare
     with tempfile.TemporaryDirectory(prefix="ggufq-moe-preset-") as td:
         work = Path(td)

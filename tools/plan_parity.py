@@ -13,7 +13,7 @@ is made with ``has_imatrix``; a --type that needs one is run without it only to
 check that llama-quantize refuses exactly when ``Plan.needs_imatrix()`` says so.
 Before the real files, two tables need no llama-quantize: bits per weight of
 Llama-3.1-8B's tensors against llama.cpp's published figures, and every tensor's
-type against llama.cpp's own ``llama_quant_compute_types`` (``ggufq.plan.llama_ref``)
+type against llama.cpp's own ``llama_quant_compute_types`` (``ggufq_ref.llama_ref``)
 for synthetic architectures (GQA, 70B, MoE, Falcon, MLA, odd rows).
 
 The F16 GGUF comes from llama.cpp's convert_hf_to_gguf.py (``--converter llama.cpp``,
@@ -164,7 +164,7 @@ SYNTHETIC = {
 def reference_mismatches(specs, info, ftype: str) -> list[str]:
     """Mismatches between make_plan and llama.cpp's llama_quant_compute_types (no imatrix: that
     function always plans as without one)."""
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
 
     ref = llama_ref.compute_types(specs, info, ftype)
     plan = make_plan(specs, info, ftype)
@@ -180,7 +180,7 @@ def reference_mismatches(specs, info, ftype: str) -> list[str]:
 
 def synthetic_table(types) -> int:
     """Per synthetic architecture and --type: mismatches against llama_quant_compute_types."""
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
 
     if not llama_ref.available():
         print("llama-cpp-python's libllama is not loadable: no synthetic-architecture table\n")
@@ -208,7 +208,7 @@ def write_imatrix(path: Path, specs, seed: int = 0, count: int = 3584) -> Path:
     import numpy as np
 
     from ggufq.plan import rules as R
-    from ggufq.quant.parity import synthetic_imatrix
+    from ggufq_ref.parity import synthetic_imatrix
 
     tmp = path.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "imatrix")

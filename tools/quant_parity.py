@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggufq.quant import can_encode, encoders, ggml_ref  # noqa: E402
-from ggufq.quant.parity import compare, model_matrices, synthetic_imatrix  # noqa: E402
+from ggufq.quant import can_encode, encoders
+from ggufq_ref import ggml_ref  # noqa: E402
+from ggufq_ref.parity import compare, model_matrices, synthetic_imatrix  # noqa: E402
 
 
 def registered_types() -> list[T]:

@@ -1,7 +1,7 @@
 """Run llama-cpp-python in a fresh process (llama_cpp imported before numpy) and bring back results.
 
-    python tests/llama_worker.py logits MODEL.gguf IDS.json OUT.npy     # F32 KV cache, all positions
-    python tests/llama_worker.py tokenize MODEL.gguf TEXTS.json OUT.json
+    python ggufq_ref/llama_worker.py logits MODEL.gguf IDS.json OUT.npy     # F32 KV cache, all positions
+    python ggufq_ref/llama_worker.py tokenize MODEL.gguf TEXTS.json OUT.json
 
 From Python: :func:`llama_logits` and :func:`llama_tokenize` (they raise with the worker's stderr).
 """
