@@ -128,21 +128,21 @@ class SelfCalibration:
             return np.diag(m).copy() if _diag_only(name) else m
         return self.mm[o:o + n] / self.count
 
-    def lazy(self, name: str, real: Optional[np.ndarray] = None):
-        """A callable the writer runs when it reaches ``name``."""
-        return functools.partial(self.weights, name, real)
+    def lazy(self, name: str, real: Optional[np.ndarray] = None, damp: Optional[float] = None):
+        """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP)."""
+        return functools.partial(self.weights, name, real, damp)
 
-    def weights(self, name: str, real: Optional[np.ndarray] = None):
+    def weights(self, name: str, real: Optional[np.ndarray] = None, damp: Optional[float] = None):
         from .quant.gptq import Hessian
         m = self.moment(name)
         if m is None:
             return real
         if m.ndim == 1:
             return real if real is not None else m.astype(np.float32)
-        k = self.key(name)
+        k = (self.key(name), damp)
         if k != self._key:
             self._key, self._h = None, None
-            self._key, self._h = k, Hessian.from_moment(m)
+            self._key, self._h = k, Hessian.from_moment(m, damp)
         # a real imatrix (--imatrix) picks the block scales; the moment steers the rounding
         return self._h if real is None else Hessian(np.asarray(real, np.float32), self._h.u)
 

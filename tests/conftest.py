@@ -44,7 +44,7 @@ def tiny_copy(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").is_file():
-        pytest.skip(f"smollm2-135m-dither not built at {SMOLLM2} (python tools/build_smollm2.py)")
+        pytest.skip(f"smollm2-135m-dither not built at {SMOLLM2} (python -m tools.build_smollm2)")
     return SMOLLM2
 
 

@@ -11,15 +11,13 @@ Parity with llama.cpp's own converter (keys, tensor bytes) is ``tools/arch_parit
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
-sys.path.insert(0, str(ROOT / "tools"))
-from synthetic_archs import FAMILIES, QWEN2_VOCAB, make_arch  # noqa: E402
+from tools.synthetic_archs import FAMILIES, QWEN2_VOCAB, make_arch
 
 TOL = 1e-4
 # ggml computes GELU through a table indexed by the fp16-rounded input (GGML_GELU_FP16), ~1e-3 per

@@ -15,16 +15,14 @@ Byte parity with llama.cpp's converter and plan parity with llama-quantize: tool
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from test_errors import _fails
 
-sys.path.insert(0, str(ROOT / "tools"))
-from synthetic_moe import make_moe  # noqa: E402
+from tools.synthetic_moe import make_moe
 
 TOL = 1e-4
 SMALL = dict(hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=8, active=2, shards=2, seed=11)

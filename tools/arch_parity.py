@@ -1,7 +1,7 @@
 """One row per architecture: ggufq vs llama.cpp's convert_hf_to_gguf.py on a synthetic checkpoint.
 
-    PYTHONPATH=. python tools/arch_parity.py                       # every family, tiny shapes
-    PYTHONPATH=. python tools/arch_parity.py --arch qwen3 gemma3 --types F16
+    python -m tools.arch_parity                       # every family, tiny shapes
+    python -m tools.arch_parity --arch qwen3 gemma3 --types F16
 
 For each family of tools/synthetic_archs.py (hidden 128, 4 layers, 3 bf16 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for F16, BF16 and Q8_0 (both
@@ -13,7 +13,6 @@ ctypes, on llama.cpp's F16 conversion's tensors). Needs torch + transformers (ll
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 
-from compare_convert import LLAMA_CONVERT, OUTTYPE, compare  # noqa: E402
-from synthetic_archs import FAMILIES, make_arch  # noqa: E402
+from tools.common import LLAMA_CONVERT, OUTTYPE, ROOT, child_env
+from tools.compare_convert import compare
+from tools.synthetic_archs import FAMILIES, make_arch
+
+HERE = ROOT / "tools"
 
 
 def _run(cmd, env=None):
@@ -50,7 +49,7 @@ def converter_parity(d: Path, tag: str, work: Path, types, env) -> dict:
 
 def row(fam: str, work: Path, types) -> dict:
     d = make_arch(work / fam, fam, hidden=128, layers=4, heads=4, kv_heads=2, ff=256, shards=3, seed=7)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     out = {"arch": FAMILIES[fam][0]}
     out.update(converter_parity(d, fam, work, types, env))
     # logits

@@ -8,7 +8,7 @@ activations, ggufq_ref.parity.synthetic_imatrix). Times are process CPU seconds,
 machine does not skew the ratio; both sides are warmed first (grid tables, ggml_quantize_init).
 Prints a markdown table.
 
-    PYTHONPATH=. python tools/bench_iq.py fixtures/tinyllama-spm-10m --types IQ2_XXS,IQ1_M
+    python -m tools.bench_iq fixtures/tinyllama-spm-10m --types IQ2_XXS,IQ1_M
 """
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from gguf import GGML_QUANT_SIZES  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
 from ggufq.quant import can_encode, encode
-from ggufq_ref import ggml_ref  # noqa: E402
-from ggufq_ref.parity import model_matrices, synthetic_imatrix  # noqa: E402
+from ggufq_ref import ggml_ref
+from ggufq_ref.parity import model_matrices, synthetic_imatrix
 
 DEFAULT_TYPES = "IQ2_XXS,IQ2_XS,IQ2_S,IQ1_S,IQ1_M"
 NEEDS_IMATRIX = {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}          # ggml_quantize_requires_imatrix

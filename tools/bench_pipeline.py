@@ -1,12 +1,12 @@
 """One pass vs two tools: `ggufq convert --type Q4_K_M` against llama.cpp's
 `convert_hf_to_gguf.py --outtype f16` followed by `llama-quantize ... Q4_K_M`.
 
-    python tools/bench_pipeline.py MODEL_DIR [--type Q4_K_M] [--jobs N] [--work DIR]
+    python -m tools.bench_pipeline MODEL_DIR [--type Q4_K_M] [--jobs N] [--work DIR]
 
 Reports wall time of each step, the peak disk space each pipeline needs (largest sum of
 files alive at once: ggufq writes only its output; llama.cpp keeps the F16 file until the
 quantized one is written), and whether the two outputs hold the same tensors
-(type and bytes) and metadata. Make a model with `python tools/make_synthetic.py DIR --size 1B`.
+(type and bytes) and metadata. Make a model with `python -m tools.make_synthetic DIR --size 1B`.
 Prints a markdown table.
 """
 from __future__ import annotations
@@ -17,11 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CONVERT = Path(os.environ.get(
-    "GGUFQ_LLAMA_CONVERT", Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"))
-LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache/ggufq/llama-bin"))
 
 
 def run(cmd: list[str], env=None) -> float:

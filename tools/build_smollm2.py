@@ -24,8 +24,8 @@ original GGUF, that llama.cpp's pre-tokenizer hash identifies it as ``smollm``,
 and that every written tensor re-permuted equals the GGUF's dequantized values
 (exactly in f32 without dither; up to bf16 rounding-to-nearest-even otherwise).
 
-    python tools/build_smollm2.py                      # -> ~/.cache/ggufq/smollm2-135m-dither
-    python tools/build_smollm2.py --gguf X.gguf --no-dither --dtype f32 -o /tmp/smol-exact
+    python -m tools.build_smollm2                      # -> ~/.cache/ggufq/smollm2-135m-dither
+    python -m tools.build_smollm2 --gguf X.gguf --no-dither --dtype f32 -o /tmp/smol-exact
 """
 from __future__ import annotations
 
@@ -684,7 +684,7 @@ def main(argv=None) -> int:
         if not ok:
             sys.exit("error: verification failed; nothing written to " + str(out))
 
-        cmd = "python tools/build_smollm2.py" + "".join(
+        cmd = "python -m tools.build_smollm2" + "".join(
             f" {a}" for a in (sys.argv[1:] if argv is None else argv))
         (tmp / "README.md").write_text(README.format(
             suffix="-dither" if dither else "", dtype=args.dtype, n_shards=len(groups), wheel=WHEEL,

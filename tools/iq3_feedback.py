@@ -7,7 +7,7 @@ quad-wise GPTQ under the same encoder's scales ("feedback"), and prints the prod
 tr(E H E^T) of both: on the text the moments came from and on the next, disjoint piece of
 the same text (held out). Prints a markdown table.
 
-    PYTHONPATH=. python tools/iq3_feedback.py fixtures/tinyllama-spm-10m --text ../shared/data/gcide-heldout/heldout.txt
+    python -m tools.iq3_feedback fixtures/tinyllama-spm-10m --text ../shared/data/gcide-heldout/heldout.txt
 """
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
-from gguf.quants import dequantize  # noqa: E402
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
 
-from ggufq import calib, quant  # noqa: E402
-from ggufq.convert import prepare  # noqa: E402
-from ggufq.quant import gptq, iq3_gptq  # noqa: E402
+from ggufq import calib, quant
+from ggufq.convert import prepare
+from ggufq.quant import gptq, iq3_gptq
 
 
 def _err(qt, rows, blocks, m) -> float:

@@ -1,7 +1,7 @@
 """One row per MoE architecture / source format: ggufq vs llama.cpp's convert_hf_to_gguf.py.
 
-    PYTHONPATH=. python tools/moe_parity.py                                  # every family, BF16 source
-    PYTHONPATH=. python tools/moe_parity.py --arch qwen3moe --fp8 e4m3 --types F16 Q8_0
+    python -m tools.moe_parity                                  # every family, BF16 source
+    python -m tools.moe_parity --arch qwen3moe --fp8 e4m3 --types F16 Q8_0
 
 For each family of tools/synthetic_moe.py (8 experts, 2 active, 2 layers, 3 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for each --type (both converters
@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 
-from arch_parity import _run, converter_parity  # noqa: E402
-from compare_convert import LLAMA_CONVERT  # noqa: E402
-from synthetic_moe import FAMILIES, make_moe  # noqa: E402
+from tools.arch_parity import _run, converter_parity
+from tools.common import LLAMA_CONVERT, ROOT, child_env
+from tools.synthetic_moe import FAMILIES, make_moe
+
+HERE = ROOT / "tools"
 
 # OLMoE is multi-head (llama.cpp's olmoe loader wants attn_k_norm of n_embd, as OLMoE-1B-7B has)
 SHAPES = {"qwen3moe": dict(hidden=64, ff=64, kv_heads=2), "mixtral": dict(hidden=256, ff=256, kv_heads=2),
@@ -45,7 +43,7 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     tag = fam + (f"-fp8{fp8}" if fp8 else "")
     d = make_moe(work / tag, fam, layers=2, heads=4, experts=8, active=2, shards=3, seed=7, fp8=fp8,
                  **SHAPES[fam])
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     out = {"arch": FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
     out.update(converter_parity(d, tag, work, types, env))
     from ggufq_ref.llama_worker import llama_logits

@@ -3,9 +3,9 @@
 with llama.cpp's llama-quantize and compare every tensor's type (and the total
 tensor bytes) with what ``ggufq.plan.make_plan`` plans for the same tensors.
 
-    PYTHONPATH=. python tools/plan_parity.py                      # tinyllama (+ smollm2 when built), all types
-    PYTHONPATH=. python tools/plan_parity.py --types Q4_K_M Q4_0 --models /path/to/hf_model
-    PYTHONPATH=. python tools/plan_parity.py --types IQ4_XS IQ2_M --imatrix both
+    python -m tools.plan_parity                      # tinyllama (+ smollm2 when built), all types
+    python -m tools.plan_parity --types Q4_K_M Q4_0 --models /path/to/hf_model
+    python -m tools.plan_parity --types IQ4_XS IQ2_M --imatrix both
 
 With ``--imatrix synthetic`` (or ``both``) llama-quantize also gets an importance
 matrix (a GGUF imatrix written here for every matrix but token_embd) and the plan
@@ -35,17 +35,16 @@ from typing import Optional
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
-from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf  # noqa: E402
-from ggufq.plan.gguf_header import read_header  # noqa: E402
-from ggufq.plan.rules import FTYPES as R_FTYPES  # noqa: E402
+from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf
+from ggufq.plan.gguf_header import read_header
+from ggufq.plan.rules import FTYPES as R_FTYPES
+from tools.common import LLAMA_BIN, LLAMA_CPP, ROOT, SMOLLM2, TINY
 
-LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", str(Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")))
-DEFAULT_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
-DEFAULT_MODELS = [Path(__file__).resolve().parent.parent / "fixtures" / "tinyllama-spm-10m",
-                  Path.home() / ".cache/ggufq/smollm2-135m-dither"]
+HERE = ROOT / "tools"
+
+DEFAULT_BIN = LLAMA_BIN
+DEFAULT_MODELS = [TINY, SMOLLM2]
 K_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
            "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"]
 IQ_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",

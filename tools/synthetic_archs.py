@@ -1,7 +1,8 @@
 """Synthetic checkpoints of the architectures ggufq converts, shaped like the published ones.
 
-    python tools/make_synthetic.py OUT_DIR --arch qwen3 --hidden 128 --layers 2   # tiny, for tests
-    python tools/make_synthetic.py OUT_DIR --arch gemma3 --size 1B                 # 1B-scale, for bench_memory
+    python -m tools.make_synthetic OUT_DIR --arch qwen3 --hidden 128 --layers 2   # tiny, for tests
+    python -m tools.make_synthetic OUT_DIR --arch gemma3 --size 1B                 # 1B-scale, for bench_memory
+    python -m tools.synthetic_archs ...                                          # the same command
 
 Each folder has what a Hugging Face upload has: ``config.json`` written the way the family's
 published configs are (transformers 4 style keys, ``rope_scaling``/``rope_theta``, Gemma 3's
@@ -23,7 +24,6 @@ around 0: it stores ``w`` and computes ``1 + w``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import sys
@@ -32,11 +32,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tools.common import LLAMA_CPP, TINY, f32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
-LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", str(
-    Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")))
 QWEN2_VOCAB = LLAMA_CPP / "models" / "ggml-vocab-qwen2.gguf"
 CHUNK = 4 << 20
 
@@ -248,11 +245,6 @@ def write_spm_tokenizer(out: Path, fam: str) -> dict:
 
 
 # ---------------------------------------------------------------- weights
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-
-
 def _values(shape, init: str, rng: np.random.Generator, scale: float, dtype: str):
     n = int(np.prod(shape))
     fan_in = shape[-1] if len(shape) > 1 else 1
@@ -268,7 +260,7 @@ def _values(shape, init: str, rng: np.random.Generator, scale: float, dtype: str
         else:
             x = x * std
         x = x.astype(np.float32)
-        yield _bf16_bits(x).tobytes() if dtype == "BF16" else x.astype(np.float16).tobytes()
+        yield f32_to_bf16_bits(x).tobytes() if dtype == "BF16" else x.astype(np.float16).tobytes()
 
 
 def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -331,6 +323,11 @@ def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: in
     n_params = sum(int(np.prod(s)) for _, s, _ in tensors)
     (out / "README.md").write_text(
         f"# synthetic-{fam}\n\nRandom {dtype} weights (seed {seed}) in {FAMILIES[fam][0]} shapes, made by "
-        f"`tools/make_synthetic.py --arch {fam}`; {n_params / 1e6:.1f} M parameters. For tests and benchmarks "
+        f"`python -m tools.make_synthetic --arch {fam}`; {n_params / 1e6:.1f} M parameters. For tests and benchmarks "
         "only.\n\nlicense: apache-2.0\n")
     return out
+
+
+if __name__ == "__main__":      # the command line of these folders is make_synthetic's (--arch FAMILY)
+    from tools.make_synthetic import main
+    sys.exit(main())

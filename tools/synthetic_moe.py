@@ -1,8 +1,8 @@
 """Synthetic mixture-of-experts checkpoints (Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE), BF16 or FP8.
 
-    PYTHONPATH=. python tools/synthetic_moe.py OUT_DIR --arch qwen3moe                 # 8 experts, 2 active
-    PYTHONPATH=. python tools/synthetic_moe.py OUT_DIR --arch mixtral --experts 64 --hidden 512
-    PYTHONPATH=. python tools/synthetic_moe.py OUT_DIR --arch qwen3moe --fp8 e4m3      # FP8, [128,128] blocks
+    python -m tools.synthetic_moe OUT_DIR --arch qwen3moe                 # 8 experts, 2 active
+    python -m tools.synthetic_moe OUT_DIR --arch mixtral --experts 64 --hidden 512
+    python -m tools.synthetic_moe OUT_DIR --arch qwen3moe --fp8 e4m3      # FP8, [128,128] blocks
 
 A sibling of tools/synthetic_archs.py (its tokenizer writers and BF16 rounding are reused):
 config.json shaped like the published ones (Qwen3-30B-A3B, Mixtral-8x7B, Qwen1.5-MoE-A2.7B,
@@ -25,10 +25,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from synthetic_archs import QWEN3_TEMPLATE, TINY, _bf16_bits, write_bpe_tokenizer  # noqa: E402
+from tools.synthetic_archs import QWEN3_TEMPLATE, write_bpe_tokenizer
+from tools.common import ROOT, TINY, f32_to_bf16_bits
+
+HERE = ROOT / "tools"
 
 # family -> (HF class, model_type, tokenizer kind)
 FAMILIES = {
@@ -249,7 +250,7 @@ def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int
                         scales[src] = s
                         f.write(codes.tobytes())
                     else:
-                        f.write(_bf16_bits(x).tobytes())
+                        f.write(f32_to_bf16_bits(x).tobytes())
                 weight_map[name] = fn
     if len(groups) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
