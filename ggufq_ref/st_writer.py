@@ -17,8 +17,9 @@ from ggufq.source import DTYPES
 
 
 def write_safetensors(path: os.PathLike | str, tensors: dict[str, tuple[np.ndarray, str]],
-                      metadata: Optional[dict] = None) -> None:
-    """Write a safetensors file from ``name -> (float array, dtype)``, dtype in BF16/F16/F32.
+                      metadata: Optional[dict] = None) -> int:
+    """Write a safetensors file from ``name -> (float array, dtype)``, dtype in BF16/F16/F32; returns
+    the bytes of tensor data written (the index's ``total_size`` share).
 
     For tools and tests that build model folders (synthetic models, SmolLM2);
     safetensors' own numpy API cannot write bf16.
@@ -44,3 +45,4 @@ def write_safetensors(path: os.PathLike | str, tensors: dict[str, tuple[np.ndarr
         f.write(head)
         for b in blobs:
             f.write(b)
+    return off
