@@ -128,23 +128,25 @@ class SelfCalibration:
             return np.diag(m).copy() if _diag_only(name) else m
         return self.mm[o:o + n] / self.count
 
-    def lazy(self, name: str, real: Optional[np.ndarray] = None, damp: Optional[float] = None):
+    def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None):
         """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP)."""
-        return functools.partial(self.weights, name, real, damp)
+        return functools.partial(self.weights, name, imatrix, damp)
 
-    def weights(self, name: str, real: Optional[np.ndarray] = None, damp: Optional[float] = None):
+    def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None):
+        """``name``'s imatrix (write.Imatrix): a Hessian from full moments (its diag replaced by ``imatrix``
+        when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it."""
         from .quant.gptq import Hessian
         m = self.moment(name)
         if m is None:
-            return real
+            return imatrix
         if m.ndim == 1:
-            return real if real is not None else m.astype(np.float32)
+            return imatrix if imatrix is not None else m.astype(np.float32)
         k = (self.key(name), damp)
         if k != self._key:
             self._key, self._h = None, None
             self._key, self._h = k, Hessian.from_moment(m, damp)
-        # a real imatrix (--imatrix) picks the block scales; the moment steers the rounding
-        return self._h if real is None else Hessian(np.asarray(real, np.float32), self._h.u)
+        # an --imatrix file's entry picks the block scales; the moment steers the rounding
+        return self._h if imatrix is None else Hessian(np.asarray(imatrix, np.float32), self._h.u)
 
     def importance(self, name: str) -> Optional[np.ndarray]:
         """float32 E[x_j^2] of ``name``'s inputs (an imatrix entry for the k-quant/i-quant encoders),

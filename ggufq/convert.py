@@ -16,6 +16,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
+from .arch.protocol import Arch
 from .imatrix import load as load_imatrix
 from .source import Model, open_model
 from .write import Job, check_target, write_gguf
@@ -29,7 +30,7 @@ CALIB_TOKENS = 32768         # 64 sequences of 512 (ggufq.calib)
 class Prepared:
     """Everything known before the first weight is read."""
     model: Model
-    arch: object
+    arch: Arch
     tensors: list            # list[OutTensor]
     info: plans.ModelInfo
 

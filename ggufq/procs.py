@@ -33,6 +33,14 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask): the default of ``-j`` and eval's threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover  -- not Linux
+        return max(1, os.cpu_count() or 1)
+
 WATCH_INTERVAL = 0.25
 PR_SET_PDEATHSIG = 1
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)

@@ -30,3 +30,10 @@ def test_no_module_of_the_package_imports_the_references():
     pat = re.compile(r"^\s*(from|import)\s+ggufq_ref\b", re.M)
     hits = [str(p.relative_to(ROOT)) for p in (ROOT / "ggufq").rglob("*.py") if pat.search(p.read_text())]
     assert hits == []
+
+
+def test_the_arch_of_a_prepared_model_is_the_protocol_the_stages_read(tiny):
+    from ggufq.arch.protocol import Arch
+    from ggufq.convert import prepare
+    p = prepare(tiny)
+    assert isinstance(p.arch, Arch) and p.arch.name == "llama" and p.arch.record.forward.act == "silu"

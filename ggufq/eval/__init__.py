@@ -31,6 +31,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .. import GgufqError
+from ..procs import usable_cpus as default_threads
 from ..progress import Progress
 from . import proto
 from .stats import Accumulator, token_scores
@@ -43,13 +44,6 @@ _PKG_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 VOCAB_SAMPLE = 256
 # bytes of text tokenized by both models to check they tokenize alike
 TOKENIZE_SAMPLE = 4096
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
 
 
 def check_gguf(path: PathLike, what: str = "model") -> Path:

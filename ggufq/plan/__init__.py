@@ -142,8 +142,7 @@ class Plan:
         return out
 
 
-# kept for callers of the first skeleton: --type -> (general.file_type, default matrix type)
-SIMPLE_TYPES = {k: v for k, v in R.FTYPES.items() if k in ("F32", "F16", "BF16", "Q8_0")}
+# llama-quantize --type name -> (general.file_type, default matrix type), for the CLI and tools
 FTYPES = R.FTYPES
 
 
