@@ -64,16 +64,24 @@ def row(fam: str, work: Path, types) -> dict:
     got = llama_logits(f32, ids).astype(np.float64)
     out["logits"] = f"{(np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max():.1e}"
     # plan types vs llama.cpp's own choice on llama.cpp's F16 tensors
+    out.update({ft: str(m) for ft, (m, _) in plan_mismatches(work / f"{fam}-llama-F16.gguf", cfg).items()})
+    return out
+
+
+def plan_mismatches(src: Path, cfg: dict, ftypes=("Q4_K_M", "Q3_K_M")) -> dict[str, tuple[int, int]]:
+    """ftype -> (tensors whose planned type differs from llama.cpp's own choice, tensors llama.cpp typed)
+    on the tensors of llama.cpp's F16 GGUF ``src``; empty without it or without the ctypes reference."""
     from ggufq.plan import make_plan, specs_from_gguf
     from ggufq_ref import llama_ref
-    src = work / f"{fam}-llama-F16.gguf"
-    if src.is_file() and llama_ref.available():
-        specs, info = specs_from_gguf(src)
-        for ft in ("Q4_K_M", "Q3_K_M"):
-            plan = make_plan(specs, info, ft)
-            ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
-            mism = sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype)
-            out[ft] = str(mism)
+    if not (src.is_file() and llama_ref.available()):
+        return {}
+    specs, info = specs_from_gguf(src)
+    out = {}
+    for ft in ftypes:
+        plan = make_plan(specs, info, ft)
+        ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
+        out[ft] = (sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype),
+                   len(ref_t))
     return out
 
 

@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
-from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT
+from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, timed
 
 
 
 def run(cmd: list[str], env=None) -> float:
     """Wall seconds of a command (memory is tools/bench_memory.py's job)."""
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if p.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{p.stderr[-3000:]}")
-    return time.monotonic() - t0
+    return timed(cmd, env=env)
 
 
 def same_tensors(a: Path, b: Path) -> tuple[int, int]:

@@ -1,5 +1,5 @@
 """What the tools share: where llama.cpp's tools, sources and the test material are, running a
-command, an F16 GGUF of a folder, bf16 bits, Markdown tables.
+command, an F16 GGUF of a folder, bf16 bits, Markdown table rows.
 
 Every location has an environment variable and a default under ``~/.cache/ggufq`` (what
 ``tools/build_llama_tools.sh`` and ``python -m tools.build_smollm2`` fill) or next to the checkout.
@@ -82,13 +82,6 @@ def make_f16(model_dir: Path, out: Path) -> str:
           file=sys.stderr)
     run([sys.executable, LLAMA_CONVERT, model_dir, "--outtype", "f16", "--outfile", out])
     return "convert_hf_to_gguf.py"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A Markdown table (cells through ``str``)."""
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def print_head(headers: Sequence[str]) -> None:

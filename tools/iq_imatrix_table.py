@@ -21,21 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
-from tools.common import LLAMA_BIN, child_env
+from tools.common import LLAMA_BIN, child_env, timed
 
 
 
 def run(cmd: list) -> float:
-    t0 = time.perf_counter()
-    env = child_env()
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    return timed(cmd, env=child_env())
 
 
 def ggufq(*args) -> list:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from ggufq_ref.st_writer import shard_name, st_header
 from tools.common import ROOT, f32_to_bf16_bits
 
 TOKENIZER_FROM = ROOT / "fixtures" / "tinyllama-spm-10m"
@@ -95,18 +95,9 @@ def write_model(out: Path, size: str, seed: int = 0, layers=None, vocab: int = V
     t0 = time.time()
     idx = 0
     for k, group in enumerate(shards):
-        fn = "model.safetensors" if n_sh == 1 else f"model-{k + 1:05d}-of-{n_sh:05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for name, shape, _ in group:
-            nb = int(np.prod(shape)) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        fn = shard_name(k, n_sh)
         with open(out / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
+            f.write(st_header((name, "BF16", shape, int(np.prod(shape)) * 2) for name, shape, _ in group))
             for name, shape, init in group:
                 rng = np.random.default_rng([seed, idx])
                 idx += 1

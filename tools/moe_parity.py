@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-from tools.arch_parity import _run, converter_parity
+from tools.arch_parity import _run, converter_parity, plan_mismatches
 from tools.common import LLAMA_CONVERT, ROOT, child_env
 from tools.synthetic_moe import FAMILIES, make_moe
 
@@ -59,16 +59,7 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     else:
         from ggufq_ref.forward import Reference
         out["logits"] = f"{rel_err(got, Reference(d).logits(ids)):.1e}"
-    from ggufq.plan import make_plan, specs_from_gguf
-    from ggufq_ref import llama_ref
-    src = work / f"{tag}-llama-F16.gguf"
-    if src.is_file() and llama_ref.available():
-        specs, info = specs_from_gguf(src)
-        for ft in ("Q4_K_M", "Q3_K_M"):
-            plan = make_plan(specs, info, ft)
-            ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
-            mism = sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype)
-            out[ft] = f"{mism} of {len(ref_t)}"
+    out.update({ft: f"{m} of {n}" for ft, (m, n) in plan_mismatches(work / f"{tag}-llama-F16.gguf", cfg).items()})
     return out
 
 

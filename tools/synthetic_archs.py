@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from ggufq_ref.st_writer import shard_name, st_header
 from tools.common import LLAMA_CPP, TINY, f32_to_bf16_bits
 
 QWEN2_VOCAB = LLAMA_CPP / "models" / "ggml-vocab-qwen2.gguf"
@@ -298,18 +298,9 @@ def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: in
     t0 = time.time()
     st_dtype = "BF16" if dtype == "BF16" else "F16"
     for k, g in enumerate(groups):
-        fn = "model.safetensors" if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for i in g:
-            name, shape, _ = tensors[i]
-            header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes[i]]}
-            off += nbytes[i]
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        fn = shard_name(k, len(groups))
         with open(out / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
+            f.write(st_header((tensors[i][0], st_dtype, tensors[i][1], nbytes[i]) for i in g))
             for i in g:
                 name, shape, init = tensors[i]
                 for blob in _values(shape, init, np.random.default_rng([seed, i]), scale, dtype):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,6 +26,7 @@ import numpy as np
 
 
 from tools.synthetic_archs import QWEN3_TEMPLATE, write_bpe_tokenizer
+from ggufq_ref.st_writer import shard_name, st_header
 from tools.common import ROOT, TINY, f32_to_bf16_bits
 
 HERE = ROOT / "tools"
@@ -222,18 +222,9 @@ def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int
     weight_map = {}
     scales: dict[int, np.ndarray] = {}
     for gi, g in enumerate(groups):
-        fn = "model.safetensors" if len(groups) == 1 else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for k in g:
-            name, shape, _, dt, nb, _ = entries[k]
-            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        fn = shard_name(gi, len(groups))
         with open(out / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
+            f.write(st_header((entries[k][0], entries[k][3], entries[k][1], entries[k][4]) for k in g))
             for k in g:
                 name, shape, init, dt, nb, src = entries[k]
                 if init == "scale":
