@@ -419,7 +419,9 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
     """(Modelfile text, notes). ``gguf_name``: the file name relative to the Modelfile, or the
     list of a split's shards (one FROM line each: ``ollama create`` sends every FROM file and
     joins llama.cpp split shards itself, server/create.go). ``eos_texts``: texts of every
-    end-of-generation token (``eos`` and the generation_config's eos ids)."""
+    end-of-generation token (``eos`` and the generation_config's eos ids).
+
+    Long because it is a table: one Modelfile line per template/stop/parameter rule, in ollama's order."""
     notes: list[str] = []
     lines = []
     if header:

@@ -200,7 +200,9 @@ def run_limited(fn, args=(), *, timeout: float, max_memory: int, max_output: int
     """``fn(*args) -> bytes`` run in a forked child with a wall-clock ``timeout``, ``max_memory``
     bytes of address space beyond what the parent already maps, and at most ``max_output``
     bytes of result; :class:`LimitExceeded` otherwise. The child dies with the parent.
-    Without ``fork`` (not POSIX) it runs in-process, unlimited."""
+    Without ``fork`` (not POSIX) it runs in-process, unlimited.
+
+    Long because fork, rlimits, the result pipe and the reaping of the child belong to one try/finally."""
     if not hasattr(os, "fork"):
         return fn(*args)
     import resource

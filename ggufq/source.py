@@ -208,7 +208,9 @@ def _short(v) -> str:
 def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
     """Parse one safetensors file's header; validate every tensor's extent against the file.
 
-    Strict as the safetensors library is: the data regions must tile the data area exactly."""
+    Strict as the safetensors library is: the data regions must tile the data area exactly.
+
+    Long because each check of the header (one per field and extent) is its own one-line error."""
     try:
         fd = open_regular(path, path.name)
     except FileNotFoundError:

@@ -226,6 +226,9 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
     ``before_commit(tmp_paths, final_paths)`` runs on the complete files before anything is
     renamed into place and returns further ``(tmp file, final path)`` pairs to place with them.
     ``protect``: files never replaced, even with ``force`` (the conversion's inputs).
+
+    Long because the header-first streaming writer, the atomic placement and the signal/cleanup
+    discipline share one try/finally over the temporary files; splitting it would spread that invariant.
     """
     global _FORKED_JOBS
     path = Path(path)

@@ -196,7 +196,10 @@ def evaluate(model: PathLike, ref: Optional[PathLike] = None, text: Optional[Pat
              label: str = "eval") -> EvalResult:
     """Perplexity of ``model`` on ``text`` (a file path, or ``text_bytes``), and with ``ref`` its
     KL divergence from the reference, following llama-perplexity. ``chunks``: None or <= 0 for all;
-    ``gpu_layers``: None = all layers when llama-cpp-python can offload, else CPU; -1 = all."""
+    ``gpu_layers``: None = all layers when llama-cpp-python can offload, else CPU; -1 = all.
+
+    Long because the workers (model and reference, each a llama.cpp process) live in one try/finally:
+    start, tokenize check, the overlapped chunk loop and the report share them and a dozen locals."""
     t_start = time.perf_counter()
     mpath = check_gguf(model, "model")
     rpath = check_gguf(ref, "reference") if ref is not None else None
