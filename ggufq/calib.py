@@ -2,10 +2,8 @@
 data, and the input moments of its matrices are collected while it writes.
 
 Error-feedback rounding (:mod:`ggufq.quant.gptq`) needs each matrix's input second moment
-``E[x x^T]``. Measured on tinyllama-spm-10m (Q4_K_M, mean KLD; docs/HQQ.md): moments from
-random tokens made files *worse* than none; text the model sampled itself (temperature 1, from
-BOS) was as good as its real held-out text; 64 x 512 tokens are the default (smaller samples
-varied with the seed). So :func:`self_calibrate`:
+``E[x x^T]``; the text is sampled from the model itself (temperature 1, from BOS), 64 x 512
+tokens by default (why, with the measurements: docs/HQQ.md). :func:`self_calibrate`:
 
 1. writes the model as a temporary F16 GGUF (Q8_0 from :data:`Q8_PARAMS` parameters up) with
    ggufq's own streaming writer, in a temporary folder beside the output;
@@ -23,7 +21,7 @@ Nothing here is per architecture: weights sharing an input (q/k/v, gate/up) are 
 the graph (they read the same graph tensor), so every arch llama.cpp runs is calibrated.
 Memory: the worker holds the KV cache (``kv_bytes``, rounds of sequences beyond it), the
 buffered inputs (``buffer_bytes``) and the scratch's pages it touches; the scratch file is
-``8 * sum(n^2)`` bytes over the distinct full inputs (SmolLM2-135M: 80 MB, 1B: 1.6 GB).
+``8 * sum(n^2)`` bytes over the distinct full inputs (sizes measured: docs/HQQ.md).
 Failures (no llama-cpp-python, a build that cannot load, a full disk, Ctrl-C) raise
 :class:`~ggufq.GgufqError` or propagate the interrupt, with the worker killed and reaped and
 the temporary folder removed.
