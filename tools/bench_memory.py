@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from tools.common import LLAMA_CONVERT, OUTTYPE, ROOT, child_env
+from tools.common import LLAMA_CONVERT, OUTTYPE, ROOT, child_env, scratch
 
 
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["0.25B", "0.5B", "1B"], choices=["0.25B", "0.5B", "1B"])
     ap.add_argument("--type", default="Q8_0", choices=sorted(OUTTYPE))
     ap.add_argument("--jobs", type=int, default=2, help="ggufq encoder processes (default 2)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_BENCH_DIR", "/tmp/ggufq-bench")),
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-bench", "GGUFQ_BENCH_DIR"),
                     help="where the synthetic models and outputs go (env GGUFQ_BENCH_DIR)")
     ap.add_argument("--llama-convert", type=Path, default=LLAMA_CONVERT,
                     help="llama.cpp's convert_hf_to_gguf.py (env GGUFQ_LLAMA_CONVERT); needs torch")

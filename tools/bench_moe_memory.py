@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from tools.bench_memory import measure, model_bytes
-from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, child_env
+from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, child_env, scratch
 from tools.synthetic_moe import make_moe
 
 HERE = ROOT / "tools"
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_BENCH_DIR", "/tmp/ggufq-bench")))
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-bench", "GGUFQ_BENCH_DIR"))
     ap.add_argument("--skip-llama", action="store_true")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)

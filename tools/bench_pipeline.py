@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, timed
+from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, scratch, timed
 
 
 
@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("model", type=Path)
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ggufq-bench-pipeline"))
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-bench-pipeline", "GGUFQ_BENCH_PIPELINE_DIR"))
     ap.add_argument("--convert-script", type=Path, default=LLAMA_CONVERT)
     ap.add_argument("--llama-bin", type=Path, default=LLAMA_BIN)
     a = ap.parse_args()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +28,11 @@ SHARED = Path(os.environ.get("GGUFQ_SHARED") or next(
     (p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared"))
 HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+def scratch(name: str, env_var: str = "GGUFQ_SCRATCH") -> Path:
+    """A default work folder: ``$env_var`` when set, else ``name`` in the system's temporary folder."""
+    return Path(os.environ.get(env_var) or Path(tempfile.gettempdir()) / name)
+
+
 # llama.cpp's convert_hf_to_gguf.py --outtype for the types it writes
 OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 

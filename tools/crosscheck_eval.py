@@ -42,7 +42,7 @@ from pathlib import Path
 
 
 from ggufq.eval import evaluate
-from tools.common import HELDOUT, LLAMA_BIN, SHARED, SMOLLM2, TINY, WIKITEXT, make_f16, run
+from tools.common import HELDOUT, LLAMA_BIN, SHARED, SMOLLM2, TINY, WIKITEXT, make_f16, run, scratch
 
 TINY_DIRS = [TINY, SHARED / "models" / "tinyllama-spm-10m"]
 
@@ -130,7 +130,7 @@ def main() -> int:
     ap.add_argument("--llama-bin", type=Path, default=LLAMA_BIN,
                     help="dir with llama-perplexity and llama-quantize (default: $GGUFQ_LLAMA_BIN, "
                          "~/.cache/ggufq/llama-bin, built by tools/build_llama_tools.sh)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/tmp/ggufq-crosscheck")),
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-crosscheck"),
                     help="scratch dir for GGUFs, llama-perplexity logs and base log-prob files")
     ap.add_argument("--tiny", type=Path, default=next((d for d in TINY_DIRS if d.is_dir()), TINY_DIRS[0]))
     ap.add_argument("--tiny-text", type=Path, default=HELDOUT)

@@ -39,7 +39,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf
 from ggufq.plan.gguf_header import read_header
 from ggufq.plan.rules import FTYPES as R_FTYPES
-from tools.common import LLAMA_BIN, LLAMA_CPP, ROOT, SMOLLM2, TINY
+from tools.common import LLAMA_BIN, LLAMA_CPP, ROOT, SMOLLM2, TINY, scratch
 
 HERE = ROOT / "tools"
 
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--imatrix", choices=["none", "synthetic", "both"], default="both",
                     help="run llama-quantize without an imatrix, with a synthetic one, or both (default)")
     ap.add_argument("--llama-bin", type=Path, default=DEFAULT_BIN, help=f"llama.cpp tools (default {DEFAULT_BIN})")
-    ap.add_argument("--scratch", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/tmp/ggufq-plan-parity")),
+    ap.add_argument("--scratch", type=Path, default=scratch("ggufq-plan-parity"),
                     help="where F16 and quantized GGUFs are cached")
     ap.add_argument("--converter", choices=["llama.cpp", "ggufq"], default="llama.cpp",
                     help="what makes the F16 GGUF llama-quantize reads")
