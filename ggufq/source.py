@@ -91,24 +91,28 @@ class SourceTensor:
         esize, bits = self._check_dtype()
         lo, hi = max(0, lo), min(hi, self.n_rows)
         n = (hi - lo) * self.row_len
-        want = n * esize
-        start = self.offset + lo * self.row_len * esize
+        buf = self.pread(self.offset + lo * self.row_len * esize, n * esize)
+        raw = np.frombuffer(buf, dtype=bits)
+        out = bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32)
+        return out.reshape(hi - lo, self.row_len)
+
+    def pread(self, start: int, n: int) -> bytearray:
+        """``n`` bytes of the shard from offset ``start`` (the shard's open fd, else opened for the call);
+        a short file is one line naming the tensor."""
         fd = self._fd if self._fd is not None else os.open(self.path, os.O_RDONLY)
         try:
-            buf = bytearray(want)
+            buf = bytearray(n)
             view = memoryview(buf)
             got = 0
-            while got < want:
+            while got < n:
                 k = os.preadv(fd, [view[got:]], start + got)
                 if k <= 0:
                     raise GgufqError(f"{self.path.name}: file ends inside tensor {self.name} (truncated shard?)")
                 got += k
+            return buf
         finally:
             if self._fd is None:
                 os.close(fd)
-        raw = np.frombuffer(buf, dtype=bits)
-        out = bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32)
-        return out.reshape(hi - lo, self.row_len)
 
     def read_all(self) -> np.ndarray:
         """The whole tensor as float32 in its own shape (for small tensors and tests)."""
