@@ -2,10 +2,8 @@
 data, and the input moments of its matrices are collected while it writes.
 
 Error-feedback rounding (:mod:`ggufq.quant.gptq`) needs each matrix's input second moment
-``E[x x^T]``. Measured on tinyllama-spm-10m (Q4_K_M, mean KLD; docs/HQQ.md): moments from
-random tokens made files *worse* than none; text the model sampled itself (temperature 1, from
-BOS) was as good as its real held-out text; 64 x 512 tokens are the default (smaller samples
-varied with the seed). So :func:`self_calibrate`:
+``E[x x^T]``; the text is sampled from the model itself (temperature 1, from BOS), 64 x 512
+tokens by default (why, with the measurements: docs/HQQ.md). :func:`self_calibrate`:
 
 1. writes the model as a temporary F16 GGUF (Q8_0 from :data:`Q8_PARAMS` parameters up) with
    ggufq's own streaming writer, in a temporary folder beside the output;
@@ -23,7 +21,7 @@ Nothing here is per architecture: weights sharing an input (q/k/v, gate/up) are 
 the graph (they read the same graph tensor), so every arch llama.cpp runs is calibrated.
 Memory: the worker holds the KV cache (``kv_bytes``, rounds of sequences beyond it), the
 buffered inputs (``buffer_bytes``) and the scratch's pages it touches; the scratch file is
-``8 * sum(n^2)`` bytes over the distinct full inputs (SmolLM2-135M: 80 MB, 1B: 1.6 GB).
+``8 * sum(n^2)`` bytes over the distinct full inputs (sizes measured: docs/HQQ.md).
 Failures (no llama-cpp-python, a build that cannot load, a full disk, Ctrl-C) raise
 :class:`~ggufq.GgufqError` or propagate the interrupt, with the worker killed and reaped and
 the temporary folder removed.
@@ -140,26 +138,28 @@ class SelfCalibration:
             return np.diag(m).copy() if _diag_only(name) else m
         return self.mm[o:o + n] / self.count
 
-    def lazy(self, name: str, real: Optional[np.ndarray] = None):
-        """A callable the writer runs when it reaches ``name``."""
-        return functools.partial(self.weights, name, real)
+    def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None):
+        """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP)."""
+        return functools.partial(self.weights, name, imatrix, damp)
 
-    def weights(self, name: str, real: Optional[np.ndarray] = None):
+    def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None):
+        """``name``'s imatrix (write.Imatrix): a Hessian from full moments (its diag replaced by ``imatrix``
+        when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it."""
         from .quant.gptq import Hessian
         m = self.moment(name)
         if m is None:
-            return real
+            return imatrix
         if m.ndim == 1:
-            return real if real is not None else m.astype(np.float32)
-        k = self.key(name)
+            return imatrix if imatrix is not None else m.astype(np.float32)
+        k = (self.key(name), damp)
         if k != self._key:
             self._key, self._h = None, None
             # below ~1k inputs BLAS threads do not pay: on a busy machine they spin (SmolLM2's 576:
             # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
             with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
-                self._key, self._h = k, Hessian.from_moment(m)
-        # a real imatrix (--imatrix) picks the block scales; the moment steers the rounding
-        return self._h if real is None else Hessian(np.asarray(real, np.float32), self._h.u)
+                self._key, self._h = k, Hessian.from_moment(m, damp)
+        # an --imatrix file's entry picks the block scales; the moment steers the rounding
+        return self._h if imatrix is None else Hessian(np.asarray(imatrix, np.float32), self._h.u)
 
     def importance(self, name: str) -> Optional[np.ndarray]:
         """float32 E[x_j^2] of ``name``'s inputs (an imatrix entry for the k-quant/i-quant encoders),

@@ -42,7 +42,6 @@ router's ``MUL_MAT`` reads the same tensor whole).
 import llama_cpp  # noqa: I001  -- must come before numpy (see module docstring)
 
 import ctypes
-import glob
 import os
 import resource
 import sys
@@ -50,6 +49,7 @@ import time
 
 import numpy as np
 
+from . import llamalib
 from .eval import proto
 
 _MAX_SRC = 10
@@ -67,11 +67,7 @@ class _Tensor(ctypes.Structure):
 
 
 def _ggml() -> ctypes.CDLL:
-    d = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    cands = sorted(glob.glob(os.path.join(d, "libggml-base.*"))) or sorted(glob.glob(os.path.join(d, "libggml.*")))
-    if not cands:
-        raise RuntimeError(f"no libggml-base in {d}")
-    lib = ctypes.CDLL(cands[0])
+    lib = llamalib.ggml_base()
     lib.ggml_op_name.restype = ctypes.c_char_p
     lib.ggml_op_name.argtypes = [ctypes.c_int]
     lib.ggml_get_name.restype = ctypes.c_char_p

@@ -17,6 +17,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
+from .arch.protocol import Arch
 from .imatrix import load as load_imatrix
 from .source import Model, open_model
 from .write import Job, check_target, write_gguf
@@ -30,7 +31,7 @@ CALIB_TOKENS = 32768         # 64 sequences of 512 (ggufq.calib)
 class Prepared:
     """Everything known before the first weight is read."""
     model: Model
-    arch: object
+    arch: Arch
     tensors: list            # list[OutTensor]
     info: plans.ModelInfo
 
@@ -128,7 +129,8 @@ class Options:
     :class:`ggufq.calib.SelfCalibration` made earlier for this model (tools: one calibration for
     several files); used instead of calibrating, and left open. ``encoder`` (``(qtype, rows, weights)
     -> blocks``) and ``importance`` (name -> importance vector, instead of the data-free one) replace
-    the method's: studies in tools/ that vary one piece of the pipeline.
+    the method's, ``damp`` GPTQ's damping (default ``gptq.DAMP``): studies in tools/ that vary one piece
+    of the pipeline.
     ``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every file of
     the model folder, the imatrix and ``protect`` -- are never overwritten). ``save_imatrix`` is part
     of the output: written beside the temporary GGUF and placed with it. ``log(line)``: gets
@@ -160,6 +162,7 @@ class Options:
     calibration: Optional[object] = None
     encoder: Optional[Callable] = None
     importance: Optional[dict] = None
+    damp: Optional[float] = None
 
     @property
     def targets(self) -> bool:
@@ -204,7 +207,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             notes.extend(a.notes())
         # moments measured for the allocator alone do not reach a method that does not use them
         enc_moments = hessians if (meth.moments or planned.self_imatrix) else None
-        job_list = make_jobs(p, plan, im, free, enc_moments, planned.self_imatrix)
+        job_list = make_jobs(p, plan, im, free, enc_moments, planned.self_imatrix, opts.damp)
         paths = write_stage(p, opts, meth, plan, path, job_list, inputs, notes, hessians,
                             lambda w: write_header(p, md, vocab, plan, w, im, qkeys))
     finally:
@@ -335,7 +338,8 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
     return hessians
 
 
-def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imatrix: bool) -> list[Job]:
+def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imatrix: bool,
+              damp: Optional[float] = None) -> list[Job]:
     """One writer job per tensor: its planned type and the importance it is encoded with."""
     by_name = {e.name: e for e in plan.entries}
     job_list = []
@@ -350,7 +354,7 @@ def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imat
             if self_imatrix:
                 weights = functools.partial(hessians.importance, t.name)
             elif hessians is not None and hessians.covers(t.name):
-                weights = hessians.lazy(t.name, real)
+                weights = hessians.lazy(t.name, real, damp)
         job_list.append(Job(t, qtype, weights))
     return job_list
 

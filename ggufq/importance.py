@@ -16,7 +16,7 @@ convention (mean squared activation per input column; only ratios matter).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -125,6 +125,3 @@ def combine(real: Optional[np.ndarray], free: Optional[np.ndarray], how: str = "
     r = real / max(float(real.mean()), 1e-30)
     f = free / max(float(free.mean()), 1e-30)
     return np.sqrt(np.maximum(r, 0) * np.maximum(f, 0)).astype(np.float32)
-
-
-ImportanceFn = Callable[[object], dict]

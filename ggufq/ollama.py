@@ -553,7 +553,9 @@ def modelfile(gguf_name, chat_template: Optional[str], *, bos: str = "", eos: st
     list of a split's shards (one FROM line each: ``ollama create`` sends every FROM file and
     joins llama.cpp split shards itself, server/create.go). ``eos_texts``: texts of every
     end-of-generation token (``eos`` and the generation_config's eos ids). ``family_hint``: the
-    architecture's template family, tried first."""
+    architecture's template family, tried first.
+
+    Long because it is a table: one Modelfile line per template/stop/parameter rule, in ollama's order."""
     notes: list[str] = []
     lines = []
     if header:

@@ -33,6 +33,14 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask): the default of ``-j`` and eval's threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover  -- not Linux
+        return max(1, os.cpu_count() or 1)
+
 WATCH_INTERVAL = 0.25
 PR_SET_PDEATHSIG = 1
 SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
@@ -192,7 +200,9 @@ def run_limited(fn, args=(), *, timeout: float, max_memory: int, max_output: int
     """``fn(*args) -> bytes`` run in a forked child with a wall-clock ``timeout``, ``max_memory``
     bytes of address space beyond what the parent already maps, and at most ``max_output``
     bytes of result; :class:`LimitExceeded` otherwise. The child dies with the parent.
-    Without ``fork`` (not POSIX) it runs in-process, unlimited."""
+    Without ``fork`` (not POSIX) it runs in-process, unlimited.
+
+    Long because fork, rlimits, the result pipe and the reaping of the child belong to one try/finally."""
     if not hasattr(os, "fork"):
         return fn(*args)
     import resource

@@ -6,10 +6,11 @@ import time
 from typing import Optional, TextIO
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, decimals: int = 1) -> str:
+    """``n`` bytes in binary units (B, KiB ... TiB) with ``decimals`` places above B."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{decimals}f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
 

@@ -91,24 +91,28 @@ class SourceTensor:
         esize, bits = self._check_dtype()
         lo, hi = max(0, lo), min(hi, self.n_rows)
         n = (hi - lo) * self.row_len
-        want = n * esize
-        start = self.offset + lo * self.row_len * esize
+        buf = self.pread(self.offset + lo * self.row_len * esize, n * esize)
+        raw = np.frombuffer(buf, dtype=bits)
+        out = bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32)
+        return out.reshape(hi - lo, self.row_len)
+
+    def pread(self, start: int, n: int) -> bytearray:
+        """``n`` bytes of the shard from offset ``start`` (the shard's open fd, else opened for the call);
+        a short file is one line naming the tensor."""
         fd = self._fd if self._fd is not None else os.open(self.path, os.O_RDONLY)
         try:
-            buf = bytearray(want)
+            buf = bytearray(n)
             view = memoryview(buf)
             got = 0
-            while got < want:
+            while got < n:
                 k = os.preadv(fd, [view[got:]], start + got)
                 if k <= 0:
                     raise GgufqError(f"{self.path.name}: file ends inside tensor {self.name} (truncated shard?)")
                 got += k
+            return buf
         finally:
             if self._fd is None:
                 os.close(fd)
-        raw = np.frombuffer(buf, dtype=bits)
-        out = bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32)
-        return out.reshape(hi - lo, self.row_len)
 
     def read_all(self) -> np.ndarray:
         """The whole tensor as float32 in its own shape (for small tensors and tests)."""
@@ -208,7 +212,9 @@ def _short(v) -> str:
 def read_safetensors_header(path: Path) -> dict[str, SourceTensor]:
     """Parse one safetensors file's header; validate every tensor's extent against the file.
 
-    Strict as the safetensors library is: the data regions must tile the data area exactly."""
+    Strict as the safetensors library is: the data regions must tile the data area exactly.
+
+    Long because each check of the header (one per field and extent) is its own one-line error."""
     try:
         fd = open_regular(path, path.name)
     except FileNotFoundError:
@@ -527,34 +533,3 @@ def check_config(config: dict, tensors: dict[str, SourceTensor], where: str = "c
                     sub.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")):
                 raise GgufqError(f"{where}: yarn rope scaling needs original_max_position_embeddings "
                                  f"(in {rkey} or at the top level)")
-
-
-def write_safetensors(path: os.PathLike | str, tensors: dict[str, tuple[np.ndarray, str]],
-                      metadata: Optional[dict] = None) -> None:
-    """Write a safetensors file from ``name -> (float array, dtype)``, dtype in BF16/F16/F32.
-
-    For tools and tests that build model folders (synthetic models, SmolLM2);
-    safetensors' own numpy API cannot write bf16.
-    """
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}}
-    blobs = []
-    off = 0
-    for name, (arr, dtype) in tensors.items():
-        a = np.asarray(arr, dtype=np.float32)
-        if dtype == "BF16":
-            from .quant.floats import f32_to_bf16_bits
-            raw = f32_to_bf16_bits(a).tobytes()
-        elif dtype in DTYPES:
-            raw = a.astype(DTYPES[dtype][1]).tobytes()
-        else:
-            raise ValueError(f"cannot write dtype {dtype}")
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for b in blobs:
-            f.write(b)

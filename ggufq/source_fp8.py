@@ -17,7 +17,6 @@ missing or misshapen scale are one :class:`~ggufq.GgufqError` line, before anyth
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,23 +69,6 @@ def fp8_encode(x: np.ndarray, dtype: str) -> np.ndarray:
     return code.reshape(np.shape(x))
 
 
-def _pread(t: SourceTensor, start: int, n: int) -> bytes:
-    fd = t._fd if t._fd is not None else os.open(t.path, os.O_RDONLY)
-    try:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = os.preadv(fd, [view[got:]], start + got)
-            if k <= 0:
-                raise GgufqError(f"{t.path.name}: file ends inside tensor {t.name} (truncated shard?)")
-            got += k
-        return bytes(buf)
-    finally:
-        if t._fd is None:
-            os.close(fd)
-
-
 @dataclass
 class Fp8Tensor(SourceTensor):
     """A weight times its scale: ``rows(lo, hi)`` is ``decode(codes) * scale`` in float32, as
@@ -96,7 +78,7 @@ class Fp8Tensor(SourceTensor):
 
     def _codes(self, lo: int, hi: int) -> np.ndarray:
         n = (hi - lo) * self.row_len
-        raw = _pread(self, self.offset + lo * self.row_len, n)
+        raw = bytes(self.pread(self.offset + lo * self.row_len, n))
         return fp8_decode(np.frombuffer(raw, dtype=np.uint8), self.dtype).reshape(hi - lo, self.row_len)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:

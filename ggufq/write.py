@@ -31,7 +31,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import gguf
 import numpy as np
@@ -42,9 +42,19 @@ from .arch import OutTensor
 from .procs import WorkerPool, check as check_signals, deferred, finished, pending
 from .progress import Progress
 
+if TYPE_CHECKING:
+    from .quant.gptq import Hessian
+
 CHUNK_ELEMENTS = 1 << 22          # ~16 MiB of float32 per chunk
 F16_INF = 65520.0                 # the smallest magnitude that rounds to inf in IEEE half (max finite 65504)
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
+# The per-column importance of one matrix (one name, ``imatrix``, at every seam): float32 [row_len],
+# llama-imatrix's convention (mean squared input per column; only ratios matter) -- from --imatrix,
+# self-calibration's moment diagonals or the data-free estimate (ggufq.importance). With full input
+# moments it is a quant.gptq.Hessian (its ``diag`` is the imatrix); a callable defers either to the
+# moment the writer reaches the tensor (calib.SelfCalibration.lazy).
+Imatrix = Union[np.ndarray, "Hessian"]
+ImatrixSource = Union[Imatrix, Callable[[], Optional[Imatrix]], None]
 
 
 @dataclass
@@ -52,7 +62,7 @@ class Job:
     """One tensor to write: where its rows come from and how to encode them."""
     tensor: OutTensor
     qtype: T
-    imatrix: object = None    # ndarray [row_len], a quant.gptq.Hessian, or a callable returning either
+    imatrix: ImatrixSource = None
 
     @property
     def nbytes(self) -> int:
@@ -241,6 +251,9 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
     ``before_commit(tmp_paths, final_paths)`` runs on the complete files before anything is
     renamed into place and returns further ``(tmp file, final path)`` pairs to place with them.
     ``protect``: files never replaced, even with ``force`` (the conversion's inputs).
+
+    Long because the header-first streaming writer, the atomic placement and the signal/cleanup
+    discipline share one try/finally over the temporary files; splitting it would spread that invariant.
     """
     global _FORKED_JOBS
     path = Path(path)

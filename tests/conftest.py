@@ -7,17 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
-# the shared data folder sits next to the checkout, or two up from a git worktree of it
-SHARED = Path(os.environ.get("GGUFQ_SHARED") or next(
-    (p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared"))
-HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-SMOLLM2 = Path(os.environ.get("GGUFQ_SMOLLM2", Path.home() / ".cache" / "ggufq" / "smollm2-135m-dither"))
-LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache" / "ggufq" / "llama-bin"))
-
-sys.path.insert(0, str(ROOT))
+from tools.common import HELDOUT, LLAMA_BIN, ROOT, SHARED, SMOLLM2, TINY, WIKITEXT  # noqa: F401  -- the tests' paths
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +35,7 @@ def tiny_copy(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").is_file():
-        pytest.skip(f"smollm2-135m-dither not built at {SMOLLM2} (python tools/build_smollm2.py)")
+        pytest.skip(f"smollm2-135m-dither not built at {SMOLLM2} (python -m tools.build_smollm2)")
     return SMOLLM2
 
 

@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
 PR_SET_CHILD_SUBREAPER = 36
 
-sys.path.insert(0, str(ROOT))
 import ggufq.cli  # noqa: E402,F401  -- imported once here, so forked runs start at main()
 import ggufq.convert  # noqa: E402,F401
 

@@ -28,7 +28,7 @@ def edge_rows(k: int = 512, n: int = 48, seed: int = 0) -> np.ndarray:
 def tiny_matrices(names=("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
                          "model.layers.5.mlp.gate_proj.weight", "model.embed_tokens.weight")):
     """A few real bf16 matrices of the tiny model as float32 (the embedding cut to 1024 rows)."""
-    from ggufq.quant.parity import model_matrices
+    from ggufq_ref.parity import model_matrices
     if not TINY.is_dir():
         pytest.skip(f"tiny model not at {TINY}")
     out = {}

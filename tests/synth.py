@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from conftest import TINY
-from ggufq.source import write_safetensors
+from ggufq_ref.st_writer import write_safetensors
 
 
 def make_model(d: Path, arch: str = "LlamaForCausalLM", hidden: int = 64, layers: int = 2, heads: int = 4,

@@ -1,7 +1,7 @@
 """The architectures of ggufq.arch end to end on synthetic checkpoints (tools/synthetic_archs.py):
 
 * ``ggufq convert --type F32`` -> llama-cpp-python logits at every position vs the NumPy reference
-  forward of the HF weights (tests/reference.py): max relative error per position < TOL;
+  forward of the HF weights (ggufq_ref/forward.py): max relative error per position < TOL;
 * tokenizer parity: the GGUF's tokenizer in llama.cpp gives the HF tokenizer's ids on a mixed sample;
 * bad input: a missing config key, a q_norm of the wrong shape, a fused qkv that does not split ->
   one ``ggufq: error:`` line, exit 1, nothing written.
@@ -11,15 +11,13 @@ Parity with llama.cpp's own converter (keys, tensor bytes) is ``tools/arch_parit
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
-sys.path.insert(0, str(ROOT / "tools"))
-from synthetic_archs import FAMILIES, QWEN2_VOCAB, make_arch  # noqa: E402
+from tools.synthetic_archs import FAMILIES, QWEN2_VOCAB, make_arch
 
 TOL = 1e-4
 # ggml computes GELU through a table indexed by the fp16-rounded input (GGML_GELU_FP16), ~1e-3 per
@@ -50,8 +48,8 @@ def synth(tmp_path_factory):
 @pytest.mark.parametrize("fam", FAMS)
 def test_f32_logits_match_reference(fam, synth, tmp_path):
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
     d = synth(fam)
     out = tmp_path / f"{fam}.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
@@ -75,7 +73,7 @@ MIXED = ["Hello world! The quick brown fox.", "  leading spaces, trailing   ", "
 @pytest.mark.parametrize("fam", ["qwen3", "gemma2", "gemma3", "phi3"])
 def test_tokenizer_parity(fam, synth, tmp_path):
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_tokenize
+    from ggufq_ref.llama_worker import llama_tokenize
     d = synth(fam)
     out = tmp_path / f"{fam}.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "Q8_0", "-q")
@@ -163,7 +161,8 @@ def test_plan_types_equal_llama_cpp(fam, tmp_path):
     (llama_quant_compute_types through ctypes) on rows that k-quants fit (hidden 256, 8 layers)."""
     pytest.importorskip("llama_cpp")
     from ggufq.convert import tensor_specs
-    from ggufq.plan import llama_ref, make_plan
+    from ggufq.plan import make_plan
+    from ggufq_ref import llama_ref
     if not llama_ref.available():
         pytest.skip("llama.cpp's libllama not found")
     _need_vocab(fam)

@@ -13,7 +13,7 @@ import pytest
 
 from ggufq import GgufqError, calib, vocab as vocabs
 from ggufq.convert import prepare
-from reference import Reference
+from ggufq_ref.forward import Reference
 
 pytest.importorskip("llama_cpp")
 

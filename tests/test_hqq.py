@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from ggufq.quant import ggml_ref, hqq, layout
+from ggufq.quant import hqq, layout
+from ggufq_ref import ggml_ref
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,16 @@ same bytes, and llama-cpp-python loads our file and gives the logits of llama.cp
 """
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
 
-from conftest import LLAMA_BIN, ROOT, TINY, run_cli
+from conftest import LLAMA_BIN, TINY, run_cli
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("plan_parity", ROOT / "tools/plan_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tools import plan_parity
+    return plan_parity
 
 
 TOOL = _tool()

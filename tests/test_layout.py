@@ -5,7 +5,8 @@ import gguf
 import numpy as np
 import pytest
 
-from ggufq.quant import ggml_ref, layout
+from ggufq.quant import layout
+from ggufq_ref import ggml_ref
 
 pytestmark = pytest.mark.skipif(not ggml_ref.available(), reason="llama-cpp-python's libggml not available")
 

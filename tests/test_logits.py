@@ -2,7 +2,7 @@
 
 ``ggufq convert --type F32`` -> llama-cpp-python (F32 KV cache, fresh process) logits at
 every position, against the independent NumPy reference of the HF folder
-(tests/reference.py, itself checked against transformers in test_reference.py):
+(ggufq_ref/forward.py, itself checked against transformers in test_reference.py):
 ||llama - ref|| / ||ref|| < 1e-3 at every position. Real models (tinyllama, SmolLM2) on
 their evaluation texts, and synthetic Mistral, Qwen2, llama3-rope and tied models.
 Plus tokenizer parity: the GGUF's tokenizer in llama.cpp gives the HF tokenizer's ids.
@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from conftest import HELDOUT, TINY, WIKITEXT, run_cli  # noqa: E402
-from llama_worker import llama_logits, llama_tokenize  # noqa: E402
-from reference import Reference, hf_tokenize  # noqa: E402
+from ggufq_ref.llama_worker import llama_logits, llama_tokenize  # noqa: E402
+from ggufq_ref.forward import Reference, hf_tokenize  # noqa: E402
 from synth import make_model  # noqa: E402
 
 TOL = 1e-3

@@ -19,16 +19,14 @@ Byte parity with llama.cpp's converter and plan parity with llama-quantize: tool
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from test_errors import _fails
 
-sys.path.insert(0, str(ROOT / "tools"))
-from synthetic_moe import make_moe  # noqa: E402
+from tools.synthetic_moe import make_moe
 
 TOL = 1e-4
 SMALL = dict(hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=8, active=2, shards=2, seed=11)
@@ -82,8 +80,8 @@ def test_fused_gate_up_halves():
 @pytest.mark.parametrize("fam", ["mixtral", "qwen2moe", "olmoe"])
 def test_f32_logits_match_reference(fam, tmp_path):
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
     d = make_moe(tmp_path / fam, fam, shared_ff=128, **{**SMALL, "kv_heads": None})   # OLMoE: multi-head
     out = tmp_path / f"{fam}.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
@@ -133,9 +131,10 @@ def test_fp8_logits_match_reference_of_dequantized_weights(tmp_path):
     """The FP8 checkpoint's F32 GGUF in llama.cpp vs the reference forward on a BF16-free F32 copy
     of the same dequantized weights (written by the test from whole-tensor numpy products)."""
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
-    from ggufq.source import open_model, write_safetensors
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
+    from ggufq.source import open_model
+    from ggufq_ref.st_writer import write_safetensors
     d = make_moe(tmp_path / "fp8", "mixtral", fp8="e4m3", block=(32, 32), **SMALL)
     m = open_model(d)
     ref_dir = tmp_path / "f32"
@@ -251,11 +250,11 @@ def _write_imatrix(path, entries: dict):
 def test_per_expert_imatrix_applied_per_expert(tmp_path):
     """An imatrix with one vector per expert (llama-imatrix's layout for 3-D tensors): each expert's
     rows are encoded with its own vector, byte for byte as libggml's ggml_quantize_chunk does them."""
-    from ggufq.quant import ggml_ref
+    from ggufq_ref import ggml_ref
     if not ggml_ref.available():
         pytest.skip("libggml (llama-cpp-python) not found")
     import gguf
-    from reference import load_folder, to_float
+    from ggufq_ref.forward import load_folder, to_float
     d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "experts": 4})
     name, hf = "blk.1.ffn_down_exps.weight", "model.layers.1.block_sparse_moe.experts.{}.w2.weight"
     rng = np.random.default_rng(3)
@@ -294,7 +293,7 @@ def test_workers_reading_stacked_experts_give_the_same_bytes(tmp_path):
 def _routed_reference(d):
     """The reference forward recording, per (layer, GGUF role, expert), the rows each expert's
     gate/up and down matrices read."""
-    from reference import Reference
+    from ggufq_ref.forward import Reference
 
     class Routed(Reference):
         seen: dict = {}
@@ -368,7 +367,7 @@ def test_iq2_mixture_of_a_moe_calibrates_its_experts(tmp_path):
     a, b = gguf.GGUFReader(out), gguf.GGUFReader(again)
     for x, y in zip(a.tensors, b.tensors):
         assert x.name == y.name and np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes(), x.name
-    from llama_worker import llama_logits
+    from ggufq_ref.llama_worker import llama_logits
     assert np.isfinite(llama_logits(out, list(range(10, 30)))).all()
     tool = LLAMA_BIN / "llama-quantize"
     if tool.exists():
@@ -381,7 +380,7 @@ def test_iq2_mixture_of_a_moe_calibrates_its_experts(tmp_path):
 
 
 # ---- gpt-oss: MXFP4 experts ------------------------------------------------------------------
-from synthetic_gptoss import make_gpt_oss  # noqa: E402
+from tools.synthetic_gptoss import make_gpt_oss  # noqa: E402
 
 GPT_OSS_SMALL = dict(hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=4, active=2, shards=2, seed=3,
                      tokenizer="spm")
@@ -451,7 +450,7 @@ def test_gpt_oss_mxfp4_experts_copied_and_generate(tmp_path):
         assert np.asarray(_tensor(mx, name).data).tobytes() == np.asarray(_tensor(out, name).data).tobytes()
     assert gguf.GGMLQuantizationType(_tensor(mx, "blk.0.attn_q.weight").tensor_type) == gguf.GGMLQuantizationType.Q8_0
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_generate, llama_logits
+    from ggufq_ref.llama_worker import llama_generate, llama_logits
     ids = llama_generate(out, [1, 2, 3, 4], 8)
     assert len(ids) == 8
     logits = llama_logits(mx, list(range(10, 40)))
@@ -479,7 +478,7 @@ def test_gpt_oss_requantized_experts(tmp_path):
         rows = m.tensors["model.layers.0.mlp.experts.down_proj"].rows(0, 4 * 256)
     assert np.asarray(t.data).tobytes() == encode(qtype, rows).tobytes()
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
+    from ggufq_ref.llama_worker import llama_logits
     assert np.isfinite(llama_logits(out, list(range(10, 30)))).all()
 
 

@@ -11,7 +11,6 @@ Parity is checked three ways:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -40,10 +39,8 @@ ALL_TYPES = QUANT_TYPES + ["F16", "BF16", "F32"] + IQ_TYPES
 # ---------------------------------------------------------------------------
 # tensor lists of real architectures, as their GGUF files name and shape them (numpy order)
 def _parity_tool():
-    spec = importlib.util.spec_from_file_location("plan_parity", ROOT / "tools/plan_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tools import plan_parity
+    return plan_parity
 
 
 TOOL = _parity_tool()
@@ -103,7 +100,7 @@ def test_plan_follows_llama_cpp_visit_order_not_input_order():
 # ---------------------------------------------------------------------------
 # 2. llama.cpp's own type selection (llama_quant_compute_types), synthetic models
 def _llama_ref():
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
     if not llama_ref.available():
         pytest.skip("llama-cpp-python's libllama (llama_quant_compute_types) is not loadable")
     return llama_ref

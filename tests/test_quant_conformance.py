@@ -19,8 +19,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
 from ggufq import quant
-from ggufq.quant import ggml_ref
-from ggufq.quant.parity import synthetic_imatrix
+from ggufq_ref import ggml_ref
+from ggufq_ref.parity import synthetic_imatrix
 from quant_helpers import edge_rows, tiny_matrices
 
 TYPES = sorted(quant.encoders(), key=int)

@@ -15,9 +15,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
-from ggufq.quant import encode, encoders, ggml_ref
+from ggufq.quant import encode, encoders
+from ggufq_ref import ggml_ref
 from ggufq.quant.iq_grid import iq_grid
-from ggufq.quant.parity import model_matrices, synthetic_imatrix
+from ggufq_ref.parity import model_matrices, synthetic_imatrix
 
 pytestmark = pytest.mark.skipif(not ggml_ref.available(), reason="llama-cpp-python (ggml reference) not installed")
 

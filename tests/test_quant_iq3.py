@@ -15,7 +15,8 @@ from gguf.quants import dequantize
 
 from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
 from quant_helpers import tiny_matrices
-from ggufq.quant import encode, ggml_ref, row_nbytes
+from ggufq.quant import encode, row_nbytes
+from ggufq_ref import ggml_ref
 from ggufq.quant.iq3 import grid
 
 pytestmark = pytest.mark.skipif(not ggml_ref.available(), reason="llama-cpp-python (ggml reference) not installed")

@@ -8,8 +8,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ggufq.quant import encode, ggml_ref
-from ggufq.quant.parity import compare, synthetic_imatrix
+from ggufq.quant import encode
+from ggufq_ref import ggml_ref
+from ggufq_ref.parity import compare, synthetic_imatrix
 from ggufq.quant.q4_k import pack_scales_k4, unpack_scales_k4
 from ggufq.quant.qkx import make_qkx2_quants, make_qkx3_quants
 from quant_helpers import edge_rows, run_tiny_gguf, tiny_matrices

@@ -14,7 +14,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from ggufq.quant import encode, ggml_ref, row_nbytes
+from ggufq.quant import encode, row_nbytes
+from ggufq_ref import ggml_ref
 
 pytestmark = pytest.mark.skipif(not ggml_ref.available(), reason="llama-cpp-python (ggml reference) not installed")
 
@@ -102,7 +103,7 @@ def test_decodes_close_to_input(qtype, bound):
 
 def _load_bf16_tensors(model_dir):
     """2-D weights of the model, as float32, through ggufq.source."""
-    from ggufq.quant.parity import model_matrices
+    from ggufq_ref.parity import model_matrices
     return dict(model_matrices(model_dir, min_cols=0))
 
 

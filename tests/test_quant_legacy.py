@@ -8,9 +8,10 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ggufq.quant import encode, ggml_ref, legacy
+from ggufq.quant import encode, legacy
+from ggufq_ref import ggml_ref
 from ggufq.quant.common import fp16_round
-from ggufq.quant.parity import compare, synthetic_imatrix
+from ggufq_ref.parity import compare, synthetic_imatrix
 from quant_helpers import edge_rows, run_tiny_gguf, tiny_matrices
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]

@@ -1,4 +1,4 @@
-"""The NumPy reference (tests/reference.py) agrees with transformers on every arch variant it serves.
+"""The NumPy reference (ggufq_ref/forward.py) agrees with transformers on every arch variant it serves.
 
 Skips without torch/transformers: they are not ggufq dependencies, only this proof uses them.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference import Reference, rope_inv_freq
+from ggufq_ref.forward import Reference, rope_inv_freq
 from synth import make_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -49,7 +49,8 @@ def test_reference_matches_transformers(variant, tmp_path):
 
 def _add_o_bias(d):
     """make_model writes q/k/v biases only; Llama's attention_bias also has o_proj.bias."""
-    from ggufq.source import open_model, write_safetensors
+    from ggufq.source import open_model
+    from ggufq_ref.st_writer import write_safetensors
     with open_model(d) as m:
         t = {n: (m[n].read_all(), m[n].dtype) for n in m.tensors}
     rng = np.random.default_rng(7)

@@ -5,7 +5,8 @@ import gguf
 import numpy as np
 import pytest
 
-from ggufq.quant import ggml_ref, layout, refine
+from ggufq.quant import layout, refine
+from ggufq_ref import ggml_ref
 
 pytestmark = pytest.mark.skipif(not ggml_ref.available(), reason="llama-cpp-python's libggml not available")
 

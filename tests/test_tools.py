@@ -11,14 +11,13 @@ import pytest
 
 from conftest import ROOT, run_cli
 
-sys.path.insert(0, str(ROOT / "tools"))
-import make_synthetic  # noqa: E402
+from tools import make_synthetic
 
 
 def test_make_synthetic_shapes_seed_and_logits(tmp_path):
     pytest.importorskip("llama_cpp")
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
 
     d = make_synthetic.write_model(tmp_path / "s", "0.25B", seed=1, layers=1, vocab=9000,
                                    shard_bytes=16 << 20, quiet=True)
@@ -45,8 +44,8 @@ def test_make_synthetic_shapes_seed_and_logits(tmp_path):
 
 
 def _compare(model_dir, *extra):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_convert.py"), str(model_dir), *extra],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "tools.compare_convert", str(model_dir), *extra],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -71,3 +70,30 @@ def test_compare_convert_synthetic_q8_0(variant, tmp_path):
     n = int(out.split("tensors: ")[1].split(" ")[0])
     # llama3's rope_freqs included: ggufq follows torch's float32 operations and pow (ggufq.arch.torchpow)
     assert f"{n} identical byte for byte" in out
+
+
+def test_every_tool_answers_help():
+    """``python -m tools.<each> --help`` from the repository root, every module of tools/ (none skipped):
+    one interpreter runs them as ``-m`` does (runpy), so the test costs one start-up."""
+    names = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if p.stem not in ("__init__", "common"))
+    code = r'''
+import contextlib, io, json, runpy, sys
+res = {}
+for name in sys.argv[1:]:
+    buf = io.StringIO()
+    sys.argv = [name, "--help"]
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_module("tools." + name, run_name="__main__", alter_sys=True)
+            code = None
+        except SystemExit as e:
+            code = e.code
+    res[name] = [code, buf.getvalue()[:200]]
+print(json.dumps(res))
+'''
+    r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(res) == names and len(names) >= 25
+    bad = {n: v for n, v in res.items() if v[0] not in (0, None) or "usage:" not in v[1]}
+    assert bad == {}

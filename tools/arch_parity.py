@@ -1,19 +1,18 @@
 """One row per architecture: ggufq vs llama.cpp's convert_hf_to_gguf.py on a synthetic checkpoint.
 
-    PYTHONPATH=. python tools/arch_parity.py                       # every family, tiny shapes
-    PYTHONPATH=. python tools/arch_parity.py --arch qwen3 gemma3 --types F16
+    python -m tools.arch_parity                       # every family, tiny shapes
+    python -m tools.arch_parity --arch qwen3 gemma3 --types F16
 
 For each family of tools/synthetic_archs.py (hidden 128, 4 layers, 3 bf16 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for F16, BF16 and Q8_0 (both
 converters run; tools/compare_convert.py lists the differences), the max relative logits error of
-ggufq's F32 file through llama-cpp-python against tests/reference.py, and the number of tensors whose
+ggufq's F32 file through llama-cpp-python against ggufq_ref/forward.py, and the number of tensors whose
 Q4_K_M / Q3_K_M type differs from llama.cpp's own choice (``llama_quant_compute_types`` through
 ctypes, on llama.cpp's F16 conversion's tensors). Needs torch + transformers (llama.cpp's converter).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 
-from compare_convert import LLAMA_CONVERT, OUTTYPE, compare  # noqa: E402
-from synthetic_archs import FAMILIES, make_arch  # noqa: E402
+from tools.common import LLAMA_CONVERT, OUTTYPE, ROOT, child_env
+from tools.compare_convert import compare
+from tools.synthetic_archs import FAMILIES, make_arch
+
+HERE = ROOT / "tools"
 
 
 def _run(cmd, env=None):
@@ -50,12 +49,12 @@ def converter_parity(d: Path, tag: str, work: Path, types, env) -> dict:
 
 def row(fam: str, work: Path, types) -> dict:
     d = make_arch(work / fam, fam, hidden=128, layers=4, heads=4, kv_heads=2, ff=256, shards=3, seed=7)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     out = {"arch": FAMILIES[fam][0]}
     out.update(converter_parity(d, fam, work, types, env))
     # logits
-    from llama_worker import llama_logits
-    from reference import Reference
+    from ggufq_ref.llama_worker import llama_logits
+    from ggufq_ref.forward import Reference
     import json
     f32 = work / f"{fam}-F32.gguf"
     _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
@@ -65,16 +64,24 @@ def row(fam: str, work: Path, types) -> dict:
     got = llama_logits(f32, ids).astype(np.float64)
     out["logits"] = f"{(np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max():.1e}"
     # plan types vs llama.cpp's own choice on llama.cpp's F16 tensors
+    out.update({ft: str(m) for ft, (m, _) in plan_mismatches(work / f"{fam}-llama-F16.gguf", cfg).items()})
+    return out
+
+
+def plan_mismatches(src: Path, cfg: dict, ftypes=("Q4_K_M", "Q3_K_M")) -> dict[str, tuple[int, int]]:
+    """ftype -> (tensors whose planned type differs from llama.cpp's own choice, tensors llama.cpp typed)
+    on the tensors of llama.cpp's F16 GGUF ``src``; empty without it or without the ctypes reference."""
     from ggufq.plan import make_plan, specs_from_gguf
-    from ggufq.plan import llama_ref
-    src = work / f"{fam}-llama-F16.gguf"
-    if src.is_file() and llama_ref.available():
-        specs, info = specs_from_gguf(src)
-        for ft in ("Q4_K_M", "Q3_K_M"):
-            plan = make_plan(specs, info, ft)
-            ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
-            mism = sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype)
-            out[ft] = str(mism)
+    from ggufq_ref import llama_ref
+    if not (src.is_file() and llama_ref.available()):
+        return {}
+    specs, info = specs_from_gguf(src)
+    out = {}
+    for ft in ftypes:
+        plan = make_plan(specs, info, ft)
+        ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
+        out[ft] = (sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype),
+                   len(ref_t))
     return out
 
 

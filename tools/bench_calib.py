@@ -14,7 +14,7 @@ max-RSS of the process tree, as /usr/bin/time -v reports), and peak disk of the 
 model and moment scratch it wrote). The load average is printed beside the table: on a
 shared machine compare ratios from one run.
 
-  python tools/bench_calib.py MODEL --text TEXT --type Q4_K_M --jobs 2 --work /tmp/bc [--gpu-layers -1]
+  python -m tools.bench_calib MODEL --text TEXT --type Q4_K_M --jobs 2 --work /tmp/bc [--gpu-layers -1]
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from tools.common import child_env
 
-ROOT = Path(__file__).resolve().parent.parent
 WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
         "print('\\nmaxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
 
@@ -83,7 +83,7 @@ def main():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     binp = Path(a.llama_bin)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     ggufq = [sys.executable, "-m", "ggufq"]
     ngl = str(a.gpu_layers if a.gpu_layers >= 0 else 999)
     rows = []

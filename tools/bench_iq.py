@@ -4,11 +4,11 @@
 For each type, every 2-D tensor of MODEL_DIR (optionally only its first --rows rows) is encoded
 by ggufq and by ggml_quantize_chunk (llama-cpp-python's libggml, through ctypes), with the
 imatrix variants asked for: ``none`` (where ggml accepts none), ``synthetic`` (random
-activations, ggufq.quant.parity.synthetic_imatrix). Times are process CPU seconds, so a busy
+activations, ggufq_ref.parity.synthetic_imatrix). Times are process CPU seconds, so a busy
 machine does not skew the ratio; both sides are warmed first (grid tables, ggml_quantize_init).
 Prints a markdown table.
 
-    PYTHONPATH=. python tools/bench_iq.py fixtures/tinyllama-spm-10m --types IQ2_XXS,IQ1_M
+    python -m tools.bench_iq fixtures/tinyllama-spm-10m --types IQ2_XXS,IQ1_M
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from gguf import GGML_QUANT_SIZES  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 
-from ggufq.quant import can_encode, encode, ggml_ref  # noqa: E402
-from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
+from ggufq.quant import can_encode, encode
+from ggufq_ref import ggml_ref
+from ggufq_ref.parity import model_matrices, synthetic_imatrix
 
 DEFAULT_TYPES = "IQ2_XXS,IQ2_XS,IQ2_S,IQ1_S,IQ1_M"
 NEEDS_IMATRIX = {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}          # ggml_quantize_requires_imatrix

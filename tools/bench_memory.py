@@ -1,7 +1,7 @@
 """Peak memory and wall time of `ggufq convert` vs llama.cpp's convert_hf_to_gguf.py, by model size.
 
-    python tools/bench_memory.py                              # 0.25B, 0.5B, 1B synthetic Llamas, Q8_0
-    python tools/bench_memory.py --sizes 1B --work /tmp/bench --type Q8_0 --jobs 2
+    python -m tools.bench_memory                              # 0.25B, 0.5B, 1B synthetic Llamas, Q8_0
+    python -m tools.bench_memory --sizes 1B --work /tmp/bench --type Q8_0 --jobs 2
 
 For each size, makes the synthetic model (tools/make_synthetic.py, kept in --work for
 reruns) and converts it once with each tool, deleting each output after measuring it.
@@ -27,11 +27,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from tools.common import LLAMA_CONVERT, OUTTYPE, ROOT, child_env, scratch
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CONVERT = Path(os.environ.get(
-    "GGUFQ_LLAMA_CONVERT", str(Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")))
-OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 
 def _children() -> dict[int, list[int]]:
@@ -121,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["0.25B", "0.5B", "1B"], choices=["0.25B", "0.5B", "1B"])
     ap.add_argument("--type", default="Q8_0", choices=sorted(OUTTYPE))
     ap.add_argument("--jobs", type=int, default=2, help="ggufq encoder processes (default 2)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_BENCH_DIR", "/tmp/ggufq-bench")),
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-bench", "GGUFQ_BENCH_DIR"),
                     help="where the synthetic models and outputs go (env GGUFQ_BENCH_DIR)")
     ap.add_argument("--llama-convert", type=Path, default=LLAMA_CONVERT,
                     help="llama.cpp's convert_hf_to_gguf.py (env GGUFQ_LLAMA_CONVERT); needs torch")
@@ -136,7 +133,7 @@ def main(argv=None) -> int:
         print(f"bench_memory: llama.cpp's converter not found at {a.llama_convert}; "
               f"pass --llama-convert or --skip-llama", file=sys.stderr)
         return 2
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     results = []
     for size, arch in [(s_, a_) for a_ in a.arch for s_ in a.sizes]:
         d = ensure_model(a.work, size, arch)

@@ -5,7 +5,7 @@ Each run is a fresh `python -m ggufq convert MODEL --type T --method M -j JOBS` 
 peak memory is the largest max-RSS of that process and of its encoder processes
 (getrusage of the children, which is what /usr/bin/time -v reports as well).
 
-  python tools/bench_methods.py MODEL --type Q4_K_M --methods kquant hqq hqq:0 --work /tmp/b
+  python -m tools.bench_methods MODEL --type Q4_K_M --methods kquant hqq hqq:0 --work /tmp/b
 
 `hqq:0` = --method hqq (= calibrated) --calib-tokens 0 (data-free); `hqq:4096` = 4096 calibration tokens.
 Prints a markdown table: seconds, x the first method's time, peak RSS, output bytes.
@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from tools.common import child_env
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(model, out, qtype, method, jobs, extra=()):
@@ -28,11 +28,10 @@ def run(model, out, qtype, method, jobs, extra=()):
            "--method", m, "-j", str(jobs), "-f"]
     if tokens:
         cmd += ["--calib-tokens", tokens]
-    sys.path.insert(0, str(ROOT))
     from ggufq.quant import methods
     if methods.get(m).moments:
         cmd += list(extra)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     t0 = time.monotonic()
     # a fresh child per run: RUSAGE_CHILDREN's maxrss is the max over every waited-for descendant,
     # so measure in a grandchild wrapper to keep the runs apart

@@ -1,8 +1,8 @@
 """Peak memory, wall time and peak disk of a MoE to Q4_K_M: ggufq in one pass vs llama.cpp's
 convert_hf_to_gguf.py (to F16) + llama-quantize, for 8 and 64 experts of the same shape.
 
-    PYTHONPATH=. python tools/bench_moe_memory.py                                # hidden 256, 4 layers
-    PYTHONPATH=. python tools/bench_moe_memory.py --hidden 1024 --layers 8 --experts 8 64 --jobs 2
+    python -m tools.bench_moe_memory                                # hidden 256, 4 layers
+    python -m tools.bench_moe_memory --hidden 1024 --layers 8 --experts 8 64 --jobs 2
 
 Models come from tools/synthetic_moe.py (Mixtral-shaped, BF16, 4 shards, kept in --work for reruns);
 memory is measured as tools/bench_memory.py does (max RSS of any one process from wait4, tree PSS
@@ -17,14 +17,13 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
 
-from bench_memory import LLAMA_CONVERT, measure, model_bytes  # noqa: E402
-from synthetic_moe import make_moe  # noqa: E402
+from tools.bench_memory import measure, model_bytes
+from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, child_env, scratch
+from tools.synthetic_moe import make_moe
 
-LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
+HERE = ROOT / "tools"
+
 
 
 def main(argv=None) -> int:
@@ -34,11 +33,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_BENCH_DIR", "/tmp/ggufq-bench")))
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-bench", "GGUFQ_BENCH_DIR"))
     ap.add_argument("--skip-llama", action="store_true")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     rows = []
     for x in a.experts:
         d = a.work / f"moe-mixtral-h{a.hidden}-l{a.layers}-x{x}"

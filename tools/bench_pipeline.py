@@ -1,36 +1,27 @@
 """One pass vs two tools: `ggufq convert --type Q4_K_M` against llama.cpp's
 `convert_hf_to_gguf.py --outtype f16` followed by `llama-quantize ... Q4_K_M`.
 
-    python tools/bench_pipeline.py MODEL_DIR [--type Q4_K_M] [--jobs N] [--work DIR]
+    python -m tools.bench_pipeline MODEL_DIR [--type Q4_K_M] [--jobs N] [--work DIR]
 
 Reports wall time of each step, the peak disk space each pipeline needs (largest sum of
 files alive at once: ggufq writes only its output; llama.cpp keeps the F16 file until the
 quantized one is written), and whether the two outputs hold the same tensors
-(type and bytes) and metadata. Make a model with `python tools/make_synthetic.py DIR --size 1B`.
+(type and bytes) and metadata. Make a model with `python -m tools.make_synthetic DIR --size 1B`.
 Prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+from tools.common import LLAMA_BIN, LLAMA_CONVERT, ROOT, scratch, timed
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CONVERT = Path(os.environ.get(
-    "GGUFQ_LLAMA_CONVERT", Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"))
-LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache/ggufq/llama-bin"))
 
 
 def run(cmd: list[str], env=None) -> float:
     """Wall seconds of a command (memory is tools/bench_memory.py's job)."""
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if p.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{p.stderr[-3000:]}")
-    return time.monotonic() - t0
+    return timed(cmd, env=env)
 
 
 def same_tensors(a: Path, b: Path) -> tuple[int, int]:
@@ -52,7 +43,7 @@ def main() -> int:
     ap.add_argument("model", type=Path)
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ggufq-bench-pipeline"))
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-bench-pipeline", "GGUFQ_BENCH_PIPELINE_DIR"))
     ap.add_argument("--convert-script", type=Path, default=LLAMA_CONVERT)
     ap.add_argument("--llama-bin", type=Path, default=LLAMA_BIN)
     a = ap.parse_args()

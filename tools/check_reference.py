@@ -1,6 +1,6 @@
-"""Self-check of tests/reference.py against transformers (torch, float32) on a HF folder.
+"""Self-check of ggufq_ref/forward.py against transformers (torch, float32) on a HF folder.
 
-    python tools/check_reference.py fixtures/tinyllama-spm-10m [--text FILE] [--n 128]
+    python -m tools.check_reference fixtures/tinyllama-spm-10m [--text FILE] [--n 128]
 
 Prints the relative error ||ref - hf|| / ||hf|| per position (max and mean) and the
 top-1 agreement; exit code 1 when the max relative error exceeds --tol (default 1e-4).
@@ -14,9 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> int:
@@ -32,8 +29,8 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"check_reference: needs torch and transformers ({e})", file=sys.stderr)
         return 2
-    from conftest import HELDOUT
-    from reference import Reference, hf_tokenize
+    from tools.common import HELDOUT
+    from ggufq_ref.forward import Reference, hf_tokenize
 
     text = Path(a.text or HELDOUT).read_text(encoding="utf-8")[:20000]
     ids = hf_tokenize(a.model_dir, text)[: a.n]

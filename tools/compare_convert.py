@@ -1,7 +1,7 @@
 """Convert one HF folder with llama.cpp's convert_hf_to_gguf.py and with ggufq; list every difference.
 
-    python tools/compare_convert.py fixtures/tinyllama-spm-10m            # F16 (default)
-    python tools/compare_convert.py MODEL_DIR --type Q8_0 --keep /tmp/cmp
+    python -m tools.compare_convert fixtures/tinyllama-spm-10m            # F16 (default)
+    python -m tools.compare_convert MODEL_DIR --type Q8_0 --keep /tmp/cmp
 
 Compares metadata key by key (value and GGUF type), the tensor list (names, order, types,
 shapes) and tensor data byte by byte. Prints a markdown table of the differences, each
@@ -11,7 +11,6 @@ the allow-list, 1 otherwise, 2 when a converter fails. llama.cpp's converter nee
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,11 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tools.common import LLAMA_CONVERT, OUTTYPE, child_env
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CONVERT = Path(os.environ.get(
-    "GGUFQ_LLAMA_CONVERT", str(Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py")))
-OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 
 # differences that are explained, not bugs: key -> reason
 ALLOWED_KEYS = {
@@ -168,7 +164,7 @@ def main(argv=None) -> int:
         if r.returncode != 0:
             print(f"llama.cpp convert failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             return 2
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = child_env()
         tb, r = run([sys.executable, "-m", "ggufq", "convert", str(a.model_dir), "-o", str(pb), "--type", a.type,
                      "-j", str(a.jobs), "-q", "-f"], env=env)
         if r.returncode != 0:

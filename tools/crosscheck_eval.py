@@ -28,7 +28,7 @@ types (Q8_0) by several percent at small contexts.
 
 Exit status 1 when a figure is outside its tolerance. Example::
 
-    python tools/crosscheck_eval.py --chunks 20 --smol-chunks 10
+    python -m tools.crosscheck_eval --chunks 20 --smol-chunks 10
 """
 from __future__ import annotations
 
@@ -36,71 +36,19 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from ggufq.eval import evaluate  # noqa: E402
+from ggufq.eval import evaluate
+from tools.common import HELDOUT, LLAMA_BIN, SHARED, SMOLLM2, TINY, WIKITEXT, make_f16, run, scratch
 
-HOME = Path.home()
-TINY_DIRS = [ROOT / "fixtures" / "tinyllama-spm-10m", ROOT.parent / "shared" / "models" / "tinyllama-spm-10m"]
-SMOL_DIR = Path(os.environ.get("GGUFQ_SMOLLM2", HOME / ".cache" / "ggufq" / "smollm2-135m-dither"))
-SHARED = Path(os.environ.get("GGUFQ_SHARED", ROOT.parent / "shared"))
-HELDOUT = SHARED / "data" / "gcide-heldout" / "heldout.txt"
-WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+TINY_DIRS = [TINY, SHARED / "models" / "tinyllama-spm-10m"]
 
 PPL_TOL = 1e-3
 KLD_TOL = 1e-2
 QUANTS = ("Q8_0", "Q4_0")
-
-
-def default_llama_bin() -> Path:
-    env = os.environ.get("GGUFQ_LLAMA_BIN")
-    if env:
-        return Path(env)
-    return HOME / ".cache" / "ggufq" / "llama-bin"
-
-
-def find_convert_hf() -> Path | None:
-    cands = [os.environ.get("GGUFQ_LLAMA_SRC", ""), HOME / ".cache" / "ggufq" / "llama-src" / "llama_cpp_python-0.3.36"]
-    for c in cands:
-        if not c:
-            continue
-        for p in (Path(c) / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py", Path(c) / "convert_hf_to_gguf.py"):
-            if p.exists():
-                return p
-    return None
-
-
-def run(cmd: list, log: Path | None = None) -> str:
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    text = r.stdout + r.stderr
-    if log is not None:
-        log.write_text(text)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{text[-3000:]}")
-    return text
-
-
-def make_f16(model_dir: Path, out: Path) -> str:
-    if out.exists():
-        return "existing"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "ggufq", "convert", str(model_dir), "-o", str(out), "-t", "F16", "-q"],
-                       capture_output=True, text=True, env=env)
-    if r.returncode == 0:
-        return "ggufq convert"
-    conv = find_convert_hf()
-    if conv is None:
-        sys.exit(f"ggufq convert failed ({r.stderr.strip()}) and llama.cpp's convert_hf_to_gguf.py was not found")
-    print(f"  ggufq convert can't do {model_dir.name} yet ({r.stderr.strip()}); using convert_hf_to_gguf.py",
-          file=sys.stderr)
-    run([sys.executable, conv, model_dir, "--outtype", "f16", "--outfile", out])
-    return "convert_hf_to_gguf.py"
 
 
 def run_parsed(cmd: list, log: Path, parse, tries: int = 3) -> dict:
@@ -179,15 +127,15 @@ def rel(a: float, b: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-bin", type=Path, default=default_llama_bin(),
+    ap.add_argument("--llama-bin", type=Path, default=LLAMA_BIN,
                     help="dir with llama-perplexity and llama-quantize (default: $GGUFQ_LLAMA_BIN, "
                          "~/.cache/ggufq/llama-bin, built by tools/build_llama_tools.sh)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/tmp/ggufq-crosscheck")),
+    ap.add_argument("--work", type=Path, default=scratch("ggufq-crosscheck"),
                     help="scratch dir for GGUFs, llama-perplexity logs and base log-prob files")
     ap.add_argument("--tiny", type=Path, default=next((d for d in TINY_DIRS if d.is_dir()), TINY_DIRS[0]))
     ap.add_argument("--tiny-text", type=Path, default=HELDOUT)
-    ap.add_argument("--smol", type=Path, default=SMOL_DIR)
-    ap.add_argument("--smol-text", type=Path, default=WIKI)
+    ap.add_argument("--smol", type=Path, default=SMOLLM2)
+    ap.add_argument("--smol-text", type=Path, default=WIKITEXT)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20, help="chunks for tinyllama (default 20)")
     ap.add_argument("--smol-chunks", type=int, default=10, help="chunks for smollm2 (default 10)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Weight-space error of the block encoders (no llama.cpp run needed), and the HQQ beta study.
 
-  PYTHONPATH=. python tools/hqq_mse.py --model fixtures/tinyllama-spm-10m --layer 3
+  python -m tools.hqq_mse --model fixtures/tinyllama-spm-10m --layer 3
 Part 1: sum of squared error over one layer's matrices, relative to ggml's own
 quantizer (no imatrix), for every block type and encoder.
 Part 2: HQQ's affine solver with its default beta vs beta = c * e0^(p-2): mean |e|,
@@ -10,17 +10,15 @@ MSE, iterations run, and the fraction of errors the first shrink sets to zero.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import gguf  # noqa: E402
-import numpy as np  # noqa: E402
+import gguf
+import numpy as np
 
-from ggufq.convert import prepare  # noqa: E402
-from ggufq.quant import ggml_ref, hqq, layout  # noqa: E402
+from ggufq.convert import prepare
+from ggufq.quant import hqq, layout
+from ggufq_ref import ggml_ref
 
 
 def main():

@@ -4,7 +4,7 @@
 Several files may be given: a (type, method) measured in a later file replaces the earlier one,
 so a rerun of some methods (e.g. `hqq` after a change) merges with an older full table.
 
-  python tools/hqq_plot.py OLD/results.jsonl NEW/results.jsonl --png docs/img/x.png --title NAME
+  python -m tools.hqq_plot OLD/results.jsonl NEW/results.jsonl --png docs/img/x.png --title NAME
 """
 from __future__ import annotations
 

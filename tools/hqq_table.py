@@ -15,7 +15,7 @@ measures mean KLD against the F16 model's logits with llama-perplexity:
 Prints a markdown table and writes a PNG of KLD vs bits/weight.
 
 Example (tinyllama, 60 chunks of heldout):
-  PYTHONPATH=. python tools/hqq_table.py --model fixtures/tinyllama-spm-10m \\
+  python -m tools.hqq_table --model fixtures/tinyllama-spm-10m \\
       --text ../shared/data/gcide-heldout/heldout.txt --chunks 60 \\
       --imatrix IMATRIX.gguf --work SCRATCH \\
       --types Q2_K Q3_K Q4_0 Q4_1 Q4_K Q5_0 Q5_K Q6_K Q4_K_M Q3_K_M Q2_K_MIX
@@ -24,41 +24,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import gguf  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as T
 
-from ggufq.convert import prepare  # noqa: E402
-from ggufq.importance import combine, importance_for  # noqa: E402
-from ggufq.quant import ggml_ref, hqq  # noqa: E402
+from ggufq.convert import prepare
+from ggufq.importance import combine, importance_for
+from ggufq.quant import hqq
+from ggufq_ref import ggml_ref
+from tools.common import child_env, ggufq_cmd, llama_bin, run
 
 PURE = {t.name for t in (T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0)}
 # llama-quantize ftype names; "Q2_K_MIX" = llama-quantize's Q2_K preset (a mixture), pure "Q2_K" = --pure
 MIX = {"Q4_K_M": "Q4_K_M", "Q3_K_M": "Q3_K_M", "Q2_K_MIX": "Q2_K", "Q4_K_S": "Q4_K_S", "Q5_K_M": "Q5_K_M"}
-
-
-def llama_bin(arg):
-    d = Path(arg or os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache/ggufq/llama-bin"))
-    if not (d / "llama-perplexity").exists():
-        sys.exit(f"llama.cpp tools not found in {d} (build them with tools/build_llama_tools.sh or pass --llama-bin)")
-    return d
-
-
-def run(cmd, **kw):
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    if r.returncode:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r.stdout + r.stderr
 
 
 def kld(binp, path, base, chunks, threads):
@@ -96,11 +81,11 @@ _CALIB: dict = {}     # model -> SelfCalibration (seeded: the same sample and mo
 
 
 def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512, calib_seed=0, jobs=1,
-          imatrix=None):
+          imatrix=None, damp=None):
     """The GGUF with llama-quantize's per-tensor ``types`` through convert's explicit-types seam,
     encoded by ``encoder`` with the importance ``ims``; with ``calib_tokens`` the matrices the
     self-calibration covers get its moments (one seeded calibration per model, shared by every type),
-    and ``imatrix`` (the file) picks their block scales."""
+    and ``imatrix`` (the file) picks their block scales; ``damp``: GPTQ's damping."""
     from ggufq.convert import Options, convert
     t0 = time.monotonic()
     sc = None
@@ -114,7 +99,7 @@ def build(model, path, types, encoder, ims, label, calib_tokens=0, calib_seq=512
     convert(model, path, options=Options(
         types=types, encoder=encoder, importance=ims, calibration=sc, method="calibrated" if sc else "kquant",
         imatrix=imatrix if sc is not None and label.endswith("imatrix") else None,
-        force=True, progress=False, jobs=jobs))
+        force=True, progress=False, jobs=jobs, damp=damp))
     return time.monotonic() - t0
 
 
@@ -142,15 +127,11 @@ def main():
     ap.add_argument("--json", help="append results as JSON lines here (default: WORK/results.jsonl)")
     a = ap.parse_args()
     binp = llama_bin(a.llama_bin)
-    if a.damp is not None:
-        from ggufq.quant import gptq
-        gptq.DAMP = a.damp
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     f16 = Path(a.f16) if a.f16 else work / "f16.gguf"
     if not f16.exists():
-        run([sys.executable, "-m", "ggufq", "convert", a.model, "-o", f16, "--type", "F16", "--force"],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        run(ggufq_cmd("convert", a.model, "-o", f16, "--type", "F16", "--force"), env=child_env())
     base = Path(a.base) if a.base else work / f"base{a.chunks}.kld"
     if not base.exists():
         run([binp / "llama-perplexity", "-m", f16, "-f", a.text, "--kl-divergence-base", base,
@@ -201,7 +182,7 @@ def main():
                                                            for k in set(real) | set(free)}),
                 }[m]
                 secs = build(a.model, out, types, enc, ims, m, calib_tokens, a.calib_seq, a.calib_seed, a.jobs,
-                             imatrix=a.imatrix)
+                             imatrix=a.imatrix, damp=a.damp)
             k = kld(binp, out, base, a.chunks, a.threads)
             res[m] = k
             rec = dict(model=Path(a.model).name, type=ty, method=m, kld=k, bpw=bpw(out, types), build_s=secs)

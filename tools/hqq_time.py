@@ -1,28 +1,25 @@
 #!/usr/bin/env python3
 """Conversion time of one model with each encoder (same per-tensor types), single process.
 
-  PYTHONPATH=. python tools/hqq_time.py --model fixtures/tinyllama-spm-10m --type Q4_K --work /tmp/x
+  python -m tools.hqq_time --model fixtures/tinyllama-spm-10m --type Q4_K --work /tmp/x
 Encoders: kquant (ggufq.quant.encode when the type is registered, else ggml's C
 quantizer through ctypes -- say which), hqq, hqq-plain.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import GGMLQuantizationType as T
 
-from ggufq.convert import prepare  # noqa: E402
-from ggufq.importance import importance_for  # noqa: E402
-from ggufq.quant import encoders, ggml_ref, hqq  # noqa: E402
+from ggufq.convert import prepare
+from ggufq.importance import importance_for
+from ggufq.quant import encoders, hqq
+from ggufq_ref import ggml_ref
 
-sys.path.insert(0, str(ROOT / "tools"))
-from hqq_table import build  # noqa: E402
+from tools.hqq_table import build
 
 
 def main():

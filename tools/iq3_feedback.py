@@ -7,7 +7,7 @@ GPTQ (8 weights at a time for IQ2/IQ1, quads for IQ3, columns for IQ4) under the
 tr(E H E^T) of both: on the text the moments came from and on the next, disjoint piece of
 the same text (held out). Prints a markdown table.
 
-    PYTHONPATH=. python tools/iq3_feedback.py fixtures/tinyllama-spm-10m --text ../shared/data/gcide-heldout/heldout.txt
+    python -m tools.iq3_feedback fixtures/tinyllama-spm-10m --text ../shared/data/gcide-heldout/heldout.txt
 """
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
-from gguf.quants import dequantize  # noqa: E402
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
 
-from ggufq import calib, quant  # noqa: E402
-from ggufq.convert import prepare  # noqa: E402
-from ggufq.quant import gptq, iq1_gptq, iq2_gptq, iq3_gptq, iq4_gptq  # noqa: E402
+from ggufq import calib, quant
+from ggufq.convert import prepare
+from ggufq.quant import gptq, iq1_gptq, iq2_gptq, iq3_gptq, iq4_gptq
 
 FEEDBACK = {T.IQ3_XXS: iq3_gptq, T.IQ3_S: iq3_gptq, T.IQ4_XS: iq4_gptq, T.IQ4_NL: iq4_gptq,
             T.IQ2_XXS: iq2_gptq, T.IQ2_XS: iq2_gptq, T.IQ2_S: iq2_gptq, T.IQ1_S: iq1_gptq, T.IQ1_M: iq1_gptq}

@@ -18,7 +18,7 @@ and the mean KL divergence of each against the F16 model on --text (ggufq eval, 
 protocol). Prints a markdown table; the ratio columns are self-made / real-text and calibrated /
 real-text (issue #13's targets: within 5%, and at or below 0.85).
 
-    python tools/iq_imatrix_table.py fixtures/tinyllama-spm-10m --text ../shared/data/gcide-heldout/heldout.txt \
+    python -m tools.iq_imatrix_table fixtures/tinyllama-spm-10m --text ../shared/data/gcide-heldout/heldout.txt \
         --imatrix-text ../shared/data/wikitext-2-raw/wiki.test.raw --chunks 60 --work SCRATCH
 """
 from __future__ import annotations
@@ -26,22 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+from tools.common import LLAMA_BIN, child_env, timed
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", Path.home() / ".cache/ggufq/llama-bin"))
 
 
 def run(cmd: list) -> float:
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    return timed(cmd, env=child_env())
 
 
 def ggufq(*args) -> list:

@@ -1,7 +1,7 @@
 """Synthetic Llama models with random BF16 weights, for memory and speed benchmarks.
 
-    python tools/make_synthetic.py OUT_DIR --size 1B        # Llama-3.2-1B shapes, 2.5 GB
-    python tools/make_synthetic.py OUT_DIR --size 0.25B --layers 1 --vocab 9000   # tiny variant for tests
+    python -m tools.make_synthetic OUT_DIR --size 1B        # Llama-3.2-1B shapes, 2.5 GB
+    python -m tools.make_synthetic OUT_DIR --size 0.25B --layers 1 --vocab 9000   # tiny variant for tests
 
 Shapes: 1B is Llama-3.2-1B (hidden 2048, 16 layers, 32 heads / 8 KV heads, FFN 8192, vocab
 128256, tied embeddings, rope_theta 500000 with llama3 rope scaling factor 32); 0.5B and 0.25B
@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from ggufq_ref.st_writer import shard_name, st_header
+from tools.common import ROOT, f32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FROM = ROOT / "fixtures" / "tinyllama-spm-10m"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -63,12 +63,6 @@ def tensor_list(s: dict, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """Round to nearest even, as torch does (values here are finite)."""
-    b = a.view(np.uint32)
-    return ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-
-
 def _chunks(shape, init: str, rng: np.random.Generator):
     n = int(np.prod(shape))
     std = 0.02
@@ -101,18 +95,9 @@ def write_model(out: Path, size: str, seed: int = 0, layers=None, vocab: int = V
     t0 = time.time()
     idx = 0
     for k, group in enumerate(shards):
-        fn = "model.safetensors" if n_sh == 1 else f"model-{k + 1:05d}-of-{n_sh:05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for name, shape, _ in group:
-            nb = int(np.prod(shape)) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        fn = shard_name(k, n_sh)
         with open(out / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
+            f.write(st_header((name, "BF16", shape, int(np.prod(shape)) * 2) for name, shape, _ in group))
             for name, shape, init in group:
                 rng = np.random.default_rng([seed, idx])
                 idx += 1
@@ -144,7 +129,7 @@ def write_model(out: Path, size: str, seed: int = 0, layers=None, vocab: int = V
     n_params = sum(int(np.prod(t[1])) for t in tensors)
     (out / "README.md").write_text(
         f"# synthetic-llama-{size}\n\nRandom BF16 weights (seed {seed}) in Llama shapes, made by "
-        f"`tools/make_synthetic.py --size {size}`; {n_params / 1e9:.3f} B parameters. For benchmarks only.\n")
+        f"`python -m tools.make_synthetic --size {size}`; {n_params / 1e9:.3f} B parameters. For benchmarks only.\n")
     return out
 
 
@@ -164,8 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", type=int, default=3, help="with --arch: number of safetensors shards")
     a = ap.parse_args(argv)
     if a.arch is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from synthetic_archs import SIZES as ARCH_SIZES, make_arch
+        from tools.synthetic_archs import SIZES as ARCH_SIZES, make_arch
         shape = dict(ARCH_SIZES.get(a.size, {}).get(a.arch) or {}) if "--size" in (argv or sys.argv) else {}
         if not shape:
             shape = dict(hidden=a.hidden, layers=a.layers or 2, heads=4, kv_heads=2, ff=2 * a.hidden)

@@ -1,13 +1,13 @@
 """One row per MoE architecture / source format: ggufq vs llama.cpp's convert_hf_to_gguf.py.
 
-    PYTHONPATH=. python tools/moe_parity.py                                  # every family, BF16 source
-    PYTHONPATH=. python tools/moe_parity.py --arch qwen3moe --fp8 e4m3 --types F16 Q8_0
-    PYTHONPATH=. python tools/moe_parity.py --arch gptoss gptoss-bf16 --types F16 BF16 Q8_0 F32
+    python -m tools.moe_parity                                  # every family, BF16 source
+    python -m tools.moe_parity --arch qwen3moe --fp8 e4m3 --types F16 Q8_0
+    python -m tools.moe_parity --arch gptoss gptoss-bf16 --types F16 BF16 Q8_0 F32
 
 For each family of tools/synthetic_moe.py (8 experts, 2 active, 2 layers, 3 shards, real tokenizer
 files): keys identical / total and tensors byte-identical / total for each --type (both converters
 run; tools/compare_convert.py lists the differences), the max relative logits error of ggufq's F32
-file through llama-cpp-python against tests/reference.py (a NumPy forward with routing; FP8 sources
+file through llama-cpp-python against ggufq_ref/forward.py (a NumPy forward with routing; FP8 sources
 are compared against llama.cpp's own F32 conversion's logits instead, the reference reads no FP8),
 and the number of tensors whose Q4_K_M / Q3_K_M type differs from llama.cpp's own choice
 (``llama_quant_compute_types`` through ctypes, on llama.cpp's F16 conversion's tensors).
@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 
-from arch_parity import _run, converter_parity  # noqa: E402
-from compare_convert import LLAMA_CONVERT  # noqa: E402
-from synthetic_moe import FAMILIES, make_moe  # noqa: E402
-from synthetic_gptoss import make_gpt_oss  # noqa: E402
+from tools.arch_parity import _run, converter_parity, plan_mismatches
+from tools.common import LLAMA_CONVERT, ROOT, child_env
+from tools.synthetic_moe import FAMILIES, make_moe
+
+HERE = ROOT / "tools"
+from tools.synthetic_gptoss import make_gpt_oss
 
 GPT_OSS = {"gptoss": "GptOssForCausalLM, MXFP4 experts", "gptoss-bf16": "GptOssForCausalLM, BF16 experts"}
 
@@ -54,10 +52,10 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     else:
         d = make_moe(work / tag, fam, layers=2, heads=4, experts=8, active=2, shards=3, seed=7, fp8=fp8,
                      **SHAPES[fam])
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     out = {"arch": GPT_OSS[fam] if fam in GPT_OSS else FAMILIES[fam][0] + (f" FP8-{fp8}" if fp8 else "")}
     out.update(converter_parity(d, tag, work, types, env))
-    from llama_worker import llama_logits
+    from ggufq_ref.llama_worker import llama_logits
     f32 = work / f"{tag}-F32.gguf"
     _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
     cfg = json.loads((d / "config.json").read_text())
@@ -68,17 +66,9 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
         _run([sys.executable, LLAMA_CONVERT, d, "--outtype", "f32", "--outfile", ref_gguf])
         out["logits"] = f"{rel_err(got, llama_logits(ref_gguf, ids)):.1e} (vs llama.cpp F32)"
     else:
-        from reference import Reference
+        from ggufq_ref.forward import Reference
         out["logits"] = f"{rel_err(got, Reference(d).logits(ids)):.1e}"
-    from ggufq.plan import llama_ref, make_plan, specs_from_gguf
-    src = work / f"{tag}-llama-F16.gguf"
-    if src.is_file() and llama_ref.available():
-        specs, info = specs_from_gguf(src)
-        for ft in ("Q4_K_M", "Q3_K_M"):
-            plan = make_plan(specs, info, ft)
-            ref_t = llama_ref.compute_types(specs, info, ft, n_ff=int(cfg.get("intermediate_size", 0)))
-            mism = sum(1 for e in plan.entries if ref_t.get(e.name) is not None and ref_t[e.name] != e.qtype)
-            out[ft] = f"{mism} of {len(ref_t)}"
+    out.update({ft: f"{m} of {n}" for ft, (m, n) in plan_mismatches(work / f"{tag}-llama-F16.gguf", cfg).items()})
     return out
 
 

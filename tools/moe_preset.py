@@ -1,7 +1,7 @@
 """What ``--preset moe-keep-active`` buys on a synthetic MoE: size vs logits drift from the F32 file.
 
-    PYTHONPATH=. python tools/moe_preset.py                      # Mixtral-shaped, 8 experts, hidden 256
-    PYTHONPATH=. python tools/moe_preset.py --arch qwen2moe --experts 16
+    python -m tools.moe_preset                      # Mixtral-shaped, 8 experts, hidden 256
+    python -m tools.moe_preset --arch qwen2moe --experts 16
 
 For --type in (Q4_K_M, Q3_K_M, Q2_K), with and without the preset: file bytes, bits per weight, the
 routed experts' share of the bytes, and through llama-cpp-python on 128 random tokens the mean
@@ -12,7 +12,6 @@ logits, not language quality.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 
-from synthetic_moe import make_moe  # noqa: E402
+from tools.synthetic_moe import make_moe
+from tools.common import ROOT, child_env
+
+HERE = ROOT / "tools"
 
 
 def _convert(d: Path, out: Path, t: str, preset=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     cmd = [sys.executable, "-m", "ggufq", "convert", str(d), "-o", str(out), "--type", t, "-q", "-f"]
     if preset:
         cmd += ["--preset", preset]
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--types", nargs="*", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
     a = ap.parse_args(argv)
-    from llama_worker import llama_logits
+    from ggufq_ref.llama_worker import llama_logits
     from ggufq.convert import make_plan, prepare
     with tempfile.TemporaryDirectory(prefix="ggufq-moe-preset-") as td:
         work = Path(td)

@@ -3,9 +3,9 @@
 with llama.cpp's llama-quantize and compare every tensor's type (and the total
 tensor bytes) with what ``ggufq.plan.make_plan`` plans for the same tensors.
 
-    PYTHONPATH=. python tools/plan_parity.py                      # tinyllama (+ smollm2 when built), all types
-    PYTHONPATH=. python tools/plan_parity.py --types Q4_K_M Q4_0 --models /path/to/hf_model
-    PYTHONPATH=. python tools/plan_parity.py --types IQ4_XS IQ2_M --imatrix both
+    python -m tools.plan_parity                      # tinyllama (+ smollm2 when built), all types
+    python -m tools.plan_parity --types Q4_K_M Q4_0 --models /path/to/hf_model
+    python -m tools.plan_parity --types IQ4_XS IQ2_M --imatrix both
 
 With ``--imatrix synthetic`` (or ``both``) llama-quantize also gets an importance
 matrix (a GGUF imatrix written here for every matrix but token_embd) and the plan
@@ -13,7 +13,7 @@ is made with ``has_imatrix``; a --type that needs one is run without it only to
 check that llama-quantize refuses exactly when ``Plan.needs_imatrix()`` says so.
 Before the real files, two tables need no llama-quantize: bits per weight of
 Llama-3.1-8B's tensors against llama.cpp's published figures, and every tensor's
-type against llama.cpp's own ``llama_quant_compute_types`` (``ggufq.plan.llama_ref``)
+type against llama.cpp's own ``llama_quant_compute_types`` (``ggufq_ref.llama_ref``)
 for synthetic architectures (GQA, 70B, MoE, Falcon, MLA, odd rows).
 
 The F16 GGUF comes from llama.cpp's convert_hf_to_gguf.py (``--converter llama.cpp``,
@@ -35,17 +35,16 @@ from typing import Optional
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 
-from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf  # noqa: E402
-from ggufq.plan.gguf_header import read_header  # noqa: E402
-from ggufq.plan.rules import FTYPES as R_FTYPES  # noqa: E402
+from ggufq.plan import ModelInfo, TensorSpec, make_plan, specs_from_gguf
+from ggufq.plan.gguf_header import read_header
+from ggufq.plan.rules import FTYPES as R_FTYPES
+from tools.common import LLAMA_BIN, LLAMA_CPP, ROOT, SMOLLM2, TINY, scratch
 
-LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", str(Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")))
-DEFAULT_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
-DEFAULT_MODELS = [Path(__file__).resolve().parent.parent / "fixtures" / "tinyllama-spm-10m",
-                  Path.home() / ".cache/ggufq/smollm2-135m-dither"]
+HERE = ROOT / "tools"
+
+DEFAULT_BIN = LLAMA_BIN
+DEFAULT_MODELS = [TINY, SMOLLM2]
 K_TYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
            "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"]
 IQ_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
@@ -164,7 +163,7 @@ SYNTHETIC = {
 def reference_mismatches(specs, info, ftype: str) -> list[str]:
     """Mismatches between make_plan and llama.cpp's llama_quant_compute_types (no imatrix: that
     function always plans as without one)."""
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
 
     ref = llama_ref.compute_types(specs, info, ftype)
     plan = make_plan(specs, info, ftype)
@@ -180,7 +179,7 @@ def reference_mismatches(specs, info, ftype: str) -> list[str]:
 
 def synthetic_table(types) -> int:
     """Per synthetic architecture and --type: mismatches against llama_quant_compute_types."""
-    from ggufq.plan import llama_ref
+    from ggufq_ref import llama_ref
 
     if not llama_ref.available():
         print("llama-cpp-python's libllama is not loadable: no synthetic-architecture table\n")
@@ -208,7 +207,7 @@ def write_imatrix(path: Path, specs, seed: int = 0, count: int = 3584) -> Path:
     import numpy as np
 
     from ggufq.plan import rules as R
-    from ggufq.quant.parity import synthetic_imatrix
+    from ggufq_ref.parity import synthetic_imatrix
 
     tmp = path.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "imatrix")
@@ -344,7 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--imatrix", choices=["none", "synthetic", "both"], default="both",
                     help="run llama-quantize without an imatrix, with a synthetic one, or both (default)")
     ap.add_argument("--llama-bin", type=Path, default=DEFAULT_BIN, help=f"llama.cpp tools (default {DEFAULT_BIN})")
-    ap.add_argument("--scratch", type=Path, default=Path(os.environ.get("GGUFQ_SCRATCH", "/tmp/ggufq-plan-parity")),
+    ap.add_argument("--scratch", type=Path, default=scratch("ggufq-plan-parity"),
                     help="where F16 and quantized GGUFs are cached")
     ap.add_argument("--converter", choices=["llama.cpp", "ggufq"], default="llama.cpp",
                     help="what makes the F16 GGUF llama-quantize reads")

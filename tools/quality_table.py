@@ -12,7 +12,7 @@ evaluates each with ``ggufq.eval.evaluate(..., ref=F16)`` and writes
 
 Example::
 
-    python tools/quality_table.py fixtures/tinyllama-spm-10m \\
+    python -m tools.quality_table fixtures/tinyllama-spm-10m \\
         --text ../shared/data/gcide-heldout/heldout.txt --chunks 20 --out /tmp/q
 """
 from __future__ import annotations
@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from ggufq.eval import evaluate  # noqa: E402
+from ggufq.eval import evaluate
+from tools.common import child_env
 
 
 def available_types() -> list[tuple[str, list[str]]]:
@@ -51,7 +50,7 @@ def convert(model_dir: Path, out: Path, args: list[str], jobs: int) -> str | Non
     """Runs ggufq's CLI; returns None on success, else its one-line error."""
     if out.exists():
         return None
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     r = subprocess.run([sys.executable, "-m", "ggufq", "convert", str(model_dir), "-o", str(out), *args,
                         "-j", str(jobs), "-q"], capture_output=True, text=True, env=env)
     if r.returncode != 0:

@@ -7,23 +7,22 @@ blocks whose bytes are identical. Types default to every quantized type ggufq
 registers (``ggufq.quant.encoders()``); types ggml cannot quantize without an
 imatrix (IQ2_XXS, IQ2_XS, IQ1_S) are compared with one only. Prints a markdown table.
 
-    PYTHONPATH=. python tools/quant_parity.py fixtures/tinyllama-spm-10m
-    PYTHONPATH=. python tools/quant_parity.py fixtures/tinyllama-spm-10m --types IQ4_XS,IQ4_NL --imatrix synthetic
+    python -m tools.quant_parity fixtures/tinyllama-spm-10m
+    python -m tools.quant_parity fixtures/tinyllama-spm-10m --types IQ4_XS,IQ4_NL --imatrix synthetic
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+import numpy as np
+from gguf import GGMLQuantizationType as T
 
-from ggufq.quant import can_encode, encoders, ggml_ref  # noqa: E402
-from ggufq.quant.parity import compare, model_matrices, synthetic_imatrix  # noqa: E402
+from ggufq.quant import can_encode, encoders
+from ggufq_ref import ggml_ref
+from ggufq_ref.parity import compare, model_matrices, synthetic_imatrix
 
 
 def registered_types() -> list[T]:

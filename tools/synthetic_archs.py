@@ -1,7 +1,8 @@
 """Synthetic checkpoints of the architectures ggufq converts, shaped like the published ones.
 
-    python tools/make_synthetic.py OUT_DIR --arch qwen3 --hidden 128 --layers 2   # tiny, for tests
-    python tools/make_synthetic.py OUT_DIR --arch gemma3 --size 1B                 # 1B-scale, for bench_memory
+    python -m tools.make_synthetic OUT_DIR --arch qwen3 --hidden 128 --layers 2   # tiny, for tests
+    python -m tools.make_synthetic OUT_DIR --arch gemma3 --size 1B                 # 1B-scale, for bench_memory
+    python -m tools.synthetic_archs ...                                          # the same command
 
 Each folder has what a Hugging Face upload has: ``config.json`` written the way the family's
 published configs are (transformers 4 style keys, ``rope_scaling``/``rope_theta``, Gemma 3's
@@ -23,20 +24,16 @@ around 0: it stores ``w`` and computes ``1 + w``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from ggufq_ref.st_writer import shard_name, st_header
+from tools.common import LLAMA_CPP, TINY, f32_to_bf16_bits
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "fixtures" / "tinyllama-spm-10m"
-LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", str(
-    Path.home() / ".cache/ggufq/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")))
 QWEN2_VOCAB = LLAMA_CPP / "models" / "ggml-vocab-qwen2.gguf"
 CHUNK = 4 << 20
 
@@ -262,11 +259,6 @@ def write_spm_tokenizer(out: Path, fam: str) -> dict:
 
 
 # ---------------------------------------------------------------- weights
-def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    b = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-
-
 def _values(shape, init: str, rng: np.random.Generator, scale: float, dtype: str):
     n = int(np.prod(shape))
     fan_in = shape[-1] if len(shape) > 1 else 1
@@ -282,7 +274,7 @@ def _values(shape, init: str, rng: np.random.Generator, scale: float, dtype: str
         else:
             x = x * std
         x = x.astype(np.float32)
-        yield _bf16_bits(x).tobytes() if dtype == "BF16" else x.astype(np.float16).tobytes()
+        yield f32_to_bf16_bits(x).tobytes() if dtype == "BF16" else x.astype(np.float16).tobytes()
 
 
 def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -320,18 +312,9 @@ def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: in
     t0 = time.time()
     st_dtype = "BF16" if dtype == "BF16" else "F16"
     for k, g in enumerate(groups):
-        fn = "model.safetensors" if len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for i in g:
-            name, shape, _ = tensors[i]
-            header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + nbytes[i]]}
-            off += nbytes[i]
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        fn = shard_name(k, len(groups))
         with open(out / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
+            f.write(st_header((tensors[i][0], st_dtype, tensors[i][1], nbytes[i]) for i in g))
             for i in g:
                 name, shape, init = tensors[i]
                 for blob in _values(shape, init, np.random.default_rng([seed, i]), scale, dtype):
@@ -345,6 +328,11 @@ def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: in
     n_params = sum(int(np.prod(s)) for _, s, _ in tensors)
     (out / "README.md").write_text(
         f"# synthetic-{fam}\n\nRandom {dtype} weights (seed {seed}) in {FAMILIES[fam][0]} shapes, made by "
-        f"`tools/make_synthetic.py --arch {fam}`; {n_params / 1e6:.1f} M parameters. For tests and benchmarks "
+        f"`python -m tools.make_synthetic --arch {fam}`; {n_params / 1e6:.1f} M parameters. For tests and benchmarks "
         "only.\n\nlicense: apache-2.0\n")
     return out
+
+
+if __name__ == "__main__":      # the command line of these folders is make_synthetic's (--arch FAMILY)
+    from tools.make_synthetic import main
+    sys.exit(main())

@@ -27,7 +27,8 @@ import numpy as np
 
 from ggufq.quant.mxfp4 import encode_mxfp4
 from ggufq.source_mxfp4 import dequantize, ggml_to_hf_blocks
-from tools.synthetic_archs import _bf16_bits, write_bpe_tokenizer
+from tools.common import f32_to_bf16_bits as _bf16_bits
+from tools.synthetic_archs import write_bpe_tokenizer
 
 
 def config_for(E, L, H, KV, hd, F, X, K, V, tok, window=128) -> dict:

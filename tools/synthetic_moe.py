@@ -1,8 +1,8 @@
 """Synthetic mixture-of-experts checkpoints (Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE), BF16 or FP8.
 
-    PYTHONPATH=. python tools/synthetic_moe.py OUT_DIR --arch qwen3moe                 # 8 experts, 2 active
-    PYTHONPATH=. python tools/synthetic_moe.py OUT_DIR --arch mixtral --experts 64 --hidden 512
-    PYTHONPATH=. python tools/synthetic_moe.py OUT_DIR --arch qwen3moe --fp8 e4m3      # FP8, [128,128] blocks
+    python -m tools.synthetic_moe OUT_DIR --arch qwen3moe                 # 8 experts, 2 active
+    python -m tools.synthetic_moe OUT_DIR --arch mixtral --experts 64 --hidden 512
+    python -m tools.synthetic_moe OUT_DIR --arch qwen3moe --fp8 e4m3      # FP8, [128,128] blocks
 
 A sibling of tools/synthetic_archs.py (its tokenizer writers and BF16 rounding are reused):
 config.json shaped like the published ones (Qwen3-30B-A3B, Mixtral-8x7B, Qwen1.5-MoE-A2.7B,
@@ -18,17 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import struct
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from synthetic_archs import QWEN3_TEMPLATE, TINY, _bf16_bits, write_bpe_tokenizer  # noqa: E402
+from tools.synthetic_archs import QWEN3_TEMPLATE, write_bpe_tokenizer
+from ggufq_ref.st_writer import shard_name, st_header
+from tools.common import ROOT, TINY, f32_to_bf16_bits
+
+HERE = ROOT / "tools"
 
 # family -> (HF class, model_type, tokenizer kind)
 FAMILIES = {
@@ -221,18 +222,9 @@ def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int
     weight_map = {}
     scales: dict[int, np.ndarray] = {}
     for gi, g in enumerate(groups):
-        fn = "model.safetensors" if len(groups) == 1 else f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
-        header: dict = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for k in g:
-            name, shape, _, dt, nb, _ = entries[k]
-            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
+        fn = shard_name(gi, len(groups))
         with open(out / fn, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
+            f.write(st_header((entries[k][0], entries[k][3], entries[k][1], entries[k][4]) for k in g))
             for k in g:
                 name, shape, init, dt, nb, src = entries[k]
                 if init == "scale":
@@ -249,7 +241,7 @@ def make_moe(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int
                         scales[src] = s
                         f.write(codes.tobytes())
                     else:
-                        f.write(_bf16_bits(x).tobytes())
+                        f.write(f32_to_bf16_bits(x).tobytes())
                 weight_map[name] = fn
     if len(groups) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(

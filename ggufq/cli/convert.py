@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..procs import usable_cpus as _default_jobs
 from ..progress import fmt_bytes, fmt_secs
 from ..quant import methods as _methods
 
@@ -24,13 +25,6 @@ def parse_size(text: str) -> int:
     if n * mult < 1:
         raise click.BadParameter(f"{text!r}: must be at least one byte")
     return int(n * mult)
-
-
-def _default_jobs() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 @click.command("convert")

@@ -31,6 +31,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .. import GgufqError
+from ..procs import usable_cpus as default_threads
 from ..progress import Progress
 from . import proto
 from .stats import Accumulator, token_scores
@@ -43,13 +44,6 @@ _PKG_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 VOCAB_SAMPLE = 256
 # bytes of text tokenized by both models to check they tokenize alike
 TOKENIZE_SAMPLE = 4096
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
 
 
 def check_gguf(path: PathLike, what: str = "model") -> Path:
@@ -202,7 +196,10 @@ def evaluate(model: PathLike, ref: Optional[PathLike] = None, text: Optional[Pat
              label: str = "eval") -> EvalResult:
     """Perplexity of ``model`` on ``text`` (a file path, or ``text_bytes``), and with ``ref`` its
     KL divergence from the reference, following llama-perplexity. ``chunks``: None or <= 0 for all;
-    ``gpu_layers``: None = all layers when llama-cpp-python can offload, else CPU; -1 = all."""
+    ``gpu_layers``: None = all layers when llama-cpp-python can offload, else CPU; -1 = all.
+
+    Long because the workers (model and reference, each a llama.cpp process) live in one try/finally:
+    start, tokenize check, the overlapped chunk loop and the report share them and a dozen locals."""
     t_start = time.perf_counter()
     mpath = check_gguf(model, "model")
     rpath = check_gguf(ref, "reference") if ref is not None else None

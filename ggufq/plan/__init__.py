@@ -147,8 +147,7 @@ class Plan:
 # copied, not requantized (GptOssModel.repack_mxfp4)
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
 
-# kept for callers of the first skeleton: --type -> (general.file_type, default matrix type)
-SIMPLE_TYPES = {k: v for k, v in R.FTYPES.items() if k in ("F32", "F16", "BF16", "Q8_0")}
+# llama-quantize --type name -> (general.file_type, default matrix type), for the CLI and tools
 FTYPES = R.FTYPES
 
 

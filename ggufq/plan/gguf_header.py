@@ -137,7 +137,9 @@ def read_header(path, arrays: Iterable[str] = (), *, check_data: bool = False
     [(tensor name, shape in numpy order, type)]) of a GGUF file.
 
     ``check_data``: also check that every tensor's data lies inside the file (the
-    alignment, offsets and sizes gguf-py's reader will trust)."""
+    alignment, offsets and sizes gguf-py's reader will trust).
+
+    Long because it is a line-by-line transcription of the GGUF header layout with a bounds check per field."""
     arrays = set(arrays)
     f, size = _open_regular(path)
     with f:

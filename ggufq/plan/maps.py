@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser, from PyPI
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

@@ -1,15 +1,12 @@
 """What ``ggufq plan`` prints: a table (one line per tensor, then totals) or a JSON document."""
 from __future__ import annotations
 
+from ..progress import fmt_bytes
 from . import Plan
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
+    return fmt_bytes(n, 2)
 
 
 def _shape(shape) -> str:

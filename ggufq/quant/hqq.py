@@ -232,12 +232,8 @@ def _passthrough(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]):
     """Types HQQ does not handle (F32, F16, BF16, IQ*): the default path."""
     if qtype in TRAITS:
         return None
-    from . import encoders
-    if qtype in encoders():
-        from . import encode
-        return encode(qtype, rows, imatrix)
-    from . import ggml_ref
-    return ggml_ref.quantize(qtype, rows, imatrix)
+    from . import encode
+    return encode(qtype, rows, imatrix)
 
 
 def _blocks(qtype, rows, imatrix):
@@ -270,13 +266,9 @@ def encode_hqq_scaled(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] 
 
 
 def _start(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndarray:
-    """The k-quant path's own encoding: ggufq's NumPy encoder when registered, else ggml's."""
-    from . import encoders
-    enc = encoders().get(qtype)
-    if enc is not None:
-        return enc(rows, imatrix)
-    from . import ggml_ref
-    return ggml_ref.quantize(qtype, rows, imatrix)
+    """The k-quant path's own encoding (ggufq's NumPy encoder; every k-quant has one)."""
+    from . import encode
+    return encode(qtype, rows, imatrix)
 
 
 @_hessian_aware

@@ -1,10 +1,10 @@
 """The one registry of ``--method``: name, encoder, what it needs, CLI help, old names.
 
 ``convert`` asks :func:`get` for a method; the CLI's choices and help, the tools and the tests
-read :data:`METHODS`. A method's ``encoder`` is ``(qtype, rows, weights) -> uint8 blocks``
+read :data:`METHODS`. A method's ``encoder`` is ``(qtype, rows, imatrix) -> uint8 blocks``
 (module level, picklable); ``None`` is ggufq's k-quant path (:func:`ggufq.quant.encode`).
 ``importance``: the writer passes the model's data-free importance (:mod:`ggufq.importance`)
-as ``weights`` where no imatrix is given. ``moments``: the model calibrates itself through
+as the imatrix where none is given. ``moments``: the model calibrates itself through
 llama.cpp (:mod:`ggufq.calib`) and matrices get a :class:`~ggufq.quant.gptq.Hessian`
 (``--calib-tokens 0`` leaves the data-free importance).
 

@@ -58,7 +58,9 @@ def make_qkx_T(xT: np.ndarray, wT: Optional[np.ndarray], nmax: int, rmin: float,
     make_qkx3 (``strict_empty=True``: ``max <= min``). ``wT`` None means x² weights.
     Returns (scale [n], the_min [n], L uint8 [gs, n]).
 
-    ``bufs``: optional three float32 arrays of at least ``xT.size`` elements to work in."""
+    ``bufs``: optional three float32 arrays of at least ``xT.size`` elements to work in.
+
+    Long because it transcribes ggml's make_qkx2/3_quants search, step by step, for bit-exact output."""
     gs, n = xT.shape
     if bufs is None:
         bufs = [np.empty(xT.size, F32) for _ in range(3)]

@@ -125,6 +125,9 @@ def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None)
     sequential loop sees. ``wx*L`` and ``w*L*L`` are computed for every position at the
     start of a pass (``L[i]`` is only written at step ``i``). Groups that changed nothing
     in a pass stop, as in C; the others go on in a compacted copy.
+
+    Long because it transcribes one C loop of ggml's make_qx_quants (vectorized over groups) and
+    keeps its operation order.
     """
     gs, n = xT.shape
     x, w, wx, Lc = xT, wT, wxT, L
@@ -202,7 +205,9 @@ def _rmse_weights(xT: np.ndarray, rmse_type: int) -> np.ndarray:
 
 
 def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional[np.ndarray] = None):
-    """make_qx_quants on transposed groups ``xT [group_size, n]``; returns (scale [n], L int8 [group_size, n])."""
+    """make_qx_quants on transposed groups ``xT [group_size, n]``; returns (scale [n], L int8 [group_size, n]).
+
+    Long because it transcribes ggml's make_qx_quants, step by step, for bit-exact output."""
     amax, mx = _absmax_signed(xT)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)

@@ -160,19 +160,18 @@ def search_ints(f: Fields, xs: np.ndarray, ws: np.ndarray, radius: int = 2, sepa
     for ds, dmn in cands:
         sc = best_sc if ds is None else np.clip(sc0 + ds, slo, shi)
         A = d * sc.astype(np.float32)
-        if True:
-            if mn0 is not None:
-                mn = np.clip(mn0 + dmn, mlo, mhi)
-                B = -dm * mn.astype(np.float32)
-            else:
-                B = B0
-            q = codes(f.qtype, xs, A, B)
-            e = sub_err(f.qtype, xs, ws, A, B, q)
-            better = e < best
-            best = np.where(better, e, best)
-            best_sc = np.where(better, sc, best_sc)
-            if mn0 is not None:
-                best_mn = np.where(better, mn, best_mn)
+        if mn0 is not None:
+            mn = np.clip(mn0 + dmn, mlo, mhi)
+            B = -dm * mn.astype(np.float32)
+        else:
+            B = B0
+        q = codes(f.qtype, xs, A, B)
+        e = sub_err(f.qtype, xs, ws, A, B, q)
+        better = e < best
+        best = np.where(better, e, best)
+        best_sc = np.where(better, sc, best_sc)
+        if mn0 is not None:
+            best_mn = np.where(better, mn, best_mn)
     g.sc = best_sc.astype(np.int32)
     if best_mn is not None:
         g.mn = best_mn.astype(np.int32)

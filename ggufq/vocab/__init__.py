@@ -94,11 +94,6 @@ def looks_special(text: str) -> bool:
 
 
 def read_json(path: Path) -> Optional[dict]:
-    import json
-    if not path.is_file():
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise GgufqError(f"{path}: not valid JSON ({e})") from None
+    """An optional JSON file of the folder (None when absent), read as :func:`ggufq.source.read_json` reads."""
+    from ..source import read_json as _read
+    return _read(path, required=False)

@@ -135,6 +135,27 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
     if n_max > vocab_size:
         raise GgufqError(f"{path}: token id {n_max - 1} does not fit config vocab_size {vocab_size}")
 
+    pre, notes = _pre_tokenizer(tok, tok_json, path, pre)
+    tokens, types = _tokens(tok, vocab, added, vocab_size)
+
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise GgufqError(f"{path}: no merges found")
+    # newer gguf-py: a ByteLevel post-processor adds nothing, so add_bos/add_eos default to False
+    # (tokenizer_config.json's explicit values still win); gguf 0.19 leaves them unset.
+    post = tok_json.get("post_processor") or {}
+    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+
+    return Vocab(model="gpt2", tokens=[t.encode("utf-8") for t in tokens], token_types=[int(t) for t in types],
+                 pre=pre, notes=notes,
+                 special=special)
+
+
+def _pre_tokenizer(tok, tok_json: dict, path: Path, pre: Optional[str]) -> tuple[str, list[str]]:
+    """llama.cpp's pre-tokenizer name: ``--vocab-pre`` (checked), else the chktxt hash, else the
+    tokenizer.json pipeline (with a note); one-line error when none fits."""
     if pre is not None and pre not in LLAMA_CPP_PRE_NAMES:
         raise GgufqError(f"--vocab-pre {pre!r}: llama.cpp knows no such pre-tokenizer (known: "
                          f"{', '.join(sorted(LLAMA_CPP_PRE_NAMES))})")
@@ -149,13 +170,17 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
                                  "know which one it matches")
             notes.append(f"tokenizer: chktxt hash unknown to llama.cpp; pre-tokenizer {pre!r} chosen from "
                          f"tokenizer.json's {why} (override with --vocab-pre)")
+    return pre, notes
 
+
+def _tokens(tok, vocab: dict, added: dict, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token texts and types for ids 0..vocab_size-1, as llama.cpp's converter writes them (holes as
+    UNUSED ``[PADi]``; added tokens pre-normalized, CONTROL or USER_DEFINED)."""
     by_id: dict[int, str] = {}
     for text, i in vocab.items():
         by_id.setdefault(i, text)
     for i, a in added.items():                                  # an added token's id shows its content
         by_id[i] = a.content
-
     tokens: list[str] = []
     types: list[int] = []
     for i in range(vocab_size):
@@ -176,17 +201,4 @@ def load(model_dir: Path, vocab_size: Optional[int], pre: Optional[str] = None) 
                 text = text.replace("\u2581", " ")              # pre-normalize user-defined spaces
                 types.append(gguf.TokenType.USER_DEFINED)
         tokens.append(text)
-
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise GgufqError(f"{path}: no merges found")
-    # newer gguf-py: a ByteLevel post-processor adds nothing, so add_bos/add_eos default to False
-    # (tokenizer_config.json's explicit values still win); gguf 0.19 leaves them unset.
-    post = tok_json.get("post_processor") or {}
-    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
-        special.add_special_token.setdefault("bos", False)
-        special.add_special_token.setdefault("eos", False)
-
-    return Vocab(model="gpt2", tokens=[t.encode("utf-8") for t in tokens], token_types=[int(t) for t in types],
-                 pre=pre, notes=notes,
-                 special=special)
+    return tokens, types

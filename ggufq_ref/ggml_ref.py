@@ -1,39 +1,24 @@
 """ggml's own quantizers through ctypes, as the reference for tests and benchmarks.
 
 Loads ``libggml-base`` from the installed llama-cpp-python (which bundles the
-llama.cpp we compare against) and calls ``ggml_quantize_chunk``. Not used by the
-converter itself.
+llama.cpp we compare against; :mod:`ggufq.llamalib`) and calls ``ggml_quantize_chunk``.
 """
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 from functools import lru_cache
 from typing import Optional
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import row_nbytes
-
-
-def _lib_dir() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llama-cpp-python is not installed; the ggml reference needs its shared libraries")
-    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
+from ggufq import llamalib
+from ggufq.quant import row_nbytes
 
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
-    d = _lib_dir()
-    cands = sorted(glob.glob(os.path.join(d, "libggml-base.*"))) or sorted(glob.glob(os.path.join(d, "libggml.*")))
-    if not cands:
-        raise RuntimeError(f"no libggml-base in {d}")
-    lib = ctypes.CDLL(cands[0], mode=ctypes.RTLD_GLOBAL)
+    lib = llamalib.ggml_base()
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,

@@ -4,28 +4,18 @@ Calls ``llama_quant_model_from_metadata`` + ``llama_quant_compute_types`` (the
 functions llama.cpp's ``tests/test-quant-type-selection.cpp`` uses) in the
 ``libllama`` bundled with the installed llama-cpp-python, on mock tensors
 (names and shapes only). It runs ``llama_tensor_get_type`` exactly as
-llama-quantize does, without a model file. Not used by the converter.
+llama-quantize does, without a model file.
 """
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 from functools import lru_cache
 from typing import Optional, Sequence
 
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
-from . import ModelInfo, TensorSpec
-
-
-def _lib_dir() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llama-cpp-python is not installed; the llama.cpp reference needs its shared libraries")
-    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
+from ggufq import llamalib
+from ggufq.plan import ModelInfo, TensorSpec
 
 
 class _Desc(ctypes.Structure):
@@ -66,9 +56,7 @@ _QUIET = _LOG_CB(lambda level, text, user: None)   # llama-quantize's fallback w
 
 @lru_cache(maxsize=1)
 def _libs():
-    d = _lib_dir()
-    base = ctypes.CDLL(sorted(glob.glob(os.path.join(d, "libggml-base.so*")))[0], mode=ctypes.RTLD_GLOBAL)
-    llama = ctypes.CDLL(sorted(glob.glob(os.path.join(d, "libllama.so*")))[0], mode=ctypes.RTLD_GLOBAL)
+    base, llama = llamalib.ggml_base(), llamalib.llama()
     f = {k: getattr(llama, v) for k, v in _SYMS.items()}
     f["init"].restype, f["init"].argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.POINTER(_QParams)]
     f["free"].argtypes = [ctypes.c_void_p]

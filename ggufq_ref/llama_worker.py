@@ -1,8 +1,8 @@
 """Run llama-cpp-python in a fresh process (llama_cpp imported before numpy) and bring back results.
 
-    python tests/llama_worker.py logits MODEL.gguf IDS.json OUT.npy     # F32 KV cache, all positions
-    python tests/llama_worker.py tokenize MODEL.gguf TEXTS.json OUT.json
-    python tests/llama_worker.py generate MODEL.gguf [PROMPT_IDS, N].json OUT.json   # greedy ids
+    python ggufq_ref/llama_worker.py logits MODEL.gguf IDS.json OUT.npy     # F32 KV cache, all positions
+    python ggufq_ref/llama_worker.py tokenize MODEL.gguf TEXTS.json OUT.json
+    python ggufq_ref/llama_worker.py generate MODEL.gguf [PROMPT_IDS, N].json OUT.json   # greedy ids
 
 From Python: :func:`llama_logits` and :func:`llama_tokenize` (they raise with the worker's stderr).
 """

@@ -17,7 +17,7 @@ wrong record shows up as llama.cpp disagreeing with this forward.
 Weights are memory-mapped and converted to float layer by layer, so memory holds one
 layer's weights plus the activations.
 
-    python tests/reference.py MODEL_DIR 1 450 4 9   # prints argmax and logits norm per position
+    python -m ggufq_ref.forward MODEL_DIR 1 450 4 9   # prints argmax and logits norm per position
 """
 from __future__ import annotations
 

@@ -15,11 +15,11 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from . import encode
+from ggufq.quant import encode
 
 def model_matrices(model_dir: str, min_cols: int = 256) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, float32 [rows, cols])`` for every 2-D tensor with ``cols >= min_cols``, sorted by name."""
-    from ..source import DTYPES, open_model
+    from ggufq.source import DTYPES, open_model
 
     with open_model(model_dir) as m:
         for t in sorted(m, key=lambda t: t.name):
