@@ -262,7 +262,9 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
 
     ``add_metadata(plan, writer)`` writes the GGUF header keys (convert's). The temporary folder
     is created beside ``out`` and removed on any failure, or by ``SelfCalibration.close()``.
-    ``tokens`` [n_seq, seq_len]: decode these instead of sampling (moments of a given text)."""
+    ``tokens`` [n_seq, seq_len]: decode these instead of sampling (moments of a given text).
+
+    Long because the temporary model, the worker process and its scratch share one cleanup."""
     from .progress import Progress
     if not available():
         raise GgufqError(missing_message())

@@ -326,6 +326,7 @@ def _sample_rows(pool, logits, gens, temperature):
 
 
 def run(req: dict, send) -> tuple[dict, np.ndarray]:
+    """Long because one llama.cpp model/context lifetime (load, eval callback, free) in one try/finally."""
     llama_cpp.llama_backend_init()
     log = _quiet()
     mp = llama_cpp.llama_model_default_params()

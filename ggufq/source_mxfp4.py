@@ -26,7 +26,6 @@ from gguf import GGMLQuantizationType as T
 from . import GgufqError
 from .quant.mxfp4 import KVALUES, e8m0_to_fp32_half
 from .source import SourceTensor
-from .source_fp8 import _pread
 
 QK = 32
 BLOCK_BYTES = 17          # ggml block_mxfp4: u8 e; u8 qs[16]
@@ -82,8 +81,8 @@ class Mxfp4Tensor(SourceTensor):
         s = self.scales
         if s._fd is None and self._fd is not None and s.path == self.path:
             s._fd = self._fd
-        blocks = np.frombuffer(_pread(self, self.offset + lo * nb * 16, (hi - lo) * nb * 16), np.uint8)
-        scales = np.frombuffer(_pread(s, s.offset + lo * nb, (hi - lo) * nb), np.uint8)
+        blocks = np.frombuffer(self.pread(self.offset + lo * nb * 16, (hi - lo) * nb * 16), np.uint8)
+        scales = np.frombuffer(s.pread(s.offset + lo * nb, (hi - lo) * nb), np.uint8)
         return hf_to_ggml_blocks(blocks.reshape(hi - lo, nb, 16), scales.reshape(hi - lo, nb))
 
     def rows(self, lo: int, hi: int) -> np.ndarray:

@@ -42,17 +42,7 @@ def test_the_arch_of_a_prepared_model_is_the_protocol_the_stages_read(tiny):
 MAX_LINES = 60
 # functions over MAX_LINES in files other branches were changing when this test came; their reason
 # stands here until it moves into the docstring ("Long because ...") -- a new long function needs one
-PENDING = {
-    "ggufq/convert.py:convert": "being split into stages (issue 16, item 1)",
-    "ggufq/cli/convert.py:command": "a click command: one line per option and its handling",
-    "ggufq/calib_worker.py:run": "one llama.cpp model/context lifetime (load, eval callback, free) in one try/finally",
-    "ggufq/calib.py:self_calibrate": "the temporary model, the worker process and its scratch share one cleanup",
-    "ggufq/quant/iq3.py:_encode_blocks": "transcribes ggml's quantize_row_iq3_xxs/iq3_s_impl block loop",
-    "ggufq/quant/iq3.py:_group_search": "transcribes the grid search of ggml's iq3 encoders",
-    "ggufq/quant/iq3_gptq.py:encode": "the GPTQ column loop with the iq3 grid search inside it",
-    "ggufq/quant/iq1.py:_encode_iq1_m": "transcribes ggml's quantize_row_iq1_m_impl",
-    "ggufq/quant/iq1.py:_record_scan": "transcribes the iq1 scan of ggml's quantize_row_iq1_s_impl",
-}
+PENDING: dict = {}      # name -> reason, for a long function whose docstring cannot say it yet
 
 
 def test_long_functions_say_why():

@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 from ggufq.eval import evaluate
-from tools.crosscheck_eval import WIKI, default_llama_bin, find_convert_hf, parse_ppl, run_parsed
+from tools.common import LLAMA_CONVERT, WIKITEXT as WIKI, llama_bin
+from tools.crosscheck_eval import parse_ppl, run_parsed
 from tools.synthetic_archs import FAMILIES, make_arch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +59,9 @@ def row(fam: str, work: Path, a) -> dict:
     ours = evaluate(gf16, **ev)
     out = {"arch": FAMILIES[fam][0], "lp": float("nan"), "ours": ours.ppl, "rel": float("nan"), "trained": trained}
     if not a.no_llama:
-        _run([sys.executable, find_convert_hf(), d, "--outtype", "f16", "--outfile", lf16])
+        _run([sys.executable, LLAMA_CONVERT, d, "--outtype", "f16", "--outfile", lf16])
         common = ["-f", a.text, "-c", a.ctx, "-b", a.ctx, "--chunks", a.chunks, "-t", a.threads]
-        lp = run_parsed([default_llama_bin() / "llama-perplexity", "-m", lf16, *common], work / f"{fam}-lp.log",
+        lp = run_parsed([llama_bin() / "llama-perplexity", "-m", lf16, *common], work / f"{fam}-lp.log",
                         parse_ppl)
         out.update(lp=lp["ppl"], rel=ours.ppl / lp["ppl"] - 1)
     for method in () if a.ppl_only else ("kquant", "calibrated"):

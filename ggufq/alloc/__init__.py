@@ -227,7 +227,9 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
              workdir: Optional[Path] = None, log: Optional[Callable] = None, probe_groups: bool = True,
              budget: Optional["Budget"] = None) -> Allocation:
     """Types for ``opts.target_size`` or ``opts.target_bpw``; ``alloc_kw={"probe": False}`` skips the
-    sensitivity probe (every group's scale 1: the bare output error)."""
+    sensitivity probe (every group's scale 1: the bare output error).
+
+    Long because the error table, the probe and the solver share the stages' state (calibration, plan, budget) and one cleanup."""
     import functools
 
     from ..convert import write_header

@@ -87,7 +87,9 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
           probe_type: T = PROBE_TYPE, fresh: bool = False) -> ProbeResult:
     """Measure every group's scale. ``weights_of(name)``: the importance the encoder gets;
     ``moment_of(name)``: H for the output error; ``tokens`` [n_seq, n_ctx] the text decoded;
-    ``fresh``: a new llama.cpp process per group (what the shared one is checked against in the tests)."""
+    ``fresh``: a new llama.cpp process per group (what the shared one is checked against in the tests).
+
+    Long because one llama.cpp process and one patched F16 file live through every group's patch/measure/restore, in one try/finally."""
     import tempfile
 
     from ..plan import rules as R

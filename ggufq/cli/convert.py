@@ -90,7 +90,8 @@ def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, me
 
     Reads the weights lazily, quantizes in NumPy and streams the file; nothing
     is written unless the whole conversion succeeds.
-    """
+
+    Long because a click command: one line per option and its handling."""
     from ..convert import convert
     from ..plan import load_map
 

@@ -103,7 +103,8 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
     candidate can ever take it, so the exact float32 scan is replayed over just
     them (the widest fallback keeps every candidate with ``sumq2 > 0``: the
     replay is then the scan itself).
-    """
+
+    Long because it transcribes the iq1 scan of ggml's quantize_row_iq1_s_impl."""
     n, G = sx.shape
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         score = sx * sx
@@ -349,6 +350,7 @@ def _iq1m_sel(k: np.ndarray) -> np.ndarray:
 
 
 def _encode_iq1_m(x: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
+    """Long because it transcribes ggml's quantize_row_iq1_m_impl."""
     nb = x.shape[0]
     g = iq_grid(T.IQ1_M)
     xp, xm = _shifted(IQ1M_DELTA)

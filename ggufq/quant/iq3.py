@@ -156,7 +156,9 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
                   xxs: bool) -> tuple[np.ndarray, np.ndarray]:
     """The scale search of one group of 32 for all groups at once (the ``for (int is ...)`` loop and
     the requantization of the off-grid quads that follows). xvT/wT/waT: [32, n] (xval, weight,
-    waux); mx: [n] the group maxima. Returns (scale [n] float32, L [32, n] int8)."""
+    waux); mx: [n] the group maxima. Returns (scale [n] float32, L [32, n] int8).
+
+    Long because it transcribes the grid search of ggml's iq3 encoders."""
     n = mx.shape[0]
     nis = 15 if xxs else 9
     trials = np.arange(-nis, nis + 1)
@@ -228,6 +230,7 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
 
 
 def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray], xxs: bool) -> np.ndarray:
+    """Long because it transcribes ggml's quantize_row_iq3_xxs/iq3_s_impl block loop."""
     g = grid(256 if xxs else 512)
     nblk = xb.shape[0]
     ng = nblk * 8

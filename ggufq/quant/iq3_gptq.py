@@ -54,7 +54,9 @@ def _group_scales(qtype: T, blk: np.ndarray) -> np.ndarray:
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] -> uint8 [n, k/256 * block bytes] of IQ3_XXS or IQ3_S, same contract as
-    :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales)."""
+    :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales).
+
+    Long because the GPTQ column loop holds the iq3 grid search inside it."""
     cls, bsz = _BLOCK[qtype]
     xxs = qtype == T.IQ3_XXS
     cls.init_grid()
