@@ -61,10 +61,6 @@ def make_plan(p: Prepared, ftype: str, **kw) -> plans.Plan:
     return plans.make_plan(p.specs, p.info, ftype, **kw)
 
 
-def output_type_label(plan: plans.Plan) -> str:
-    return plan.ftype
-
-
 def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
     """general.* naming from the model card / folder, as llama.cpp's converter derives it."""
     try:
@@ -86,7 +82,7 @@ def metadata_for(p: Prepared, name: Optional[str] = None) -> gguf.Metadata:
 def default_output_name(p: Prepared, plan: plans.Plan, name: Optional[str] = None) -> str:
     md = metadata_for(p, name)
     stem = gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label,
-                                  output_type_label(plan))
+                                  plan.ftype)
     # the name comes from the model card (strangers): no control characters, no leading dot, bounded
     stem = "".join(c if c.isprintable() and c not in "/\\" else "-" for c in stem).lstrip(".")[:200] or "model"
     return stem + ".gguf"

@@ -40,7 +40,12 @@ def _wait_readable(f: BinaryIO) -> None:
     to another thread (OpenBLAS's, a progress bar's); a ``read`` blocked in the main thread is then
     not interrupted, and Python runs the handler (which ends the run) only when the main thread
     gets back to the interpreter -- after the worker's next message, which may be minutes away."""
+    import io
     import select
+    if not isinstance(f, io.RawIOBase):
+        # a buffered reader may already hold the bytes asked for: select on its fd would wait for
+        # more that never come (the workers read their stdin this way; they ignore signals anyway)
+        return
     try:
         fd = f.fileno()
     except (AttributeError, OSError, ValueError):

@@ -64,6 +64,18 @@ class Hessian:
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
 
 
+def sweep_inputs(qtype: T, rows: np.ndarray, h: Hessian, qk: int,
+                 importance: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The checks and inputs every error-feedback sweep starts from (this module's and the
+    i-quants' ``iq*_gptq``): ``rows`` as float64 ``W`` [n, k] (a copy the sweep updates) and the
+    importance the ``start`` encoder weights by (default ``h.diag``)."""
+    W = np.array(rows, np.float64)
+    k = W.shape[1]
+    if k != h.n or k % qk:
+        raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {qk}")
+    return W, (h.diag if importance is None else np.asarray(importance, np.float32))
+
+
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] float -> uint8 blocks [n, row_nbytes] of ``qtype``.

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from .gptq import Hessian
+from .gptq import Hessian, sweep_inputs
 
 QK_K = 256
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -73,11 +73,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)              # [2048, 8], values -1/0/1
     gT = np.ascontiguousarray(grid.T)
     g2T = np.ascontiguousarray((grid[:, :, None] * grid[:, None, :]).reshape(grid.shape[0], 64).T)
-    W = np.array(rows, np.float64)
+    W, imp = sweep_inputs(qtype, rows, h, QK_K, importance)
     n, k = W.shape
-    if k != h.n or k % QK_K:
-        raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {QK_K}")
-    imp = h.diag if importance is None else np.asarray(importance, np.float32)
     U = h.u
     out = np.empty((n, k // QK_K, _BYTES[qtype]), np.uint8)
     for b, c0 in enumerate(range(0, k, QK_K)):

@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from .gptq import Hessian
+from .gptq import Hessian, sweep_inputs
 
 QK_K = 256
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -87,11 +87,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     # start-up costs more than the product in a busy encoder process
     gT = np.ascontiguousarray(grid.T)                                        # [8, ng]
     g2T = np.ascontiguousarray((grid[:, :, None] * grid[:, None, :]).reshape(grid.shape[0], 64).T)
-    W = np.array(rows, np.float64)
+    W, imp = sweep_inputs(qtype, rows, h, QK_K, importance)
     n, k = W.shape
-    if k != h.n or k % QK_K:
-        raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {QK_K}")
-    imp = h.diag if importance is None else np.asarray(importance, np.float32)
     U = h.u
     out = np.empty((n, k // QK_K, bsz), np.uint8)
     P = np.empty((256, grid.shape[0]))

@@ -31,7 +31,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from .gptq import Hessian
+from .gptq import Hessian, sweep_inputs
 
 QK_K = 256
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -61,11 +61,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     xxs = qtype == T.IQ3_XXS
     cls.init_grid()
     grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)              # [ng, 4] decoded values
-    W = np.array(rows, np.float64)
+    W, imp = sweep_inputs(qtype, rows, h, QK_K, importance)
     n, k = W.shape
-    if k != h.n or k % QK_K:
-        raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {QK_K}")
-    imp = h.diag if importance is None else np.asarray(importance, np.float32)
     U = h.u
     bit8 = (1 << np.arange(8)).astype(np.uint8)
     out = np.empty((n, k // QK_K, bsz), np.uint8)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .gptq import Hessian
+from .gptq import Hessian, sweep_inputs
 from .iq4 import KVALUES
 
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -53,11 +53,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     """Rows [n, k] -> uint8 [n, k/qk * block bytes] of IQ4_NL or IQ4_XS, the contract of
     :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales)."""
     qk, bsz = _FMT[qtype]
-    W = np.array(rows, np.float64)
+    W, imp = sweep_inputs(qtype, rows, h, qk, importance)
     n, k = W.shape
-    if k != h.n or k % qk:
-        raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {qk}")
-    imp = h.diag if importance is None else np.asarray(importance, np.float32)
     U = h.u
     nb = qk // 32
     out = np.empty((n, k // qk, bsz), np.uint8)
