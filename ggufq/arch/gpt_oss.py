@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import GgufqError
 from . import MT, ArchRecord, Moe, register
+from .moe import ExpertRows
 
 LAYER = (MT.ATTN_NORM, MT.ATTN_POST_NORM, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT, MT.ATTN_SINKS,
          MT.FFN_GATE_INP, MT.FFN_GATE_EXP, MT.FFN_UP_EXP, MT.FFN_DOWN_EXP)
@@ -75,7 +76,7 @@ class Interleaved:
         return self._gather(self.src.raw, lo, hi, width, np.uint8)
 
 
-class Transposed:
+class Transposed(ExpertRows):
     """A dequantized checkpoint's ``[n_expert, cols, rows * step]`` expert matrix as the
     ``[n_expert, rows, cols]`` source llama.cpp writes (``transpose(-1, -2)``, then every ``step``-th
     row from ``start``: gate/up of an interleaved gate_up). One expert's matrix is read per chunk."""
@@ -88,27 +89,10 @@ class Transposed:
         self.shape = (src.shape[0], self.per, src.shape[1])
         self.native = None
 
-    @property
-    def row_len(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def n_rows(self) -> int:
-        return self.shape[0] * self.per
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        lo, hi = max(0, lo), min(hi, self.n_rows)
-        out = np.empty((hi - lo, self.row_len), dtype=np.float32)
+    def _expert_rows(self, e: int, a: int, b: int) -> np.ndarray:
         cols = self.src.shape[1]
-        pos = lo
-        while pos < hi:
-            e = pos // self.per
-            a = pos - e * self.per
-            b = min(self.per, hi - e * self.per)
-            m = self.src.rows(e * cols, (e + 1) * cols)                 # [in, out * step] of expert e
-            out[pos - lo:pos - lo + b - a] = m[:, self.start + a * self.step:self.start + b * self.step:self.step].T
-            pos += b - a
-        return out
+        m = self.src.rows(e * cols, (e + 1) * cols)                 # [in, out * step] of expert e
+        return m[:, self.start + a * self.step:self.start + b * self.step:self.step].T
 
 
 class BiasHalf:

@@ -43,7 +43,40 @@ ATTN = (MT.ATTN_NORM, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_OUT)
 SHARED = (MT.FFN_GATE_INP_SHEXP, MT.FFN_GATE_SHEXP, MT.FFN_UP_SHEXP, MT.FFN_DOWN_SHEXP)
 
 
-class StackedSource:
+class ExpertRows:
+    """A ``[n_expert, per, cols]`` source read expert by expert (the duck type of
+    :class:`ggufq.source.SourceTensor` that ``TextArch`` reads). A subclass sets ``shape`` and
+    ``per`` and gives ``_expert_rows(e, a, b)``: rows ``[a, b)`` of expert ``e``, float32."""
+    shape: tuple
+    per: int
+
+    @property
+    def row_len(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] * self.per
+
+    def _expert_rows(self, e: int, a: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of the ``[n_expert * per, cols]`` view: expert ``e`` holds rows
+        ``[e * per, (e + 1) * per)``; only those experts are read, only those rows of each."""
+        lo, hi = max(0, lo), min(hi, self.n_rows)
+        out = np.empty((hi - lo, self.row_len), dtype=np.float32)
+        pos = lo
+        while pos < hi:
+            e = pos // self.per
+            a = pos - e * self.per
+            b = min(self.per, hi - e * self.per)
+            out[pos - lo:pos - lo + b - a] = self._expert_rows(e, a, b)
+            pos += b - a
+        return out
+
+
+class StackedSource(ExpertRows):
     """``n_expert`` tensors of one shape ``[rows, cols]`` as one ``[n_expert, rows, cols]``
     source (the duck type of :class:`ggufq.source.SourceTensor` that ``TextArch`` reads)."""
 
@@ -54,30 +87,11 @@ class StackedSource:
         self.shape = (len(parts),) + tuple(parts[0].shape)
         self.per = parts[0].n_rows          # rows of one expert in the 2-D view
 
-    @property
-    def row_len(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def n_rows(self) -> int:
-        return self.per * len(self.parts)
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        """Rows ``[lo, hi)`` of the ``[n_expert * rows, cols]`` view: expert ``e`` holds rows
-        ``[e * rows, (e + 1) * rows)``; only those experts are read, only those rows of each."""
-        lo, hi = max(0, lo), min(hi, self.n_rows)
-        out = np.empty((hi - lo, self.row_len), dtype=np.float32)
-        pos = lo
-        while pos < hi:
-            e = pos // self.per
-            a = pos - e * self.per
-            b = min(self.per, hi - e * self.per)
-            out[pos - lo:pos - lo + b - a] = self.parts[e].rows(a, b)
-            pos += b - a
-        return out
+    def _expert_rows(self, e: int, a: int, b: int) -> np.ndarray:
+        return self.parts[e].rows(a, b)
 
 
-class ExpertHalf:
+class ExpertHalf(ExpertRows):
     """The gate (``half`` 0) or up (1) half of a fused ``[n_expert, 2 ff, cols]`` tensor, as a
     ``[n_expert, ff, cols]`` source (``Qwen2MoeModel`` splits ``gate_up_proj`` on dim -2)."""
 
@@ -86,29 +100,12 @@ class ExpertHalf:
             raise GgufqError(f"tensor {src.name} has shape {list(src.shape)}; a fused gate_up_proj is "
                              f"[n_expert, 2 * ff, embd]")
         self.name, self.src, self.half, self.dtype = src.name, src, half, src.dtype
-        self.ff = src.shape[1] // 2
+        self.ff = self.per = src.shape[1] // 2
         self.shape = (src.shape[0], self.ff, src.shape[2])
 
-    @property
-    def row_len(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def n_rows(self) -> int:
-        return self.shape[0] * self.ff
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        lo, hi = max(0, lo), min(hi, self.n_rows)
-        out = np.empty((hi - lo, self.row_len), dtype=np.float32)
-        pos = lo
-        while pos < hi:
-            e = pos // self.ff
-            a = pos - e * self.ff
-            b = min(self.ff, hi - e * self.ff)
-            base = e * 2 * self.ff + self.half * self.ff
-            out[pos - lo:pos - lo + b - a] = self.src.rows(base + a, base + b)
-            pos += b - a
-        return out
+    def _expert_rows(self, e: int, a: int, b: int) -> np.ndarray:
+        base = e * 2 * self.ff + self.half * self.ff
+        return self.src.rows(base + a, base + b)
 
 
 def n_expert(a) -> int:

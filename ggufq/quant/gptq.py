@@ -76,6 +76,19 @@ def sweep_inputs(qtype: T, rows: np.ndarray, h: Hessian, qk: int,
     return W, (h.diag if importance is None else np.asarray(importance, np.float32))
 
 
+def push_group(W: np.ndarray, E: np.ndarray, U: np.ndarray, ui: np.ndarray, err: np.ndarray,
+               j0: int, c0: int, c1: int) -> None:
+    """A codebook sweep's step (``iq1_gptq``, ``iq2_gptq``): the rounding error ``err`` [n, g] of
+    columns ``[j0, j0 + g)``, times ``ui`` (their ``U`` block's inverse), pushed onto the rest of the
+    block-column ``[j0 + g, c1)`` and kept in ``E`` (columns from ``c0``) for the block-column's
+    push. NumPy's own loops (einsum): these products are too small for a threaded BLAS call."""
+    g = err.shape[1]
+    e = np.einsum("ri,ik->rk", err, ui)
+    if j0 + g < c1:
+        W[:, j0 + g:c1] -= np.einsum("ri,ik->rk", e, U[j0:j0 + g, j0 + g:c1])
+    E[:, j0 - c0:j0 - c0 + g] = e
+
+
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] float -> uint8 blocks [n, row_nbytes] of ``qtype``.

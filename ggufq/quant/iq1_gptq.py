@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from .gptq import Hessian, sweep_inputs
+from .gptq import Hessian, push_group, sweep_inputs
 
 QK_K = 256
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -100,10 +100,7 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
             cost -= 2 * d * lin
             j = np.argmin(cost, axis=1)
             q = d * (grid[j] + s)
-            e = np.einsum("ri,ik->rk", w - q, ui)
-            if j0 + 8 < c1:
-                W[:, j0 + 8:c1] -= np.einsum("ri,ik->rk", e, U[j0:j0 + 8, j0 + 8:c1])
-            E[:, j0 - c0:j0 - c0 + 8] = e
+            push_group(W, E, U, ui, w - q, j0, c0, c1)
             gidx[:, unit] = j
         if c1 < k:
             W[:, c1:] -= E @ U[c0:c1, c1:]
