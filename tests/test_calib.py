@@ -327,7 +327,8 @@ def test_iq_mixture_without_imatrix_makes_its_own(tmp_path, tiny):
     llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
     toks = llm.tokenize(b"The word apple means")
     llm.eval(toks)
-    assert np.isfinite(np.array(llm.scores[: len(toks)])).all()
+    # without logits_all llama-cpp-python fills only the last position's row (the others are uninitialised)
+    assert np.isfinite(np.array(llm.scores[len(toks) - 1])).all()
     del llm
 
 
