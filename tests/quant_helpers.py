@@ -61,3 +61,18 @@ def run_tiny_gguf(tmp_path, monkeypatch, ftype_name: str, qtype, imatrix=None):
     lg = np.array(llm.scores[len(toks) - 1], dtype=np.float64)
     del llm
     return lg
+
+
+def diagonal_feedback(module, qtype: T, rows: np.ndarray, m: np.ndarray):
+    """Encode ``rows`` with an error-feedback ``module`` (``iq1_gptq``, ``iq2_gptq``, ``iq3_gptq``)
+    under the diagonal of the moment ``m`` (no damping: nothing to feed forward) -> (blocks,
+    dequantized rows, the diagonal, ``qtype``'s decoded grid as float64 [n_points, group])."""
+    from gguf import quants as gq
+    from gguf.quants import dequantize
+    from ggufq.quant import encode, gptq
+    hd = np.diag(m).copy()
+    got = module.encode(qtype, rows, gptq.Hessian.from_moment(np.diag(hd), damp=0.0), start=encode)
+    deq = dequantize(got, qtype).reshape(rows.shape)
+    cls = getattr(gq, qtype.name)
+    cls.init_grid()
+    return got, deq, hd, cls.grid.reshape(cls.grid_shape).astype(np.float64)

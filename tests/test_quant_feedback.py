@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf import quants as gq
 from gguf.quants import dequantize
 
 from conftest import HELDOUT, TINY
+from quant_helpers import diagonal_feedback
 from ggufq.quant import encode, gptq, iq1_gptq, iq2_gptq, iq4_gptq
 
 GRID = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]
@@ -75,13 +75,7 @@ def test_grid_feedback_without_correlations_is_the_exact_grid_search(qtype, mome
     keep the count of negatives even where only seven are stored."""
     rows, m, _ = moments
     rows = rows[:24]
-    hd = np.diag(m).copy()
-    h = gptq.Hessian.from_moment(np.diag(hd), damp=0.0)
-    got = iq2_gptq.encode(qtype, rows, h, start=encode)
-    deq = dequantize(got, qtype).reshape(rows.shape)
-    cls = {T.IQ2_XXS: gq.IQ2_XXS, T.IQ2_XS: gq.IQ2_XS, T.IQ2_S: gq.IQ2_S}[qtype]
-    cls.init_grid()
-    grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)
+    got, deq, hd, grid = diagonal_feedback(iq2_gptq, qtype, rows, m)
     per = 4 if qtype == T.IQ2_XXS else 2
     db = iq2_gptq._group_scales(qtype, got.reshape(len(rows), -1)).astype(np.float64)
     assert (db > 0).all()
@@ -103,13 +97,7 @@ def test_ternary_feedback_without_correlations_is_the_exact_grid_search(qtype, m
     delta the start encoder chose) with the least h-weighted squared error."""
     rows, m, _ = moments
     rows = rows[:24]
-    hd = np.diag(m).copy()
-    h = gptq.Hessian.from_moment(np.diag(hd), damp=0.0)
-    got = iq1_gptq.encode(qtype, rows, h, start=encode)
-    deq = dequantize(got, qtype).reshape(rows.shape)
-    cls = gq.IQ1_S if qtype == T.IQ1_S else gq.IQ1_M
-    cls.init_grid()
-    grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)
+    got, deq, hd, grid = diagonal_feedback(iq1_gptq, qtype, rows, m)
     dl, delta = iq1_gptq._unit_scales(qtype, got.reshape(len(rows), -1))
     for r in range(len(rows)):
         for unit in range(0, rows.shape[1] // 8, 3):

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
-from quant_helpers import tiny_matrices
+from quant_helpers import diagonal_feedback, tiny_matrices
 from ggufq.quant import encode, row_nbytes
 from ggufq_ref import ggml_ref
 from ggufq.quant.iq3 import grid
@@ -219,17 +219,10 @@ def test_error_feedback_lowers_the_output_error(qtype, gate_moments):
 def test_error_feedback_without_correlations_is_the_exact_grid_search(qtype, gate_moments):
     """With a diagonal H there is nothing to feed forward: every quad must be the grid point (under
     the decoded group scale and the stored signs) with the least h-weighted squared error."""
-    from gguf import quants as gq
-    from ggufq.quant import gptq, iq3_gptq
+    from ggufq.quant import iq3_gptq
     rows, m, _ = gate_moments
     rows = rows[:32]
-    hd = np.diag(m).copy()
-    h = gptq.Hessian.from_moment(np.diag(hd), damp=0.0)
-    got = iq3_gptq.encode(qtype, rows, h, start=encode)
-    deq = dequantize(got, qtype).reshape(rows.shape)
-    cls = gq.IQ3_XXS if qtype == T.IQ3_XXS else gq.IQ3_S
-    cls.init_grid()
-    grid4 = cls.grid.reshape(cls.grid_shape).astype(np.float64)
+    got, deq, hd, grid4 = diagonal_feedback(iq3_gptq, qtype, rows, m)
     db = iq3_gptq._group_scales(qtype, got.reshape(-1, row_nbytes(qtype, 256))).reshape(len(rows), -1)
     for r in range(len(rows)):
         for quad in range(0, rows.shape[1] // 4, 5):
