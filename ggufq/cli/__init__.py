@@ -147,6 +147,13 @@ class _Group(click.Group):
             _say("ggufq: error: an input is nested too deeply to read")
             sys.exit(1)
         except Exception as e:
+            cause = e
+            while cause is not None and not isinstance(cause, Interrupted):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                # a signal raised inside machinery that wraps exceptions (class creation's
+                # __set_name__ during an import gives RuntimeError from it): it is the signal
+                raise cause from None
             if os.environ.get("GGUFQ_DEBUG"):
                 raise
             _say(f"ggufq: error: {_blame(e)} ({type(e).__name__}: {_first_line(e)}); fix it, or rerun with "
