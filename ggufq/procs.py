@@ -284,6 +284,8 @@ class WorkerPool(ProcessPoolExecutor):
             self.shutdown(wait=True)
             return
         procs = list((getattr(self, "_processes", None) or {}).values())
+        t = getattr(self, "_executor_manager_thread", None)     # shutdown() forgets these two
+        results = getattr(self, "_result_queue", None)
         for p in procs:
             try:
                 p.kill()
@@ -295,11 +297,21 @@ class WorkerPool(ProcessPoolExecutor):
                 p.join(2.0)
             except (OSError, AssertionError, ValueError):
                 pass
-        # the executor's manager thread sees its workers gone and ends; wait for it so
-        # interpreter shutdown never blocks on it
-        t = getattr(self, "_executor_manager_thread", None)
+        # The executor's manager thread sees its workers gone and ends; wait for it, or interpreter
+        # shutdown blocks on it. A worker killed while it wrote a result left half a message in the
+        # result pipe: the manager thread waits in recv() for the rest, forever, since this process
+        # holds the pipe's write end too. With that end closed (every worker is dead) it reads EOF,
+        # takes the pool as broken and ends.
         if t is not None and t is not threading.current_thread():
-            t.join(2.0)
+            t.join(0.5)
+            if t.is_alive():
+                writer = getattr(results, "_writer", None)
+                try:
+                    if writer is not None:
+                        writer.close()
+                except OSError:
+                    pass
+                t.join(2.0)
 
     def __exit__(self, exc_type, exc, tb):
         self.close(ok=exc_type is None)
