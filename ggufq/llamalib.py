@@ -2,7 +2,8 @@
 
 The one loader of ``libggml-base`` / ``libllama``: the calibration worker (``calib_worker``) reads
 activations through it, and the test references in ``ggufq_ref`` call ggml's and llama.cpp's own
-functions through it. :func:`load` finds the library next to ``llama_cpp/__init__.py`` (``lib/``),
+functions through it. :func:`load` finds the library next to ``llama_cpp/__init__.py`` (``lib/``), or in
+``$LLAMA_CPP_LIB_PATH`` as llama-cpp-python does,
 opens it ``RTLD_GLOBAL`` (libllama resolves ggml's symbols through it) and caches the handle, so
 argtypes set by one caller are seen by all; callers set only the signatures they use.
 """
@@ -16,7 +17,12 @@ from functools import lru_cache
 
 
 def lib_dir() -> str:
-    """``.../site-packages/llama_cpp/lib``; RuntimeError when llama-cpp-python is not installed."""
+    """``.../site-packages/llama_cpp/lib``, or ``$LLAMA_CPP_LIB_PATH`` when set (llama-cpp-python's own
+    override: its bindings then load libllama from there, e.g. a CUDA build of llama.cpp, and so must
+    we); RuntimeError when llama-cpp-python is not installed."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        return override
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("llama-cpp-python is not installed; its shared libraries are needed here")

@@ -4,14 +4,14 @@
 # shapes, random BF16 weights) with the default 32,768 self-generated calibration tokens.
 #
 # Steps (each timed: wall, CPU seconds of the process tree, peak RSS; one table at the end):
-#   1. CUDA llama-cpp-python from the slim sdist (tools/gpu_eval.sh -B; skipped when SITE already
-#      offloads, e.g. a second call on a warm machine);
+#   1. CUDA llama.cpp from the slim sdist, libraries and CLI tools in one CMake build, under
+#      llama-cpp-python's Python bindings (tools/gpu_eval.sh -B -K; skipped when SITE already offloads,
+#      e.g. a second call on a warm machine);
 #   2. the synthetic 1B folder (~2.5 GB, seeded: the same bytes every time);
 #   3. ggufq convert -t TYPE --method calibrated --gpu-layers -1 -j NPROC   (GPU forward)
 #   4. ggufq convert -t TYPE --method calibrated --gpu-layers 0  -j NPROC   (CPU forward, -C to skip)
-#   5. with LLAMA_BIN holding llama-imatrix and llama-quantize (e.g. a CUDA build of llama.cpp's
-#      tools): F16 GGUF, llama-imatrix -ngl 99 over the same number of tokens of TEXT, llama-quantize
-#      --imatrix; otherwise the row says why it is missing.
+#   5. llama.cpp's calibrated path with the tools of step 1 (or LLAMA_BIN): F16 GGUF, llama-imatrix
+#      -ngl 99 over the same number of tokens of TEXT, llama-quantize --imatrix.
 # Every command runs under `timeout` so that the whole script ends inside BUDGET seconds (default
 # 540: one device call is at most 600 s); a step cut by its timeout is reported as such, with its
 # CPU seconds so far.
@@ -54,7 +54,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L
 # 1. CUDA llama-cpp-python (reused from .gpu-site when it already offloads)
 b0=$(date +%s)
 if [ "$NO_BUILD" = 0 ]; then
-  tools/gpu_eval.sh -B -s "$SDIST" -w "$WHEELS" -L "$LOGDIR" || { echo "gpu_calib: the CUDA build failed"; exit 1; }
+  tools/gpu_eval.sh -B -K -s "$SDIST" -w "$WHEELS" -L "$LOGDIR" || { echo "gpu_calib: the CUDA build failed"; exit 1; }
+  # the bindings load the CUDA libraries of that build; llama.cpp's own tools come from the same build
+  export LLAMA_CPP_LIB_PATH="$SITE/llama-bin"
+  LLAMA_BIN="${LLAMA_BIN:-$SITE/llama-bin}"
 fi
 BUILD_S=$(( $(date +%s) - b0 ))
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"

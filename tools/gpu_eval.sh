@@ -16,6 +16,11 @@
 #   -t THREADS   CPU threads for --gpu-layers 0 (default: all cores)
 #   -a ARCH      CUDA architectures (default 90)
 #   -B           build only, no evaluation
+#   -K           one CMake build of the sdist's llama.cpp with CUDA: the shared libraries (llama-cpp-python's
+#                Python package, copied from the sdist, loads them through LLAMA_CPP_LIB_PATH, as ggufq does)
+#                and llama.cpp's llama-imatrix, llama-quantize, llama-perplexity and llama-gguf-split, all in
+#                SITE/llama-bin -- CUDA compiles once for both. Callers export
+#                LLAMA_CPP_LIB_PATH=SITE/llama-bin and LLAMA_BIN=SITE/llama-bin
 #   -N           no build: use whatever llama-cpp-python is importable (to try the script on a CPU box;
 #                the GPU rows then fail their check)
 #   -m MODEL_DIR convert this Hugging Face folder with ggufq into GGUF_DIR first (types -T, default
@@ -34,20 +39,21 @@ THREADS=""
 ARCH=90
 BUILD_ONLY=0
 NO_BUILD=0
+TOOLS_BUILD=0
 MODEL_DIR=""
 TYPES="F16 Q8_0"
 LOGDIR="${OUT:-gpu-eval-logs}"
-while getopts "s:w:S:c:n:t:a:BNm:T:L:h" opt; do
+while getopts "s:w:S:c:n:t:a:BKNm:T:L:h" opt; do
   case $opt in
     s) SDIST=$OPTARG ;; w) WHEELS=$OPTARG ;; S) SITE=$(realpath -m "$OPTARG") ;;
     c) CTX=$OPTARG ;; n) CHUNKS=$OPTARG ;; t) THREADS=$OPTARG ;; a) ARCH=$OPTARG ;;
-    B) BUILD_ONLY=1 ;; N) NO_BUILD=1 ;; m) MODEL_DIR=$OPTARG ;; T) TYPES=$OPTARG ;; L) LOGDIR=$OPTARG ;;
-    h) sed -n '2,25p' "$0"; exit 0 ;;
-    *) sed -n '2,25p' "$0" >&2; exit 2 ;;
+    B) BUILD_ONLY=1 ;; K) TOOLS_BUILD=1 ;; N) NO_BUILD=1 ;; m) MODEL_DIR=$OPTARG ;; T) TYPES=$OPTARG ;; L) LOGDIR=$OPTARG ;;
+    h) sed -n '2,30p' "$0"; exit 0 ;;
+    *) sed -n '2,30p' "$0" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-if [ "$BUILD_ONLY" = 0 ] && [ $# -ne 2 ]; then sed -n '2,25p' "$0" >&2; exit 2; fi
+if [ "$BUILD_ONLY" = 0 ] && [ $# -ne 2 ]; then sed -n '2,30p' "$0" >&2; exit 2; fi
 GGUF_DIR="${1:-}"
 TEXT="${2:-}"
 mkdir -p "$LOGDIR"
@@ -71,6 +77,7 @@ if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 
 offloads() { $PY -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; }
+if [ "$TOOLS_BUILD" = 1 ]; then export LLAMA_CPP_LIB_PATH="$SITE/llama-bin" LLAMA_BIN="$SITE/llama-bin"; fi
 if [ "$NO_BUILD" = 1 ]; then
   echo "== no build (-N): llama-cpp-python $($PY -c 'import llama_cpp; print(llama_cpp.__version__)' 2>&1), offload: $(offloads && echo yes || echo no)"
 elif offloads; then
@@ -79,14 +86,32 @@ else
   [ -f "$SDIST" ] || die "slim sdist not found: $SDIST (make it with tools/make_slim_sdist.sh and carry it)"
   if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
   command -v nvcc >/dev/null || die "nvcc not found"
-  echo "== building llama-cpp-python with CUDA (arch $ARCH) from $SDIST; nvcc: $(nvcc --version | tail -1)"
   t0=$(date +%s)
+  if [ "$TOOLS_BUILD" = 1 ]; then
+    echo "== building llama.cpp (libraries + CLI tools) with CUDA (arch $ARCH) from $SDIST; nvcc: $(nvcc --version | tail -1)"
+    SRC="$SITE/src"
+    rm -rf "$SRC" && mkdir -p "$SRC" && tar xzf "$SDIST" -C "$SRC" || die "cannot unpack $SDIST"
+    TOP="$SRC/$(ls "$SRC")"
+    { cmake -S "$TOP/vendor/llama.cpp" -B "$SITE/llama-build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+      && cmake --build "$SITE/llama-build" -j"$(nproc)" \
+           --target llama llama-imatrix llama-quantize llama-perplexity llama-gguf-split; } \
+      > "$LOGDIR/build.log" 2>&1 || { tail -40 "$LOGDIR/build.log"; die "building llama.cpp failed (see $LOGDIR/build.log)"; }
+    rm -rf "$SITE/llama-bin" "$SITE/llama_cpp" && mkdir -p "$SITE/llama-bin"
+    cp -a "$SITE/llama-build/bin/." "$SITE/llama-bin/"
+    cp -a "$TOP/llama_cpp" "$SITE/llama_cpp"          # the bindings: pure Python, libraries from LLAMA_CPP_LIB_PATH
+    echo "== built in $(( $(date +%s) - t0 )) s: $(ls "$SITE/llama-bin" | tr '\n' ' ')"
+    offloads || die "the built llama.cpp does not report GPU offload"
+  else
+  echo "== building llama-cpp-python with CUDA (arch $ARCH) from $SDIST; nvcc: $(nvcc --version | tail -1)"
   CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DLLAVA_BUILD=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     $PY -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir --upgrade --target "$SITE" "$SDIST" \
     > "$LOGDIR/build.log" 2>&1 || { tail -40 "$LOGDIR/build.log"; die "building llama-cpp-python failed (see $LOGDIR/build.log)"; }
   echo "== built in $(( $(date +%s) - t0 )) s"
   offloads || die "the built llama-cpp-python does not report GPU offload"
+  fi
 fi
 $PY -c "import diskcache" 2>/dev/null || echo "note: diskcache missing (llama_cpp.Llama needs it; ggufq eval does not)"
 [ "$BUILD_ONLY" = 1 ] && exit 0

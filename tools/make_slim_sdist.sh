@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make a slim llama-cpp-python sdist for building on a machine without internet (the GPU box):
 # the pip-downloaded sdist minus what a library build never reads (vendored model vocab
-# files, docs, media, tests, examples, benches, llama.cpp's CLI tools except mtmd, gguf-py
+# files, docs, media, tests, examples, benches, llama.cpp's CLI tools except mtmd, imatrix, quantize,
+# perplexity and gguf-split, gguf-py
 # and conversion scripts, ggml backends other than CPU/CUDA/BLAS/RPC, the git history). The result builds the same shared libraries (libllama, libggml*,
 # libmtmd) and must stay under 60 MiB.
 #
@@ -28,7 +29,18 @@ LC="$ROOT/vendor/llama.cpp"
 before=$(du -sb "$ROOT" | cut -f1)
 # llama.cpp: keep CMake, ggml, src, include, common, vendor, cmake, licenses and tools/mtmd
 rm -rf "$LC"/{models,docs,media,tests,examples,benches,pocs,gguf-py,conversion,scripts,grammars,ci,skills,requirements,.devops,.github}
-find "$LC/tools" -mindepth 1 -maxdepth 1 ! -name mtmd ! -name CMakeLists.txt -exec rm -rf {} +
+# tools: mtmd (llama-cpp-python builds it) and the four CLI tools the GPU benchmarks run beside ggufq
+# (tools/gpu_eval.sh -K builds them with CUDA in the same CMake build as the libraries)
+KEEP_TOOLS="mtmd imatrix quantize perplexity gguf-split"
+find "$LC/tools" -mindepth 1 -maxdepth 1 ! -name CMakeLists.txt $(printf '! -name %s ' $KEEP_TOOLS) -exec rm -rf {} +
+cat > "$LC/tools/CMakeLists.txt" <<EOF
+# slim sdist (ggufq tools/make_slim_sdist.sh): only the tools kept in this tree
+find_package(Threads REQUIRED)
+llama_add_compile_flags()
+foreach(t $KEEP_TOOLS)
+    add_subdirectory(\${t})
+endforeach()
+EOF
 rm -f "$LC"/convert_*.py "$LC"/build-xcframework.sh "$LC"/flake.nix
 find "$LC/tools/mtmd" -type f \( -name '*.mp4' -o -name '*.jpg' -o -name '*.png' -o -name '*.wav' -o -name '*.mp3' \) -delete
 # ggml backends CMake only enters when their GGML_<NAME> option is on; CPU, CUDA (with HIP and
