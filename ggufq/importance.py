@@ -95,18 +95,41 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
     on = vec("output_norm.weight")
     if on is not None:
         put("output.weight", on * on)
-        if "output.weight" not in tensors:
-            # tied embeddings: token_embd is also the output projection (as a lookup
-            # every column weighs the same, so the output's importance is the one to keep)
-            put("token_embd.weight", on * on)
+    if on is not None and "output.weight" not in tensors:
+        # tied embeddings: token_embd is also the output projection, whose importance is kept
+        put("token_embd.weight", on * on)
+    else:
+        put("token_embd.weight", residual_readers(vec, n_layer))
     return out
+
+
+def residual_readers(vec, n_layer: int) -> np.ndarray:
+    """Column importance of ``token_embd`` (a lookup: no input moment exists for it). A row of it is
+    added to the residual stream, and every reader of that stream -- each layer's ``attn_norm`` and
+    ``ffn_norm``, then ``output_norm`` -- takes ``gamma * x / rms(x)``: an error in column j reaches
+    each reader scaled by its gamma_j. The sum of the readers' gamma^2, each normalised to mean 1.
+    On tinyllama's calibrated IQ3_M this cut KLD by 7% against no weights at all (same bytes
+    otherwise); weighting by layer 0 alone, or also by the readers' column norms, did the same within
+    noise, and this needs the norm vectors only."""
+    acc = None
+    names = [f"blk.{i}.{n}.weight" for i in range(n_layer) for n in ("attn_norm", "ffn_norm")] + ["output_norm.weight"]
+    for name in names:
+        g = vec(name)
+        if g is None:
+            continue
+        g2 = g * g
+        m = float(g2.mean())
+        if not np.isfinite(m) or m <= 0 or (acc is not None and acc.size != g2.size):
+            continue
+        acc = g2 / m if acc is None else acc + g2 / m
+    return acc if acc is not None else np.zeros(0)
 
 
 def importance_for(prepared, proxies: bool = True) -> dict[str, np.ndarray]:
     """Data-free importance for a ``convert.Prepared`` model: GGUF name -> float32 [row_len].
 
     Reads only the norm vectors and the V / gate / up matrices (in row chunks).
-    token_embd gets the output's entry when the embeddings are tied, none otherwise.
+    token_embd gets the output's entry when the embeddings are tied, else :func:`residual_readers`.
     """
     info = prepared.info
     ts = {t.name: t for t in prepared.tensors}

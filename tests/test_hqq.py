@@ -88,7 +88,8 @@ def test_importance_shapes_for_every_tensor(prepared):
         imp = importance_for(prepared)
     ts = {t.name: t for t in prepared.tensors}
     expect = {n for n in ts if any(k in n for k in ("attn_q.", "attn_k.", "attn_v.", "attn_output.",
-                                                    "ffn_gate.", "ffn_up.", "ffn_down."))} | {"output.weight"}
+                                                    "ffn_gate.", "ffn_up.", "ffn_down."))} | {"output.weight",
+                                                                                              "token_embd.weight"}
     assert set(imp) == expect
     for n, v in imp.items():
         assert v.shape == (ts[n].row_len,) and v.dtype == np.float32
@@ -96,6 +97,12 @@ def test_importance_shapes_for_every_tensor(prepared):
     with prepared.model:
         g = ts["blk.0.attn_norm.weight"].read(0, 1).reshape(-1)
     assert np.allclose(imp["blk.0.attn_q.weight"], g * g, rtol=1e-6)
+    # token_embd (untied, a lookup): every reader of the residual stream, each gamma^2 at mean 1
+    with prepared.model:
+        norms = [ts[n].read(0, 1).reshape(-1).astype(np.float64) ** 2 for n in ts
+                 if n.endswith(("attn_norm.weight", "ffn_norm.weight")) or n == "output_norm.weight"]
+    assert len(norms) == 2 * prepared.info.n_layer + 1
+    assert np.allclose(imp["token_embd.weight"], sum(g2 / g2.mean() for g2 in norms), rtol=1e-5)
 
 
 def test_silu_moment_matches_monte_carlo():
