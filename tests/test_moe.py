@@ -182,6 +182,31 @@ def test_bad_moe_input(case, kw, must, tmp_path):
     _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)
 
 
+@pytest.mark.parametrize("fam,kw,must", [
+    ("qwen3moe", dict(mutate=_drop("model.layers.1.mlp.experts.7.down_proj.weight")),
+     "experts.7.down_proj.weight is missing (7 of 8 experts present)"),
+    ("qwen2moe", dict(mutate=_reshape("model.layers.0.mlp.experts.3.up_proj.weight", (32, 64))),
+     "experts of unequal shapes"),
+    ("mixtral", dict(fp8="e4m3", mutate=_drop("model.layers.0.block_sparse_moe.experts.2.w2.weight")),
+     "experts.2.w2.weight is missing (7 of 8 experts present)"),
+    ("olmoe", dict(config_extra={"quantization_config": {"quant_method": "awq", "bits": 4}}),
+     "quant_method 'awq'"),
+    ("qwen3moe", dict(config_extra={"quantization_config": {"quant_method": "compressed-tensors"}}),
+     "quant_method 'compressed-tensors'"),
+    ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}),
+     "quant_method 'bitsandbytes'"),
+])
+def test_bad_moe_input_other_archs(fam, kw, must, tmp_path):
+    """The bad-input list on the other MoE layouts (Qwen's mlp.experts.N.*_proj), an FP8 checkpoint
+    missing an expert, and the source quantizations ggufq does not read (the line says what it reads)."""
+    d = make_moe(tmp_path / "m", fam, **{**SMALL, **kw})
+    out = tmp_path / "out"
+    out.mkdir()
+    line = _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)
+    if "quant_method" in must:
+        assert "ggufq reads FP8" in line and "MXFP4" in line and "BF16, F16 and F32" in line
+
+
 def _edit_header(d, fn):
     """Rewrite the safetensors headers of a folder through fn(header); the data of the tensors left
     is repacked back to back (a dropped tensor leaves no hole, which ggufq refuses as malformed)."""
@@ -377,6 +402,98 @@ def test_iq2_mixture_of_a_moe_calibrates_its_experts(tmp_path):
                            capture_output=True, text=True)
         assert q.returncode == 0, q.stderr[-1500:]
         assert "did not find weights for blk.0.ffn_gate_exps" not in q.stdout + q.stderr
+
+
+def test_expert_data_free_importance_is_the_dense_formula_per_expert(tmp_path):
+    """ggufq.importance for stacked experts: gate/up get the FFN norm's gamma^2 for every expert; expert
+    e's ffn_down_exps vector is the dense ffn_down proxy of expert e's own HF w1 / w3."""
+    from ggufq.convert import prepare
+    from ggufq.importance import importance_for, silu_sq_mean
+    from ggufq_ref.forward import load_folder, to_float
+    d = make_moe(tmp_path / "m", "mixtral", **SMALL)
+    p = prepare(d)
+    with p.model:
+        free = importance_for(p)
+    _, t = load_folder(d)
+    for layer in range(2):
+        pre = f"model.layers.{layer}."
+        gamma = to_float(t[pre + "post_attention_layernorm.weight"]).astype(np.float64)
+        for role in ("gate", "up"):
+            np.testing.assert_allclose(free[f"blk.{layer}.ffn_{role}_exps.weight"], np.tile(gamma ** 2, 8), rtol=1e-6)
+        down = free[f"blk.{layer}.ffn_down_exps.weight"].reshape(8, 64)
+        for e in range(8):
+            g = to_float(t[pre + f"block_sparse_moe.experts.{e}.w1.weight"]).astype(np.float64) * gamma
+            u = to_float(t[pre + f"block_sparse_moe.experts.{e}.w3.weight"]).astype(np.float64) * gamma
+            want = (u * u).sum(1) * silu_sq_mean(np.sqrt((g * g).sum(1)))
+            np.testing.assert_allclose(down[e], want, rtol=1e-5)
+
+
+def test_experts_with_few_tokens_fall_back_to_data_free_importance(tmp_path):
+    """--method calibrated on a MoE: an expert the sample routed fewer than FEW_EXPERT_TOKENS tokens to is
+    weighted by its data-free importance (scaled to the well-sampled experts' level), the others by
+    their measured E[x^2]; the saved imatrix keeps the raw sums and counts; the summary counts them."""
+    pytest.importorskip("llama_cpp")
+    from ggufq import calib
+    from ggufq.convert import prepare
+    from ggufq.importance import importance_for
+    d = make_moe(tmp_path / "m", "mixtral", **SMALL)
+    p = prepare(d)
+    with p.model:
+        free = importance_for(p)
+    toks = np.random.default_rng(4).integers(3, 8000, (1, 48))     # 96 routings over 8 experts
+    with calib.calibrate_folder(d, tmp_path, tokens=toks, jobs=1, progress=False) as c:
+        names = [f"blk.{i}.ffn_{r}_exps.weight" for i in range(2) for r in ("gate", "up", "down")]
+        measured = {n: c.moment(n).reshape(8, 64) for n in names}
+        diags = c.diagonals()
+        assert "got no token: weighted uniformly" in c.summary()
+        c.use_data_free(free)
+        n_few = 0
+        for n in names:
+            sums, counts = diags[n]
+            few = counts < calib.FEW_EXPERT_TOKENS
+            assert few.any() and (~few).any(), (n, counts)
+            got = c.moment(n).reshape(8, 64)
+            np.testing.assert_array_equal(got[~few], measured[n][~few])
+            fb = free[n].reshape(8, 64)[few]
+            np.testing.assert_allclose(got[few], fb * (measured[n][~few].mean() / fb.mean(axis=1, keepdims=True)),
+                                       rtol=1e-5)
+            np.testing.assert_array_equal(c.diagonals()[n][1], counts)      # the imatrix keeps the counts
+            n_few += int(few.sum()) if not n.endswith("up_exps.weight") else 0   # gate and up: one input
+        assert f"over 32 expert slots, {n_few} got fewer than {calib.FEW_EXPERT_TOKENS} tokens" in c.summary()
+        assert "data-free importance for those" in c.summary()
+
+
+def test_calibrated_method_encodes_few_token_experts_with_data_free_importance(tmp_path):
+    """End to end through convert (--method calibrated, a given calibration sample): each expert's rows of
+    a stacked tensor are the calibrated encoder's bytes under that expert's vector -- the data-free one
+    for experts with few tokens, which gives other bytes than their sparse moments would."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+    from ggufq import calib
+    from ggufq.convert import convert
+    from ggufq.quant import hqq
+    from ggufq.source import open_model
+    d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "layers": 1})
+    toks = np.random.default_rng(4).integers(3, 8000, (1, 48))
+    with calib.calibrate_folder(d, tmp_path, tokens=toks, jobs=1, progress=False) as c:
+        sparse = c.moment("blk.0.ffn_up_exps.weight").reshape(8, 256)
+        out = tmp_path / "q.gguf"
+        notes = convert(d, out, "Q4_K_M", method="calibrated", calibration=c, progress=False).notes
+        counts = c.diagonals()["blk.0.ffn_up_exps.weight"][1]
+        vec = c.moment("blk.0.ffn_up_exps.weight").reshape(8, 256)
+    assert any("data-free importance for those" in line for line in notes), notes
+    t = _tensor(out, "blk.0.ffn_up_exps.weight")
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    got = np.asarray(t.data).reshape(8, 256, -1)
+    few = counts < calib.FEW_EXPERT_TOKENS
+    assert few.any() and (~few).any(), counts
+    m = open_model(d)
+    with m:
+        for e in range(8):
+            rows = m.tensors[f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"].read_all()
+            assert got[e].tobytes() == hqq.encode_hqq(qtype, rows, vec[e]).tobytes(), e
+            if few[e]:
+                assert got[e].tobytes() != hqq.encode_hqq(qtype, rows, sparse[e]).tobytes(), e
 
 
 # ---- gpt-oss: MXFP4 experts ------------------------------------------------------------------
