@@ -429,6 +429,36 @@ class Reference:
         return out
 
 
+class LlamaCppDeviations(Reference):
+    """The reference with the two things llama.cpp's CPU backend computes differently from transformers
+    on gpt-oss, to tell conversion errors from runtime ones (tests/test_moe.py, tools/moe_parity.py):
+
+    - yarn: ``ggml_rope_yarn_corr_dims`` always floors / ceils the correction range, where gpt-oss ships
+      ``rope_scaling.truncate = false`` (transformers and OpenAI's reference keep it unrounded);
+    - MXFP4: ggml-cpu multiplies MXFP4 weights with activations first rounded to Q8_0 (its
+      ``vec_dot_type``): per block of 32, d = amax / 127 stored as F16, values rounded to nearest.
+    """
+
+    def __init__(self, model_dir, dtype=np.float32):
+        super().__init__(model_dir, dtype)
+        key = "rope_parameters" if self.config.get("rope_parameters") else "rope_scaling"
+        rope = self.config.get(key) or {}
+        if rope.get("rope_type", rope.get("type")) == "yarn" and not rope.get("truncate", True):
+            c = dict(self.config, **{key: dict(rope, truncate=True)})
+            self.inv_freq, self.attn_scaling = rope_inv_freq(c, self.head_dim)
+            if self.gpt_oss:
+                self.inv_freq_local = self.inv_freq
+
+    def _expert_matmul(self, x: np.ndarray, name: str, e: int) -> np.ndarray:
+        if name in self.t:       # BF16 experts: F32 in the GGUF, no activation rounding
+            return super()._expert_matmul(x, name, e)
+        xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+        amax = np.abs(xb).max(axis=-1, keepdims=True)
+        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+        return super()._expert_matmul((np.round(xb * inv) * d).reshape(x.shape).astype(self.dtype), name, e)
+
+
 def hf_tokenize(model_dir, text: str, add_bos: bool = True) -> list[int]:
     """Token ids from the folder's own tokenizer: ``tokenizer.json`` through ``tokenizers`` when
     present, else ``tokenizer.model`` through sentencepiece; BOS from config.json when asked."""

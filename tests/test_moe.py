@@ -621,30 +621,6 @@ def test_bad_gpt_oss_input(case, fn, must, tmp_path):
 
 
 # ---- gpt-oss: logits against the NumPy reference forward -----------------------------------------
-class _Q8Activations:
-    """llama.cpp's MXFP4 x F32 matmul (ggml-cpu's type_traits[MXFP4].vec_dot_type = Q8_0): the
-    activations are first quantized to Q8_0 per block of 32 (d = amax / 127 stored as F16, values
-    rounded to nearest), then dotted with the MXFP4 weights. Mixed into the reference only where the
-    checkpoint's expert tensors are MXFP4 (``*_blocks``)."""
-
-    def _expert_matmul(self, x, name, e):
-        if name in self.t:
-            return super()._expert_matmul(x, name, e)
-        xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-        amax = np.abs(xb).max(axis=-1, keepdims=True)
-        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
-        return super()._expert_matmul((np.round(xb * inv) * d).reshape(x.shape), name, e)
-
-
-def _yarn_truncated(d, truncate: bool):
-    """gpt-oss ships ``rope_scaling.truncate = false`` (transformers and OpenAI's reference keep the yarn
-    correction dims unrounded); llama.cpp's ggml_rope_yarn_corr_dims always floors / ceils them."""
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_scaling"]["truncate"] = truncate
-    (d / "config.json").write_text(json.dumps(cfg))
-
-
 def _max_rel(got, ref):
     ref = ref.astype(np.float64)
     return (np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max()
@@ -653,33 +629,27 @@ def _max_rel(got, ref):
 def test_gpt_oss_f32_logits_match_reference(tmp_path):
     """F32 GGUFs of a gpt-oss checkpoint (sliding window 8 over 32 tokens: both attention kinds act)
     through llama-cpp-python vs ggufq_ref's gpt-oss forward (sinks, clamped SwiGLU, yarn, biases,
-    softmax after top-k). Max rel. error <= 1e-4 once the reference does the two things llama.cpp
-    does differently from transformers (both measured here, so a change in llama.cpp shows):
-    yarn correction dims rounded (2e-3 without), and Q8_0 activations into MXFP4 expert matmuls
-    (1e-2 without, 0.2 at the worst position). BF16 experts become F32
-    tensors (no activation quantization); MXFP4 experts stay MXFP4 in the F32 file."""
+    softmax after top-k). Max rel. error <= 1e-4 against the reference with llama.cpp's two deviations
+    from transformers (ggufq_ref.forward.LlamaCppDeviations); without them, measured here so that a
+    change in llama.cpp shows: yarn correction dims rounded (2e-3), Q8_0 activations into MXFP4 expert
+    matmuls (1e-2, 0.2 at the worst position). BF16 experts become F32 tensors (no activation
+    rounding); MXFP4 experts stay MXFP4 in the F32 file."""
     pytest.importorskip("llama_cpp")
-    from ggufq_ref.forward import Reference
+    from ggufq_ref.forward import LlamaCppDeviations, Reference
     from ggufq_ref.llama_worker import llama_logits
-
-    class Q8Reference(_Q8Activations, Reference):
-        pass
     kw = {**GPT_OSS_SMALL, "window": 8}
     ids = [1] + list(np.random.default_rng(5).integers(3, 8000, 31))
-    got = {}
+    got, d = {}, {}
     for layout in ("bf16", "mxfp4"):
-        d = make_gpt_oss(tmp_path / layout, bf16=layout == "bf16", **kw)
+        d[layout] = make_gpt_oss(tmp_path / layout, bf16=layout == "bf16", **kw)
         out = tmp_path / f"{layout}.gguf"
-        r = run_cli("convert", d, "-o", out, "--type", "F32", "-q")
+        r = run_cli("convert", d[layout], "-o", out, "--type", "F32", "-q")
         assert r.returncode == 0, r.stderr
         got[layout] = llama_logits(out, ids).astype(np.float64)
-    bf16, mx = tmp_path / "bf16", tmp_path / "mxfp4"
-    as_shipped = Reference(bf16).logits(ids)
+    as_hf = Reference(d["bf16"]).logits(ids)
     # the MXFP4 checkpoint's decoded experts are the BF16 one's values
-    np.testing.assert_allclose(Reference(mx).logits(ids), as_shipped, atol=1e-4 * np.abs(as_shipped).max())
-    assert _max_rel(got["bf16"], as_shipped) > 1e-3
-    for d in (bf16, mx):
-        _yarn_truncated(d, True)
-    assert _max_rel(got["bf16"], Reference(bf16).logits(ids)) <= TOL
-    assert _max_rel(got["mxfp4"], Reference(mx).logits(ids)) > 1e-3
-    assert _max_rel(got["mxfp4"], Q8Reference(mx).logits(ids)) <= TOL
+    np.testing.assert_allclose(Reference(d["mxfp4"]).logits(ids), as_hf, atol=1e-4 * np.abs(as_hf).max())
+    assert _max_rel(got["bf16"], as_hf) > 1e-3
+    assert _max_rel(got["bf16"], LlamaCppDeviations(d["bf16"]).logits(ids)) <= TOL
+    assert _max_rel(got["mxfp4"], Reference(d["mxfp4"]).logits(ids)) > 1e-3
+    assert _max_rel(got["mxfp4"], LlamaCppDeviations(d["mxfp4"]).logits(ids)) <= TOL
