@@ -60,7 +60,10 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
                             expert_down: bool = True) -> dict[str, np.ndarray]:
     """``tensors``: GGUF name -> OutTensor (name, shape, read(lo, hi)). Archs without a norm in front
     of attention / MLP (OLMo 2) get entries only where one is; a fused gate/up (Phi-3's ``ffn_up`` of
-    ``2 n_ff`` rows, gate first) gives the ``ffn_down`` proxy from its halves."""
+    ``2 n_ff`` rows, gate first) gives the ``ffn_down`` proxy from its halves.
+
+    Long because each matrix role (q/k/v, attn_output, dense / fused / shared / routed FFNs, output)
+    has its few lines over the same per-layer norm vectors."""
     def vec(name: str) -> Optional[np.ndarray]:
         t = tensors.get(name)
         return None if t is None else t.read(0, t.n_rows).reshape(-1).astype(np.float64)

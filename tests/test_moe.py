@@ -185,21 +185,20 @@ def test_bad_moe_input(case, kw, must, tmp_path):
 @pytest.mark.parametrize("fam,kw,must", [
     ("qwen3moe", dict(mutate=_drop("model.layers.1.mlp.experts.7.down_proj.weight")),
      "experts.7.down_proj.weight is missing (7 of 8 experts present)"),
-    ("qwen2moe", dict(mutate=_reshape("model.layers.0.mlp.experts.3.up_proj.weight", (32, 64))),
-     "experts of unequal shapes"),
     ("mixtral", dict(fp8="e4m3", mutate=_drop("model.layers.0.block_sparse_moe.experts.2.w2.weight")),
      "experts.2.w2.weight is missing (7 of 8 experts present)"),
-    ("olmoe", dict(config_extra={"quantization_config": {"quant_method": "awq", "bits": 4}}),
+    ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "awq", "bits": 4}}),
      "quant_method 'awq'"),
-    ("qwen3moe", dict(config_extra={"quantization_config": {"quant_method": "compressed-tensors"}}),
+    ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "compressed-tensors"}}),
      "quant_method 'compressed-tensors'"),
     ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}),
      "quant_method 'bitsandbytes'"),
 ])
 def test_bad_moe_input_other_archs(fam, kw, must, tmp_path):
-    """The bad-input list on the other MoE layouts (Qwen's mlp.experts.N.*_proj), an FP8 checkpoint
-    missing an expert, and the source quantizations ggufq does not read (the line says what it reads)."""
-    d = make_moe(tmp_path / "m", fam, **{**SMALL, **kw})
+    """The bad-input list on Qwen's layout (mlp.experts.N.*_proj; one case: its synthetic BPE tokenizer
+    takes ~20 s to write here), an FP8 checkpoint missing an expert, and the source quantizations ggufq
+    does not read (the line says what it reads)."""
+    d = make_moe(tmp_path / "m", fam, **{**SMALL, **({"vocab": 4096} if fam.startswith("qwen") else {}), **kw})
     out = tmp_path / "out"
     out.mkdir()
     line = _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)
