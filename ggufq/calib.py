@@ -51,6 +51,9 @@ BUFFER_BYTES = 512 << 20     # full-moment inputs buffered before they are folde
 Q8_PARAMS = 1_000_000_000    # the temporary model is Q8_0 from here up, else F16
 SMALL_FACTOR = 1024         # Hessians up to this size are factored on one BLAS thread
 DIAG_ONLY = ("ffn_down",)    # GGUF tensor roles whose moment is the diagonal only
+# An expert routed fewer tokens than this gets the data-free importance instead of its moments: a mean
+# of x^2 over n Gaussian-like samples is off by ~sqrt(2 / n) per column (35% at 16), more on heavy tails.
+FEW_EXPERT_TOKENS = 16
 _ENTRY = "import llama_cpp; from ggufq.calib_worker import main; main()"
 _PKG_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -111,6 +114,13 @@ class SelfCalibration:
         self.count = int(index["count"])
         self._key = None
         self._h = None
+        self.fallback: dict[str, np.ndarray] = {}
+
+    def use_data_free(self, free: dict) -> None:
+        """Data-free importance (``ggufq.importance``, ``[n_expert * cols]`` per stacked expert tensor) for
+        the experts that got fewer than FEW_EXPERT_TOKENS tokens; other tensors' entries are ignored."""
+        self.fallback = {k: np.asarray(v, np.float32) for k, v in free.items()
+                         if self.key(k) is not None and self.index["keys"][self.key(k)][2] == "experts"}
 
     # ---- moments -----------------------------------------------------------------------
     def key(self, name: str) -> Optional[str]:
@@ -121,8 +131,11 @@ class SelfCalibration:
 
     def moment(self, name: str) -> Optional[np.ndarray]:
         """E[x x^T] [n, n] (float64, a view of the scratch) or E[x^2] [n] of ``name``'s inputs; for
-        stacked experts E[x^2] per expert over the tokens routed to it, [n_expert * n] (an expert
-        that got none: ones, as llama-quantize reads a zero count)."""
+        stacked experts E[x^2] per expert over the tokens routed to it, [n_expert * n]; an expert that got
+        fewer than FEW_EXPERT_TOKENS: its data-free importance (:meth:`use_data_free`) scaled to the mean of
+        the well-sampled experts' moments (only ratios within an expert's vector steer its rows; the level
+        keeps the allocator's predicted losses comparable), or without one, when it got none, ones (as llama-quantize reads
+        a zero count)."""
         k = self.key(name)
         if k is None or not self.count:
             return None
@@ -132,7 +145,15 @@ class SelfCalibration:
             # float32 sums / float32 counts: what llama-quantize (ggufq.imatrix) makes of the saved file
             c = np.asarray(self.index["expert_counts"][k], np.float32)
             sums = np.asarray(self.mm[o:o + n * c.size], np.float32).reshape(c.size, n)
-            return np.where(c[:, None] > 0, sums / np.maximum(c, 1)[:, None], np.float32(1)).reshape(-1)
+            m = np.where(c[:, None] > 0, sums / np.maximum(c, 1)[:, None], np.float32(1))
+            free, few = self.fallback.get(name), c < FEW_EXPERT_TOKENS
+            if free is not None and few.any() and free.size == m.size:
+                free = free.reshape(m.shape)
+                ok = ~few
+                level = float(m[ok].mean()) if ok.any() else (float(sums.sum() / c.sum() / n) if c.sum() else 1.0)
+                scaled = free * (np.float32(level) / np.maximum(free.mean(axis=1, keepdims=True), np.float32(1e-30)))
+                m = np.where(few[:, None], scaled, m).astype(np.float32)
+            return m.reshape(-1)
         if kind == "full":
             m = self.mm[o:o + n * n].reshape(n, n) / self.count
             return np.diag(m).copy() if _diag_only(name) else m
@@ -184,12 +205,14 @@ class SelfCalibration:
             out[w] = (d.reshape(1, n), np.array([float(self.count)]))
         return out
 
-    def expert_tokens(self) -> Optional[tuple[int, int, int]]:
-        """(stacked expert tensors' experts that got no token, experts in all, routed tokens) or None."""
+    def expert_tokens(self) -> Optional[tuple[int, int, int, int]]:
+        """(stacked expert tensors' experts that got no token, that got fewer than FEW_EXPERT_TOKENS,
+        experts in all, routed tokens) or None; counted per distinct input (gate and up share one)."""
         cs = [np.asarray(v) for v in self.index.get("expert_counts", {}).values()]
         if not cs:
             return None
-        return sum(int((c == 0).sum()) for c in cs), sum(c.size for c in cs), int(sum(c.sum() for c in cs))
+        return (sum(int((c == 0).sum()) for c in cs), sum(int((c < FEW_EXPERT_TOKENS).sum()) for c in cs),
+                sum(c.size for c in cs), int(sum(c.sum() for c in cs)))
 
     # ---- report ------------------------------------------------------------------------
     def summary(self) -> str:
@@ -207,9 +230,17 @@ class SelfCalibration:
         e = self.expert_tokens()
         if e is None:
             return ""
-        idle, total, _ = e
-        return (f"; experts: per-expert diagonal moments (MUL_MAT_ID), {idle} of {total} expert slots got no "
-                f"token and are weighted uniformly")
+        idle, few, total, _ = e
+        line = f"; experts: per-expert diagonal moments (MUL_MAT_ID) over {total} expert slots"
+        if not self.fallback:
+            return line + f", {idle} got no token: weighted uniformly"
+        keys = {self.key(w) for w in self.fallback}
+        fb = sum(int((np.asarray(c) < FEW_EXPERT_TOKENS).sum())
+                 for k, c in self.index["expert_counts"].items() if k in keys)
+        if not few:
+            return line + f", each got at least {FEW_EXPERT_TOKENS} tokens"
+        line += f", {few} got fewer than {FEW_EXPERT_TOKENS} tokens ({idle} none)"
+        return line + (f": data-free importance for {fb} of them" if fb < few else ": data-free importance for those")
 
     def peak_rss_line(self) -> str:
         return f"worker {_mib(self.stats['worker_rss'])}, ggufq {_mib(_peak_rss())}"

@@ -191,7 +191,7 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         from . import alloc
         budget = alloc.check_budget(p, opts, plan, md, vocab, im)
     free = opts.importance if opts.importance is not None else data_free_importance(p, meth)
-    hessians = calibrate_stage(p, opts, meth, planned, vocab, md, path, notes)
+    hessians = calibrate_stage(p, opts, meth, planned, vocab, md, path, notes, free)
     try:
         qkeys = dict(opts.quantize_keys or {})
         if opts.targets:
@@ -265,7 +265,7 @@ def allocation(model_dir: os.PathLike | str, opts: Options, workdir: os.PathLike
     md = metadata_for(p, opts.name)
     budget = alloc.check_budget(p, opts, planned.plan, md, vocab, im)
     free = data_free_importance(p, meth)
-    hessians = calibrate_stage(p, opts, meth, planned, vocab, md, Path(workdir) / "plan.gguf", [])
+    hessians = calibrate_stage(p, opts, meth, planned, vocab, md, Path(workdir) / "plan.gguf", [], free)
     try:
         return alloc.allocate(p, opts, meth, planned.plan, im=im, hessians=hessians, free=free, vocab=vocab, md=md,
                               workdir=Path(workdir), log=opts.log, budget=budget)
@@ -304,12 +304,16 @@ def data_free_importance(p: Prepared, meth) -> dict:
         return importance_for(p)
 
 
-def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, md, path: Path, notes: list):
+def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, md, path: Path, notes: list,
+                    free: Optional[dict] = None):
     """Self-calibration through llama.cpp when the method or the mixture or the allocator needs
-    moments (a :class:`ggufq.calib.SelfCalibration`, the caller closes it), else None."""
+    moments (a :class:`ggufq.calib.SelfCalibration`, the caller closes it), else None. Experts the
+    sample routed few tokens to get the data-free importance (``free``, made here for the stacked
+    expert tensors when the method did not need it)."""
     from .quant import methods
     plan = planned.plan
     if opts.calibration is not None:
+        _expert_fallback(p, opts.calibration, free)
         return opts.calibration
     wants_moments = meth.moments or planned.self_imatrix or (opts.targets and opts.imatrix is None)
     calibrates = wants_moments and opts.calib_tokens > 0
@@ -325,6 +329,7 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
         p, vocab, functools.partial(write_header, p, md, vocab), path, opts.calib_tokens, jobs=opts.jobs,
         gpu_layers=opts.gpu_layers, kv_bytes=calib.KV_BYTES if opts.calib_cache is None else opts.calib_cache,
         progress=opts.progress)
+    _expert_fallback(p, hessians, free)
     if opts.log is not None:
         opts.log(hessians.summary())
     if planned.self_imatrix:
@@ -332,6 +337,18 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
         notes.append(f"--type {plan.ftype} needs an importance matrix: made one from the model's own "
                      f"{n}x{t}-token sample (self-calibration through llama.cpp; --save-imatrix FILE keeps it)")
     return hessians
+
+
+def _expert_fallback(p: Prepared, hessians, free: Optional[dict]) -> None:
+    """Hand the stacked expert tensors' data-free importance to the calibration (made here when the
+    method did not need it: reads the norms and the gate/up experts once)."""
+    if not any(len(t.shape) == 3 and "_exps." in t.name for t in p.tensors):
+        return
+    if not any("_exps." in k for k in (free or {})):
+        from .importance import importance_for
+        with p.model:
+            free = importance_for(p)
+    hessians.use_data_free(free)
 
 
 def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imatrix: bool,

@@ -11,6 +11,12 @@ For the two matrices without a norm in front:
 * ``ffn_down`` column j reads silu(g_j . x) * (u_j . x) with x ~ gamma (.) N(0, I):
   ||gamma (.) u_j||^2 * E[silu(z)^2], z ~ N(0, ||gamma (.) g_j||^2) (quadrature).
 
+Stacked experts ``[n_expert, rows, cols]`` (llama.cpp's MUL_MAT_ID) get one vector per expert,
+``[n_expert * cols]`` as an imatrix holds them: ``ffn_{gate,up}_exps`` the FFN norm's gamma^2 for
+every expert, ``ffn_down_exps`` expert e's own ``ffn_down`` proxy from its gate/up rows; a shared
+expert (``*_shexp``) as a dense FFN. gpt-oss's experts read ``post_attention_norm`` and have no
+``ffn_down_exps`` proxy (its clamped, biased SwiGLU is not the silu product above).
+
 Returned per GGUF tensor name as float32 [row_len], in llama-quantize's imatrix
 convention (mean squared activation per input column; only ratios matter).
 """
@@ -50,10 +56,14 @@ def _row_sq(t, col_scale: np.ndarray, rows: Optional[tuple[int, int]] = None) ->
 
 
 def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer: int,
-                            proxies: bool = True, act: str = "silu") -> dict[str, np.ndarray]:
+                            proxies: bool = True, act: str = "silu", ffn_norm: str = "ffn_norm",
+                            expert_down: bool = True) -> dict[str, np.ndarray]:
     """``tensors``: GGUF name -> OutTensor (name, shape, read(lo, hi)). Archs without a norm in front
     of attention / MLP (OLMo 2) get entries only where one is; a fused gate/up (Phi-3's ``ffn_up`` of
-    ``2 n_ff`` rows, gate first) gives the ``ffn_down`` proxy from its halves."""
+    ``2 n_ff`` rows, gate first) gives the ``ffn_down`` proxy from its halves.
+
+    Long because each matrix role (q/k/v, attn_output, dense / fused / shared / routed FFNs, output)
+    has its few lines over the same per-layer norm vectors."""
     def vec(name: str) -> Optional[np.ndarray]:
         t = tensors.get(name)
         return None if t is None else t.read(0, t.n_rows).reshape(-1).astype(np.float64)
@@ -65,14 +75,26 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
         if t is not None and len(t.shape) >= 2 and t.row_len == v.size:
             out[name] = np.maximum(v, 0).astype(np.float32)
 
+    def put_experts(name: str, v: np.ndarray) -> None:       # v: [n_expert * cols], expert-major
+        t = tensors.get(name)
+        if t is not None and len(t.shape) == 3 and t.shape[0] * t.row_len == v.size:
+            out[name] = np.maximum(v, 0).astype(np.float32)
+
+    def ffn_down_proxy(g, u, fn) -> np.ndarray:
+        return _row_sq(u, fn) * silu_sq_mean(np.sqrt(_row_sq(g, fn)), act)
+
     for i in range(n_layer):
-        an, fn = vec(f"blk.{i}.attn_norm.weight"), vec(f"blk.{i}.ffn_norm.weight")
+        an, fn = vec(f"blk.{i}.attn_norm.weight"), vec(f"blk.{i}.{ffn_norm}.weight")
         if an is not None:
             for t in ("attn_q", "attn_k", "attn_v", "attn_qkv"):
                 put(f"blk.{i}.{t}.weight", an * an)
         if fn is not None:
-            for t in ("ffn_gate", "ffn_up"):
+            for t in ("ffn_gate", "ffn_up", "ffn_gate_shexp", "ffn_up_shexp"):
                 put(f"blk.{i}.{t}.weight", fn * fn)
+            for t in ("ffn_gate_exps", "ffn_up_exps"):
+                e = tensors.get(f"blk.{i}.{t}.weight")
+                if e is not None and len(e.shape) == 3:
+                    put_experts(e.name, np.tile(fn * fn, e.shape[0]))
         if not proxies:
             continue
         v, o = tensors.get(f"blk.{i}.attn_v.weight"), tensors.get(f"blk.{i}.attn_output.weight")
@@ -92,6 +114,14 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
             F = dn.row_len
             sg = np.sqrt(_row_sq(u, fn, (0, F)))
             put(dn.name, _row_sq(u, fn, (F, 2 * F)) * silu_sq_mean(sg, act))
+        gs, us, ds = (tensors.get(f"blk.{i}.ffn_{r}_shexp.weight") for r in ("gate", "up", "down"))
+        if fn is not None and gs is not None and us is not None and ds is not None:
+            put(ds.name, ffn_down_proxy(gs, us, fn))
+        ge, ue, de = (tensors.get(f"blk.{i}.ffn_{r}_exps.weight") for r in ("gate", "up", "down"))
+        if expert_down and fn is not None and ge is not None and ue is not None and de is not None \
+                and len(ge.shape) == 3 and ge.shape == ue.shape and ge.shape[1] == de.row_len:
+            # gate/up rows e * n_ff + j feed column j of expert e's down matrix: already expert-major
+            put_experts(de.name, ffn_down_proxy(ge, ue, fn))
     on = vec("output_norm.weight")
     if on is not None:
         put("output.weight", on * on)
@@ -135,7 +165,10 @@ def importance_for(prepared, proxies: bool = True) -> dict[str, np.ndarray]:
     ts = {t.name: t for t in prepared.tensors}
     rec = getattr(prepared.arch, "record", None)
     act = rec.forward.act if rec is not None else "silu"
-    return importance_from_tensors(ts, info.n_head, info.n_head_kv, info.n_layer, proxies, act)
+    gpt_oss = rec is not None and rec.name == "gpt-oss"
+    return importance_from_tensors(ts, info.n_head, info.n_head_kv, info.n_layer, proxies, act,
+                                   ffn_norm="post_attention_norm" if gpt_oss else "ffn_norm",
+                                   expert_down=not gpt_oss)
 
 
 def combine(real: Optional[np.ndarray], free: Optional[np.ndarray], how: str = "real") -> Optional[np.ndarray]:

@@ -79,6 +79,33 @@ qwen3tts pockettts
 OLLAMA_COMPAT_ARCHS = frozenset("gptoss glm4moelite glmocr deepseekocr nemotron_h_omni qwen25vl olmo3".split())
 
 
+# What llama.cpp's converter (and ggufq) writes for an architecture or tensor type that the targeted
+# release loads but older Ollama releases refused: (GGUF arch or None, tensor type or None, first
+# release that loads it, what the older ones do). Checked in Ollama's repository:
+# * gpt-oss: llama.cpp names the arch "gpt-oss", Ollama's own engine registered only "gptoss"
+#   (model/models/gptoss/model.go, v0.11.0-v0.11.4); commit 1a19df1f3 ("update vendored llama.cpp and
+#   ggml", #11823, first in v0.11.5) registers "gpt-oss" too. Reports: ollama/ollama#11816 ("unknown
+#   model architecture: 'gpt-oss'"), #11891 (fixed in v0.11.5-rc2).
+# * MXFP4: Ollama's first gpt-oss (#11672, v0.11.0) put MXFP4 in ggml's unused type 4 (Q4_2's slot);
+#   ggml's MXFP4 is 39, which v0.11.0-v0.11.4's vendored ggml and GGUF reader did not know
+#   (fs/ggml/ggml.go: "case TensorTypeMXFP4:" -> "case TensorTypeMXFP4, 39:" in 1a19df1f3). Report:
+#   ollama/ollama#11714 ("tensor 'blk.0.ffn_down_exps.weight' has invalid ggml type 39 (NONE)").
+# qwen3moe, qwen2moe, olmoe and Mixtral (arch "llama" with experts) ran through the llama.cpp
+# Ollama vendored long before any release this table could matter for: nothing to say.
+OLDER_OLLAMA = (
+    ("gpt-oss", None, "v0.11.5", "v0.11.0-v0.11.4 know the architecture only as Ollama's own 'gptoss'"),
+    (None, "MXFP4", "v0.11.5", "v0.11.0-v0.11.4 read MXFP4 only as Ollama's type 4, not ggml's type 39"),
+)
+
+
+def older_notes(arch: str, tensor_types: Iterable) -> list[str]:
+    """Notes on what older Ollama releases (than OLLAMA_VERSION, which loads the file) refuse."""
+    types = {_type_name(t) for t in tensor_types}
+    return [f"{what}: Ollama loads it from {first} on ({OLLAMA_VERSION} does); {why}"
+            for a, t, first, why in OLDER_OLLAMA
+            for what in ([f"architecture {a!r}"] if a == arch else [f"tensor type {t}"] if t in types else [])]
+
+
 def _type_name(t) -> str:
     name = getattr(t, "name", None)
     if name is not None:
@@ -763,4 +790,5 @@ def write_modelfile(out_gguf_path, model_dir: Path, modelfile_path: Optional[Pat
         if tmp.exists():
             tmp.unlink()
     warnings = [f"Ollama: {w}" for w in check(info.arch, info.tensor_types)]
+    warnings += [f"Ollama: {n}" for n in older_notes(info.arch, info.tensor_types)]
     return [f"wrote {target}"] + [f"Modelfile: {n}" for n in notes] + warnings

@@ -11,8 +11,13 @@ wrong record shows up as llama.cpp disagreeing with this forward.
 - safetensors: 8-byte little-endian header length, JSON header, raw data; BF16, F16, F32.
 - Q/K as stored by HF (rotate-half RoPE, no permutation), GQA, RMSNorm in float32,
   SwiGLU MLP, tied embeddings, q/k/v(/o) biases, rope_theta from ``rope_theta`` or
-  ``rope_parameters``, llama3 rope scaling computed on inv_freq as transformers does,
+  ``rope_parameters``, llama3 and yarn rope scaling computed on inv_freq as transformers does,
   linear rope scaling, Mistral's sliding window.
+- Mixture of experts (transformers' Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE sparse blocks) and
+  gpt-oss (``modeling_gpt_oss.py``): attention sinks, sliding / full attention per ``layer_types``,
+  yarn rope (``truncate`` honoured), a router with bias and softmax over the top-k logits, experts
+  with biases and the clamped SwiGLU ``(clamp(up) + 1) * g * sigmoid(alpha g)``, ``g = min(gate, limit)``;
+  MXFP4 experts (``*_blocks`` + ``*_scales``) decoded as transformers' ``convert_moe_packed_tensors``.
 
 Weights are memory-mapped and converted to float layer by layer, so memory holds one
 layer's weights plus the activations.
@@ -30,7 +35,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-_ST_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+_ST_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+              "U8": np.dtype("u1")}    # U8: MXFP4 blocks and scales (decoded by mxfp4_values)
+# transformers' FP4_VALUES (integrations/mxfp4.py): E2M1 code -> value
+FP4_VALUES = np.array([+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -63,6 +72,16 @@ def to_float(raw: tuple[np.ndarray, str], dtype=np.float32) -> np.ndarray:
     else:
         f = arr
     return np.asarray(f, dtype=dtype)
+
+
+def mxfp4_values(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """transformers' ``_convert_moe_packed_tensors`` without its final transpose: blocks
+    ``[..., G, 16]`` U8 (code 2j in the low nibble, 2j+1 in the high one), scales ``[..., G]`` U8
+    (exponent + 127) -> float32 ``[..., G * 32]``."""
+    blocks = np.asarray(blocks, np.uint8)
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    v = np.ldexp(FP4_VALUES[codes], (np.asarray(scales).astype(np.int32) - 127)[..., None])
+    return v.reshape(*blocks.shape[:-2], -1).astype(np.float32)
 
 
 def load_folder(model_dir: Path) -> tuple[dict, dict]:
@@ -100,7 +119,41 @@ def rope_inv_freq(config: dict, head_dim: int) -> tuple[np.ndarray, float]:
         smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
         medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
         return np.where(medium, smoothed, inv_l).astype(np.float32), 1.0
+    if rtype == "yarn":
+        return _yarn_inv_freq(rope, config, float(theta), head_dim)
     raise NotImplementedError(f"rope type {rtype!r}")
+
+
+def _yarn_inv_freq(rope: dict, config: dict, base: float, dim: int) -> tuple[np.ndarray, float]:
+    """transformers' ``_compute_yarn_parameters``: interpolated and extrapolated frequencies blended by a
+    linear ramp between the correction dims of ``beta_fast`` / ``beta_slow`` (floored / ceiled unless
+    ``truncate`` is false, as gpt-oss ships), cos/sin scaled by ``0.1 ln(factor) + 1``."""
+    orig = rope.get("original_max_position_embeddings") or config["max_position_embeddings"]
+    factor = rope.get("factor") or config["max_position_embeddings"] / orig
+
+    def get_mscale(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        ms, ms_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = get_mscale(factor, ms) / get_mscale(factor, ms_all) if ms and ms_all \
+            else get_mscale(factor)
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def corr_dim(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    extrap = (1.0 / pos_freqs).astype(np.float32)
+    interp = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrap_factor = (1 - ramp).astype(np.float32)
+    return (interp * (1 - extrap_factor) + extrap * extrap_factor).astype(np.float32), float(attention_factor)
 
 
 def _rotate_half(x: np.ndarray) -> np.ndarray:
@@ -160,6 +213,13 @@ class Reference:
             self.sliding = [t == "sliding_attention" for t in types]
             local = dict(c, rope_theta=c.get("rope_local_base_freq", 10000.0), rope_scaling=None)
             self.inv_freq_local, _ = rope_inv_freq(local, self.head_dim)
+        # gpt-oss: sliding layers per layer_types (even layers when absent), same rope as the full ones
+        self.gpt_oss = rec.name == "gpt-oss"
+        if self.gpt_oss and c.get("sliding_window"):
+            types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                             for i in range(self.n_layer)]
+            self.sliding = [t == "sliding_attention" for t in types]
+            self.inv_freq_local = self.inv_freq
         self.moe = rec.moe
         if rec.moe is not None:
             from ggufq.arch.moe import renormalizes
@@ -181,6 +241,8 @@ class Reference:
         experts per token (renormalised to sum 1 where the model does: Mixtral always, Qwen/OLMoE
         when norm_topk_prob), their SwiGLU outputs weighted; Qwen2-MoE adds a shared expert
         scaled by sigmoid(shared_expert_gate)."""
+        if self.gpt_oss:
+            return self._gpt_oss_moe(h, p + "mlp.")
         if p + "block_sparse_moe.gate.weight" in self.t:   # Mixtral
             m, names = p + "block_sparse_moe.", ("w1", "w3", "w2")
         else:
@@ -203,6 +265,42 @@ class Reference:
             gate = h @ self.w(m + "shared_expert_gate.weight").T
             out = out + sh / (1 + np.exp(-gate))
         return out
+
+    def _gpt_oss_moe(self, h: np.ndarray, m: str) -> np.ndarray:
+        """transformers' GptOssMLP: router logits with bias, the top-k of them softmaxed (float32); per
+        expert ``gate_up = h @ W[e] + b[e]`` (``W`` ``[expert, in, 2 ff]``, gate = even columns, up = odd),
+        ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g)`` with ``g = min(gate, limit)``, then
+        ``@ down[e] + down_bias[e]``, weighted."""
+        alpha = float(self.config.get("swiglu_alpha", 1.702))
+        limit = float(self.config.get("swiglu_limit", 7.0))
+        logits = self._linear(h, m + "router").astype(np.float32)
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :self.moe_k]
+        vals = np.take_along_axis(logits, top, axis=-1)
+        wts = np.exp(vals - vals.max(axis=-1, keepdims=True))
+        wts /= wts.sum(axis=-1, keepdims=True)
+        gu_b, down_b = self.w(m + "experts.gate_up_proj_bias"), self.w(m + "experts.down_proj_bias")
+        out = np.zeros_like(h)
+        for e in np.unique(top):
+            rows = np.nonzero((top == e).any(axis=-1))[0]
+            wt = (wts * (top == e)).sum(axis=-1)[rows, None].astype(self.dtype)
+            gu = self._expert_matmul(h[rows], m + "experts.gate_up_proj", e) + gu_b[e]
+            gate, up = np.minimum(gu[:, ::2], limit), np.clip(gu[:, 1::2], -limit, limit)
+            act = (up + 1) * (gate / (1 + np.exp(-alpha * gate)))
+            out[rows] += (self._expert_matmul(act, m + "experts.down_proj", e) + down_b[e]) * wt
+        return out
+
+    def _expert_matmul(self, x: np.ndarray, name: str, e: int) -> np.ndarray:
+        """``x @ W[e]`` of a gpt-oss expert tensor (a seam for tests that model a runtime's kernel)."""
+        return x @ self._expert(name, e)
+
+    def _expert(self, name: str, e: int) -> np.ndarray:
+        """One expert's ``[in, out]`` matrix of a gpt-oss stacked tensor: BF16 checkpoints store
+        ``[expert, in, out]``; MXFP4 ones ``_blocks`` ``[expert, out, in / 32, 16]`` + ``_scales``,
+        which transformers decodes and transposes."""
+        if name in self.t:
+            return self.w(name)[e]
+        (blocks, _), (scales, _) = self.t[name + "_blocks"], self.t[name + "_scales"]
+        return mxfp4_values(blocks[e], scales[e]).T.astype(self.dtype)
 
     def w(self, name: str) -> Optional[np.ndarray]:
         raw = self.t.get(name)
@@ -254,7 +352,7 @@ class Reference:
         if self.window is not None:
             visible &= (i - j) < self.window
         neg = np.where(visible, 0.0, -np.inf).astype(self.dtype)
-        if self.family == "gemma3" and any(self.sliding):
+        if any(self.sliding):
             win = int(self.config["sliding_window"])
             neg_local = np.where(visible & ((i - j) < win), 0.0, -np.inf).astype(self.dtype)
         if f.attn_scale == "query_pre_attn_scalar":
@@ -297,8 +395,13 @@ class Reference:
                 s = np.tanh(s / cap) * cap
             s = s + (neg_local if self.sliding[L] else neg)
             s = s.astype(np.float32) if self.dtype == np.float32 else s
+            if self.gpt_oss:     # one sink logit per head joins the softmax, then is dropped
+                sink = self.w(p + "self_attn.sinks").astype(s.dtype)
+                s = np.concatenate([s, np.broadcast_to(sink[:, None, None], (H, n, 1))], axis=-1)
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s = (s / s.sum(axis=-1, keepdims=True)).astype(self.dtype)
+            if self.gpt_oss:
+                s = s[..., :-1]
             a = (s @ v).transpose(1, 0, 2).reshape(n, H * hd)
             x = x + self._norm(self._linear(a, p + "self_attn.o_proj"), p, 1) * self.dtype(res)
             h = self._norm(x, p, 2)
@@ -324,6 +427,36 @@ class Reference:
             cap = float(self.config[f.final_softcap])
             out = np.tanh(out / cap) * cap
         return out
+
+
+class LlamaCppDeviations(Reference):
+    """The reference with the two things llama.cpp's CPU backend computes differently from transformers
+    on gpt-oss, to tell conversion errors from runtime ones (tests/test_moe.py, tools/moe_parity.py):
+
+    - yarn: ``ggml_rope_yarn_corr_dims`` always floors / ceils the correction range, where gpt-oss ships
+      ``rope_scaling.truncate = false`` (transformers and OpenAI's reference keep it unrounded);
+    - MXFP4: ggml-cpu multiplies MXFP4 weights with activations first rounded to Q8_0 (its
+      ``vec_dot_type``): per block of 32, d = amax / 127 stored as F16, values rounded to nearest.
+    """
+
+    def __init__(self, model_dir, dtype=np.float32):
+        super().__init__(model_dir, dtype)
+        key = "rope_parameters" if self.config.get("rope_parameters") else "rope_scaling"
+        rope = self.config.get(key) or {}
+        if rope.get("rope_type", rope.get("type")) == "yarn" and not rope.get("truncate", True):
+            c = dict(self.config, **{key: dict(rope, truncate=True)})
+            self.inv_freq, self.attn_scaling = rope_inv_freq(c, self.head_dim)
+            if self.gpt_oss:
+                self.inv_freq_local = self.inv_freq
+
+    def _expert_matmul(self, x: np.ndarray, name: str, e: int) -> np.ndarray:
+        if name in self.t:       # BF16 experts: F32 in the GGUF, no activation rounding
+            return super()._expert_matmul(x, name, e)
+        xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+        amax = np.abs(xb).max(axis=-1, keepdims=True)
+        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+        return super()._expert_matmul((np.round(xb * inv) * d).reshape(x.shape).astype(self.dtype), name, e)
 
 
 def hf_tokenize(model_dir, text: str, add_bos: bool = True) -> list[int]:

@@ -182,6 +182,30 @@ def test_bad_moe_input(case, kw, must, tmp_path):
     _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)
 
 
+@pytest.mark.parametrize("fam,kw,must", [
+    ("qwen3moe", dict(mutate=_drop("model.layers.1.mlp.experts.7.down_proj.weight")),
+     "experts.7.down_proj.weight is missing (7 of 8 experts present)"),
+    ("mixtral", dict(fp8="e4m3", mutate=_drop("model.layers.0.block_sparse_moe.experts.2.w2.weight")),
+     "experts.2.w2.weight is missing (7 of 8 experts present)"),
+    ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "awq", "bits": 4}}),
+     "quant_method 'awq'"),
+    ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "compressed-tensors"}}),
+     "quant_method 'compressed-tensors'"),
+    ("mixtral", dict(config_extra={"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}),
+     "quant_method 'bitsandbytes'"),
+])
+def test_bad_moe_input_other_archs(fam, kw, must, tmp_path):
+    """The bad-input list on Qwen's layout (mlp.experts.N.*_proj; one case: its synthetic BPE tokenizer
+    takes ~20 s to write here), an FP8 checkpoint missing an expert, and the source quantizations ggufq
+    does not read (the line says what it reads)."""
+    d = make_moe(tmp_path / "m", fam, **{**SMALL, **({"vocab": 4096} if fam.startswith("qwen") else {}), **kw})
+    out = tmp_path / "out"
+    out.mkdir()
+    line = _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)
+    if "quant_method" in must:
+        assert "ggufq reads FP8" in line and "MXFP4" in line and "BF16, F16 and F32" in line
+
+
 def _edit_header(d, fn):
     """Rewrite the safetensors headers of a folder through fn(header); the data of the tensors left
     is repacked back to back (a dropped tensor leaves no hole, which ggufq refuses as malformed)."""
@@ -379,6 +403,98 @@ def test_iq2_mixture_of_a_moe_calibrates_its_experts(tmp_path):
         assert "did not find weights for blk.0.ffn_gate_exps" not in q.stdout + q.stderr
 
 
+def test_expert_data_free_importance_is_the_dense_formula_per_expert(tmp_path):
+    """ggufq.importance for stacked experts: gate/up get the FFN norm's gamma^2 for every expert; expert
+    e's ffn_down_exps vector is the dense ffn_down proxy of expert e's own HF w1 / w3."""
+    from ggufq.convert import prepare
+    from ggufq.importance import importance_for, silu_sq_mean
+    from ggufq_ref.forward import load_folder, to_float
+    d = make_moe(tmp_path / "m", "mixtral", **SMALL)
+    p = prepare(d)
+    with p.model:
+        free = importance_for(p)
+    _, t = load_folder(d)
+    for layer in range(2):
+        pre = f"model.layers.{layer}."
+        gamma = to_float(t[pre + "post_attention_layernorm.weight"]).astype(np.float64)
+        for role in ("gate", "up"):
+            np.testing.assert_allclose(free[f"blk.{layer}.ffn_{role}_exps.weight"], np.tile(gamma ** 2, 8), rtol=1e-6)
+        down = free[f"blk.{layer}.ffn_down_exps.weight"].reshape(8, 64)
+        for e in range(8):
+            g = to_float(t[pre + f"block_sparse_moe.experts.{e}.w1.weight"]).astype(np.float64) * gamma
+            u = to_float(t[pre + f"block_sparse_moe.experts.{e}.w3.weight"]).astype(np.float64) * gamma
+            want = (u * u).sum(1) * silu_sq_mean(np.sqrt((g * g).sum(1)))
+            np.testing.assert_allclose(down[e], want, rtol=1e-5)
+
+
+def test_experts_with_few_tokens_fall_back_to_data_free_importance(tmp_path):
+    """--method calibrated on a MoE: an expert the sample routed fewer than FEW_EXPERT_TOKENS tokens to is
+    weighted by its data-free importance (scaled to the well-sampled experts' level), the others by
+    their measured E[x^2]; the saved imatrix keeps the raw sums and counts; the summary counts them."""
+    pytest.importorskip("llama_cpp")
+    from ggufq import calib
+    from ggufq.convert import prepare
+    from ggufq.importance import importance_for
+    d = make_moe(tmp_path / "m", "mixtral", **SMALL)
+    p = prepare(d)
+    with p.model:
+        free = importance_for(p)
+    toks = np.random.default_rng(4).integers(3, 8000, (1, 48))     # 96 routings over 8 experts
+    with calib.calibrate_folder(d, tmp_path, tokens=toks, jobs=1, progress=False) as c:
+        names = [f"blk.{i}.ffn_{r}_exps.weight" for i in range(2) for r in ("gate", "up", "down")]
+        measured = {n: c.moment(n).reshape(8, 64) for n in names}
+        diags = c.diagonals()
+        assert "got no token: weighted uniformly" in c.summary()
+        c.use_data_free(free)
+        n_few = 0
+        for n in names:
+            sums, counts = diags[n]
+            few = counts < calib.FEW_EXPERT_TOKENS
+            assert few.any() and (~few).any(), (n, counts)
+            got = c.moment(n).reshape(8, 64)
+            np.testing.assert_array_equal(got[~few], measured[n][~few])
+            fb = free[n].reshape(8, 64)[few]
+            np.testing.assert_allclose(got[few], fb * (measured[n][~few].mean() / fb.mean(axis=1, keepdims=True)),
+                                       rtol=1e-5)
+            np.testing.assert_array_equal(c.diagonals()[n][1], counts)      # the imatrix keeps the counts
+            n_few += int(few.sum()) if not n.endswith("up_exps.weight") else 0   # gate and up: one input
+        assert f"over 32 expert slots, {n_few} got fewer than {calib.FEW_EXPERT_TOKENS} tokens" in c.summary()
+        assert "data-free importance for those" in c.summary()
+
+
+def test_calibrated_method_encodes_few_token_experts_with_data_free_importance(tmp_path):
+    """End to end through convert (--method calibrated, a given calibration sample): each expert's rows of
+    a stacked tensor are the calibrated encoder's bytes under that expert's vector -- the data-free one
+    for experts with few tokens, which gives other bytes than their sparse moments would."""
+    pytest.importorskip("llama_cpp")
+    import gguf
+    from ggufq import calib
+    from ggufq.convert import convert
+    from ggufq.quant import hqq
+    from ggufq.source import open_model
+    d = make_moe(tmp_path / "m", "mixtral", **{**SMALL, "hidden": 256, "ff": 256, "layers": 1})
+    toks = np.random.default_rng(4).integers(3, 8000, (1, 48))
+    with calib.calibrate_folder(d, tmp_path, tokens=toks, jobs=1, progress=False) as c:
+        sparse = c.moment("blk.0.ffn_up_exps.weight").reshape(8, 256)
+        out = tmp_path / "q.gguf"
+        notes = convert(d, out, "Q4_K_M", method="calibrated", calibration=c, progress=False).notes
+        counts = c.diagonals()["blk.0.ffn_up_exps.weight"][1]
+        vec = c.moment("blk.0.ffn_up_exps.weight").reshape(8, 256)
+    assert any("data-free importance for those" in line for line in notes), notes
+    t = _tensor(out, "blk.0.ffn_up_exps.weight")
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    got = np.asarray(t.data).reshape(8, 256, -1)
+    few = counts < calib.FEW_EXPERT_TOKENS
+    assert few.any() and (~few).any(), counts
+    m = open_model(d)
+    with m:
+        for e in range(8):
+            rows = m.tensors[f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"].read_all()
+            assert got[e].tobytes() == hqq.encode_hqq(qtype, rows, vec[e]).tobytes(), e
+            if few[e]:
+                assert got[e].tobytes() != hqq.encode_hqq(qtype, rows, sparse[e]).tobytes(), e
+
+
 # ---- gpt-oss: MXFP4 experts ------------------------------------------------------------------
 from tools.synthetic_gptoss import make_gpt_oss  # noqa: E402
 
@@ -501,3 +617,38 @@ def test_bad_gpt_oss_input(case, fn, must, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     _fails(["convert", d, "-o", out / "x.gguf"], out, must_contain=must)
+
+
+# ---- gpt-oss: logits against the NumPy reference forward -----------------------------------------
+def _max_rel(got, ref):
+    ref = ref.astype(np.float64)
+    return (np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)).max()
+
+
+def test_gpt_oss_f32_logits_match_reference(tmp_path):
+    """F32 GGUFs of a gpt-oss checkpoint (sliding window 8 over 32 tokens: both attention kinds act)
+    through llama-cpp-python vs ggufq_ref's gpt-oss forward (sinks, clamped SwiGLU, yarn, biases,
+    softmax after top-k). Max rel. error <= 1e-4 against the reference with llama.cpp's two deviations
+    from transformers (ggufq_ref.forward.LlamaCppDeviations); without them, measured here so that a
+    change in llama.cpp shows: yarn correction dims rounded (2e-3), Q8_0 activations into MXFP4 expert
+    matmuls (1e-2, 0.2 at the worst position). BF16 experts become F32 tensors (no activation
+    rounding); MXFP4 experts stay MXFP4 in the F32 file."""
+    pytest.importorskip("llama_cpp")
+    from ggufq_ref.forward import LlamaCppDeviations, Reference
+    from ggufq_ref.llama_worker import llama_logits
+    kw = {**GPT_OSS_SMALL, "window": 8}
+    ids = [1] + list(np.random.default_rng(5).integers(3, 8000, 31))
+    got, d = {}, {}
+    for layout in ("bf16", "mxfp4"):
+        d[layout] = make_gpt_oss(tmp_path / layout, bf16=layout == "bf16", **kw)
+        out = tmp_path / f"{layout}.gguf"
+        r = run_cli("convert", d[layout], "-o", out, "--type", "F32", "-q")
+        assert r.returncode == 0, r.stderr
+        got[layout] = llama_logits(out, ids).astype(np.float64)
+    as_hf = Reference(d["bf16"]).logits(ids)
+    # the MXFP4 checkpoint's decoded experts are the BF16 one's values
+    np.testing.assert_allclose(Reference(d["mxfp4"]).logits(ids), as_hf, atol=1e-4 * np.abs(as_hf).max())
+    assert _max_rel(got["bf16"], as_hf) > 1e-3
+    assert _max_rel(got["bf16"], LlamaCppDeviations(d["bf16"]).logits(ids)) <= TOL
+    assert _max_rel(got["mxfp4"], Reference(d["mxfp4"]).logits(ids)) > 1e-3
+    assert _max_rel(got["mxfp4"], LlamaCppDeviations(d["mxfp4"]).logits(ids)) <= TOL

@@ -430,3 +430,35 @@ def test_quoting_round_trips_through_ollamas_parser():
     assert any("""stop 'ends "q"' cannot be quoted""" in n for n in notes)
     text, notes = ollama.modelfile("x.gguf", None, license_text='has """ inside')
     assert "license" not in commands(text) and any("cannot be quoted" in n for n in notes)
+
+
+def test_moe_archs_and_mxfp4():
+    """The MoE architectures ggufq writes (Mixtral is llama.cpp's "llama" with experts) and MXFP4 expert
+    tensors load in the targeted Ollama; older releases refused llama.cpp's gpt-oss name and ggml's
+    MXFP4 type (before v0.11.5): said as notes, not warnings."""
+    types = ["F32", "Q8_0", "Q4_K", "Q6_K", gguf.GGMLQuantizationType.MXFP4]
+    for a in ("gpt-oss", "qwen3moe", "qwen2moe", "olmoe", "llama"):
+        assert ollama.check(a, types) == [], a
+    for a in ("qwen3moe", "qwen2moe", "olmoe", "llama"):
+        assert ollama.older_notes(a, ["Q4_K", "F32"]) == [], a
+    (arch_note,) = ollama.older_notes("gpt-oss", ["Q8_0", "F32"])
+    assert arch_note.startswith("architecture 'gpt-oss': Ollama loads it from v0.11.5 on") and "'gptoss'" in arch_note
+    notes = ollama.older_notes("gpt-oss", types)
+    assert notes[0] == arch_note and notes[1].startswith("tensor type MXFP4: Ollama loads it from v0.11.5 on")
+    assert ollama.older_notes("llama", [39]) == [notes[1]]       # by ggml type id too
+
+
+def test_gpt_oss_convert_ollama_notes(tmp_path):
+    """convert --ollama of a gpt-oss checkpoint with MXFP4 experts: the Modelfile is written, no
+    warning for Ollama v0.32.15, the two older-release notes."""
+    from conftest import run_cli
+    from tools.synthetic_gptoss import make_gpt_oss
+    d = make_gpt_oss(tmp_path / "g", hidden=64, ff=64, layers=1, heads=4, kv_heads=2, experts=4, active=2,
+                     shards=1, seed=3, tokenizer="spm")
+    out = tmp_path / "g.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "MXFP4_MOE", "--ollama")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "g.Modelfile").is_file()
+    lines = [x for x in r.stderr.splitlines() if x.startswith("Ollama: ")]
+    assert len(lines) == 2 and all("from v0.11.5 on" in x for x in lines), r.stderr
+    assert "refuses" not in r.stderr and "will fail" not in r.stderr

@@ -70,3 +70,40 @@ def test_llama3_inv_freq_matches_transformers():
     got, s = rope_inv_freq(cfg.to_dict(), 64)
     assert s == scaling
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_gpt_oss_reference_matches_transformers(truncate, tmp_path):
+    """gpt-oss (BF16 experts, as transformers loads them without the MXFP4 kernels): attention sinks,
+    sliding window 8 on even layers over 40 tokens, yarn rope with and without truncated correction
+    dims, router and expert biases, the clamped SwiGLU."""
+    import json
+    from tools.synthetic_gptoss import make_gpt_oss
+    d = make_gpt_oss(tmp_path / "g", hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=4, active=2,
+                     shards=2, seed=3, tokenizer="spm", window=8, bf16=True)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_scaling"]["truncate"] = truncate
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = list(np.random.default_rng(2).integers(3, 8000, 40))
+    hf = _hf_logits(d, ids)
+    ref = Reference(d).logits(ids).astype(np.float64)
+    rel = np.linalg.norm(ref - hf, axis=1) / np.linalg.norm(hf, axis=1)
+    assert rel.max() < 1e-4, rel.max()
+
+
+def test_yarn_inv_freq_matches_transformers():
+    pytest.importorskip("torch")
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    seen = []
+    for truncate in (False, True):
+        rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 150000.0,
+                "original_max_position_embeddings": 4096, "truncate": truncate}
+        cfg = GptOssConfig(hidden_size=2880, num_attention_heads=64, head_dim=64, rope_scaling=rope,
+                           rope_parameters=rope, rope_theta=150000.0)
+        want, scaling = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+        got, s = rope_inv_freq(cfg.to_dict(), 64)
+        assert s == pytest.approx(scaling, rel=1e-12)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+        seen.append(got)
+    assert not np.allclose(seen[0], seen[1], rtol=1e-3)     # truncate changes the ramp

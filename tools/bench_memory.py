@@ -96,7 +96,7 @@ def measure(cmd: list[str], env=None) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({p.returncode}):\n{err.decode(errors='replace')[-3000:]}")
     return {"wall_s": wall, "max_rss_mib": ru.ru_maxrss / 1024, "tree_rss_mib": s.peak_rss / 1024,
-            "tree_pss_mib": s.peak_pss / 1024}
+            "tree_pss_mib": s.peak_pss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
 
 
 def ensure_model(work: Path, size: str, arch: str = "llama") -> Path:

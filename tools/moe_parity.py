@@ -8,7 +8,8 @@ For each family of tools/synthetic_moe.py (8 experts, 2 active, 2 layers, 3 shar
 files): keys identical / total and tensors byte-identical / total for each --type (both converters
 run; tools/compare_convert.py lists the differences), the max relative logits error of ggufq's F32
 file through llama-cpp-python against ggufq_ref/forward.py (a NumPy forward with routing; FP8 sources
-are compared against llama.cpp's own F32 conversion's logits instead, the reference reads no FP8),
+are compared against llama.cpp's own F32 conversion's logits instead, the reference reads no FP8;
+gpt-oss against transformers' computation and against ggufq_ref.forward.LlamaCppDeviations),
 and the number of tensors whose Q4_K_M / Q3_K_M type differs from llama.cpp's own choice
 (``llama_quant_compute_types`` through ctypes, on llama.cpp's F16 conversion's tensors).
 Needs torch + transformers (llama.cpp's converter).
@@ -48,7 +49,6 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     if fam in GPT_OSS:      # MXFP4 experts (or their BF16 dequantization), tools/synthetic_gptoss.py
         d = make_gpt_oss(work / tag, hidden=64, ff=64, layers=2, heads=4, kv_heads=2, experts=8, active=2,
                          shards=3, seed=7, bf16=fam == "gptoss-bf16")
-        fp8 = "mxfp4"       # logits against llama.cpp's own F32 conversion (the reference has no gpt-oss)
     else:
         d = make_moe(work / tag, fam, layers=2, heads=4, experts=8, active=2, shards=3, seed=7, fp8=fp8,
                      **SHAPES[fam])
@@ -61,7 +61,12 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     cfg = json.loads((d / "config.json").read_text())
     ids = [cfg["bos_token_id"]] + list(np.random.default_rng(5).integers(3, 8000, 63))
     got = llama_logits(f32, ids)
-    if fp8:
+    if fam in GPT_OSS:      # transformers' computation, and with llama.cpp's two deviations (ggufq_ref.forward)
+        from ggufq_ref.forward import LlamaCppDeviations, Reference
+        out["logits"] = (f"{rel_err(got, Reference(d).logits(ids)):.1e} (transformers' forward), "
+                         f"{rel_err(got, LlamaCppDeviations(d).logits(ids)):.1e} (with llama.cpp's yarn and Q8_0 "
+                         "activations)")
+    elif fp8:
         ref_gguf = work / f"{tag}-llama-F32.gguf"
         _run([sys.executable, LLAMA_CONVERT, d, "--outtype", "f32", "--outfile", ref_gguf])
         out["logits"] = f"{rel_err(got, llama_logits(ref_gguf, ids)):.1e} (vs llama.cpp F32)"
