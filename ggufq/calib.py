@@ -199,7 +199,8 @@ class SelfCalibration:
         return (f"self-calibration: {n}x{t} tokens generated and input moments collected in "
                 f"{s['seconds']:.1f} s by llama.cpp ({'GPU' if s.get('offload') else 'CPU'}, {s['n_par']} sequences "
                 f"per batch; decode {tm.get('decode', 0):.1f} s, sampling {tm.get('sample', 0):.1f} s, "
-                f"moment sums {tm.get('sums', 0):.1f} s); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
+                f"moment sums {tm.get('sums', 0):.1f} s; CPU-s {tm.get('cpu_decode', 0):.1f} / "
+                f"{tm.get('cpu_sample', 0):.1f} / {tm.get('cpu_sums', 0):.1f}); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
                 f"{s['model_seconds']:.1f} s, moment scratch {_mib(s['scratch_bytes'])}; peak RSS: "
                 f"{self.peak_rss_line()}" + self._experts_line())
 

@@ -84,6 +84,30 @@ def test_moments_of_shared_inputs_are_shared(sample):
     assert n_full == 8 * 3 + 1                         # attn in, attn out, ffn in per layer + output
 
 
+def test_buffered_inputs_sum_to_their_moment(tmp_path):
+    """Full-moment inputs are copied into buffers kept from flush to flush (grown when a decode's
+    rows do not fit): the sums equal X^T X of every row, however the rows arrive and are flushed."""
+    from ggufq.calib_worker import Collector
+    col = Collector({}, str(tmp_path / "scratch.f64"), 1 << 20)
+    keys = (b"attn_norm-0", b"ffn_norm-0")
+    for k in keys:
+        col.kind[k], col.width[k] = "full", 8
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((r, 8)).astype(np.float32) for r in (3, 5, 1, 7, 4, 6)]
+    for i, x in enumerate(xs):
+        for k in keys:
+            col._buffer(k, x[:, ::-1] if k == keys[1] else x)     # a strided view is copied as well
+        if i == 0:
+            col.reserve_rows = 6                                  # known after the first decode
+        if col.buffered_tokens() >= 6:
+            col.flush()
+    col.flush(final=True)
+    x = np.concatenate(xs).astype(np.float64)
+    np.testing.assert_allclose(col.acc[keys[0]], x.T @ x, rtol=1e-5)
+    np.testing.assert_allclose(col.acc[keys[1]], x[:, ::-1].T @ x[:, ::-1], rtol=1e-5)
+    assert col.count == 26 and not col.bufs
+
+
 class _Collect(Reference):
     """The reference forward, recording every linear layer's inputs (HF -> GGUF names)."""
     HF2G = {"self_attn.q_proj": "attn_q", "self_attn.o_proj": "attn_output",

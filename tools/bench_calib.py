@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,8 +28,10 @@ import time
 from pathlib import Path
 from tools.common import child_env
 
-WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
-        "print('\\nmaxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
+# runs the command, then writes "maxrss_kib cpu_seconds" of its process tree to the file argv[1]: read from
+# a file, not from the log, which llama.cpp's asynchronous logger can cut short
+WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[2:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "open(sys.argv[1],'w').write(f'{u.ru_maxrss} {u.ru_utime+u.ru_stime}\\n');sys.exit(r.returncode)")
 
 
 def du(path: Path) -> int:
@@ -44,8 +45,20 @@ def du(path: Path) -> int:
     return n
 
 
-def timed(cmd, work: Path, env=None):
-    """(seconds, CPU seconds, peak RSS MiB, peak disk of work MiB, stderr)."""
+def timed(cmd, work: Path, env=None, tries: int = 3):
+    """(seconds, CPU seconds, peak RSS MiB, peak disk of work MiB, stdout + stderr); a run whose
+    figures did not come back is run again (``tries`` times in all)."""
+    for _ in range(tries):
+        got = _timed_once(cmd, work, env)
+        if got is not None:
+            return got
+        print(f"  (no figures from {Path(str(cmd[0])).name}: running it again)", file=sys.stderr, flush=True)
+    sys.exit(f"no figures after {tries} runs: {' '.join(map(str, cmd))}")
+
+
+def _timed_once(cmd, work: Path, env):
+    figs = work.parent / f".{work.name}.figures"
+    figs.unlink(missing_ok=True)
     peak = [du(work)]
     stop = threading.Event()
 
@@ -55,14 +68,20 @@ def timed(cmd, work: Path, env=None):
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", WRAP, str(figs), *map(str, cmd)], capture_output=True, text=True,
+                       env=env, stdin=subprocess.DEVNULL)
     secs = time.monotonic() - t0
     stop.set()
     th.join()
     peak[0] = max(peak[0], du(work))
     if r.returncode:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
-    rss, cpu = re.findall(r"maxrss (\d+) ([0-9.]+)", r.stderr)[-1]     # (a tool's log may end without a newline)
+    try:
+        rss, cpu = figs.read_text().split()
+    except (OSError, ValueError):
+        return None
+    finally:
+        figs.unlink(missing_ok=True)
     return secs, float(cpu), int(rss) / 1024, peak[0] / (1 << 20), r.stdout + r.stderr
 
 
