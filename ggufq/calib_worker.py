@@ -368,6 +368,9 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     cp.cb_eval = col.cb
     cp.cb_eval_user_data = None
     cp.no_perf = True
+    # --gpu-layers 0 on a GPU build means the CPU: without this, llama.cpp still copies host weights
+    # to the GPU for every matmul of a batch of >= 32 tokens (op offload), and the run is neither
+    cp.op_offload = mp.n_gpu_layers != 0
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context" + (f": {log()}" if log() else ""))

@@ -96,6 +96,10 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--llama-bin", default=os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
     ap.add_argument("--skip-llama", action="store_true", help="only the ggufq row")
+    ap.add_argument("--skip-ggufq", action="store_true", help="only llama.cpp's rows")
+    ap.add_argument("--omp-active", action="store_true",
+                    help="leave OMP_WAIT_POLICY unset for llama.cpp's tools (default: passive, as ggufq's worker "
+                         "runs: OpenMP threads spinning between graph computes burn a loaded machine's cores)")
     a = ap.parse_args()
     work = Path(a.work)
     if work.exists():
@@ -103,6 +107,9 @@ def main():
     work.mkdir(parents=True)
     binp = Path(a.llama_bin)
     env = child_env()
+    if not a.omp_active:
+        env.setdefault("OMP_WAIT_POLICY", "passive")
+    a.omp = env.get("OMP_WAIT_POLICY", "unset")       # (ggufq's worker sets passive unless told otherwise)
     ggufq = [sys.executable, "-m", "ggufq"]
     ngl = str(a.gpu_layers if a.gpu_layers >= 0 else 999)
     rows = []
@@ -122,20 +129,28 @@ def main():
         rows.append(("llama.cpp", "**total**", *tot, ""))
         for f in (f16, im, lq):
             f.unlink(missing_ok=True)
+    if a.skip_ggufq:
+        _table(a, rows, load0)
+        return
     out = work / f"ggufq-{a.type}.gguf"
     s, c, r, d, log = timed([*ggufq, "convert", a.model, "-o", out, "--type", a.type, "--method", "calibrated",
                           "--calib-tokens", a.tokens, "-j", a.jobs, "--gpu-layers", a.gpu_layers], work, env)
     note = next((ln.removeprefix("self-calibration: ") for ln in log.splitlines() if ln.startswith("self-calibration:")), "")
     rows.append(("ggufq", "**convert --method calibrated**", s, c, r, d, note))
     print(f"  ggufq {s:8.1f} s {c:8.1f} cpu-s {r:7.0f} MiB {d:7.0f} MiB  {note}", file=sys.stderr, flush=True)
+    _table(a, rows, load0)
+
+
+def _table(a, rows, load0):
     load1 = os.getloadavg()
     print(f"model {Path(a.model).name}, --type {a.type}, {a.tokens} calibration tokens, threads/-j {a.jobs}, "
-          f"-ngl {a.gpu_layers}, {os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
+          f"-ngl {a.gpu_layers}, {os.cpu_count()} CPUs, OMP_WAIT_POLICY for llama.cpp's "
+          f"tools {a.omp}; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
     print("| path | step | wall s | CPU s | peak RSS MiB | peak disk MiB | notes |")
     print("|---|---|---|---|---|---|---|")
     for who, step, s, c, r, d, n in rows:
         print(f"| {who} | {step} | {s:.1f} | {c:.1f} | {r:.0f} | {d:.0f} | {n} |")
-    if not a.skip_llama:
+    if not (a.skip_llama or a.skip_ggufq):
         lt = next(x for x in rows if x[1] == "**total**")
         print(f"\nggufq / llama.cpp: wall {rows[-1][2] / lt[2]:.2f}x, CPU {rows[-1][3] / lt[3]:.2f}x")
 
