@@ -272,6 +272,30 @@ def test_ctrl_c_during_calibration_leaves_no_process_and_no_file(tmp_path, tiny)
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mounts a tmpfs")
+def test_scratch_disk_full_one_line_and_nothing_left(tmp_path, tiny):
+    """A disk with room for the temporary model but not for the moment scratch: the worker's
+    ENOSPC becomes one line naming the scratch's size, exit code 1, the temporary folder gone."""
+    from conftest import run_cli
+    f16 = tmp_path / "f16.gguf"
+    assert run_cli("convert", tiny, "-o", f16, "--type", "F16", "-q").returncode == 0
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    size = f16.stat().st_size // (1 << 20) + 3            # the model fits, its 13 MiB of moments do not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root?)")
+    try:
+        r = run_cli("convert", tiny, "-o", mnt / "x.gguf", "--type", "Q4_K_M", "--method", "calibrated",
+                    "--calib-tokens", "512", "-j", "1")
+        assert r.returncode == 1, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("ggufq: error: self-calibration: disk full in ") and "moment scratch" in last, last
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
 def test_save_imatrix_needs_a_calibrated_method(tmp_path, tiny):
     from ggufq.convert import convert
     with pytest.raises(GgufqError, match="--save-imatrix needs a self-calibrated"):
