@@ -222,7 +222,8 @@ class SelfCalibration:
         return (f"self-calibration: {n}x{t} tokens generated and input moments collected in "
                 f"{s['seconds']:.1f} s by llama.cpp ({'GPU' if s.get('offload') else 'CPU'}, {s['n_par']} sequences "
                 f"per batch; decode {tm.get('decode', 0):.1f} s, sampling {tm.get('sample', 0):.1f} s, "
-                f"moment sums {tm.get('sums', 0):.1f} s); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
+                f"moment sums {tm.get('sums', 0):.1f} s; CPU-s {tm.get('cpu_decode', 0):.1f} / "
+                f"{tm.get('cpu_sample', 0):.1f} / {tm.get('cpu_sums', 0):.1f}); temporary {s['model_type']} model {_mib(s['model_bytes'])} written in "
                 f"{s['model_seconds']:.1f} s, moment scratch {_mib(s['scratch_bytes'])}; peak RSS: "
                 f"{self.peak_rss_line()}" + self._experts_line())
 
@@ -323,6 +324,11 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(jobs)         # the moment sums use as many cores as llama.cpp, not all of them
+        # llama.cpp's CPU backend (OpenMP builds) keeps its threads spinning between graph computes;
+        # the moment callback splits every decode into ~4 computes per layer with Python in between,
+        # and a spinning thread whose peer is descheduled burns its core: SmolLM2 64x32 tokens at -j 2
+        # on a loaded 2-core machine, decode 101.8 CPU-s spinning vs 8.9 passive (docs/CALIB_SPEED.md)
+        env.setdefault("OMP_WAIT_POLICY", "passive")
         from .procs import deferred, spawn_helper
         with deferred():               # a signal during the fork is raised after proc is known (and killed)
             proc = spawn_helper([sys.executable, "-c", _ENTRY], env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

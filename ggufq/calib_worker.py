@@ -41,6 +41,7 @@ router's ``MUL_MAT`` reads the same tensor whole).
 """
 import llama_cpp  # noqa: I001  -- must come before numpy (see module docstring)
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -49,10 +50,14 @@ import time
 
 import numpy as np
 
-from . import llamalib
+from . import blas, llamalib
 from .eval import proto
 
 _MAX_SRC = 10
+# inputs up to this wide have their X^T X on one BLAS thread (as calib.SMALL_FACTOR's factorizations):
+# SmolLM2's 576-wide sums at -j 2 on a loaded 2-core machine, 4096 tokens: 7.1 CPU-s on two OpenBLAS
+# threads (17.8 s wall) vs 1.7 CPU-s on one (10.0 s)
+SMALL_SUMS = 1024
 
 
 class _Tensor(ctypes.Structure):
@@ -107,10 +112,11 @@ class Collector:
         self.weight_key: dict[bytes, bytes] = {}      # weight -> input key
         self.kind: dict[bytes, str] = {}              # input key -> "full" | "diag"
         self.width: dict[bytes, int] = {}
-        self.pending: dict[bytes, list] = {}      # full-moment inputs not yet summed
+        self.bufs: dict[bytes, np.ndarray] = {}   # full-moment inputs not yet summed: float32 [capacity, n]
+        self.fill: dict[bytes, int] = {}          # rows of bufs[key] in use
+        self.reserve_rows = 0                     # rows a buffer is given room for (a flush's, once known)
         self.diag: dict[bytes, np.ndarray] = {}    # diagonal-only sums (kept in memory, small)
         self.diag_rows: dict[bytes, int] = {}
-        self.pending_rows = 0
         self.count = 0                                # tokens folded in (per key)
         self.scratch_path = scratch
         self.buffer_bytes = buffer_bytes
@@ -194,7 +200,21 @@ class Collector:
             d += np.einsum("ij,ij->j", a, a, dtype=np.float64)
             self.diag_rows[key] = self.diag_rows.get(key, 0) + rows
         else:
-            self.pending.setdefault(key, []).append(np.array(a, np.float32))
+            self._buffer(key, a)
+
+    def _buffer(self, key: bytes, a: np.ndarray) -> None:
+        """Copies the rows ``a`` into ``key``'s buffer, kept from flush to flush (allocating fresh
+        arrays per call and concatenating them at each flush touched new pages every time)."""
+        k, rows = self.fill.get(key, 0), a.shape[0]
+        buf = self.bufs.get(key)
+        if buf is None or k + rows > buf.shape[0]:
+            cap = max(k + rows, self.reserve_rows, 2 * buf.shape[0] if buf is not None else 0)
+            grown = np.empty((cap, a.shape[1]), np.float32)
+            if buf is not None:
+                grown[:k] = buf[:k]
+            buf = self.bufs[key] = grown
+        buf[k:k + rows] = a
+        self.fill[key] = k + rows
 
     def _host(self, ptr: int, x: _Tensor, buf_name: str) -> int:
         """The address of a tensor's data in host memory (copied from a GPU when needed)."""
@@ -238,7 +258,7 @@ class Collector:
 
     # ---- sums --------------------------------------------------------------------
     def buffered_tokens(self) -> int:
-        return sum(x.shape[0] for x in next(iter(self.pending.values()), []))
+        return next(iter(self.fill.values()), 0)
 
     def per_token_bytes(self) -> int:
         return 4 * sum(n for k, n in self.width.items() if self.kind[k] == "full")
@@ -263,17 +283,18 @@ class Collector:
                              else self.mm[o:o + n])
 
     def flush(self, final: bool = False) -> None:
-        if self.mm is None and (self.pending or final):
+        if self.mm is None and (self.fill or final):
             self._allocate()
         n = None
-        for key, xs in self.pending.items():
-            x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+        for key, rows in self.fill.items():
+            x = self.bufs[key][:rows]
             if n is not None and x.shape[0] != n:
                 raise RuntimeError(f"{key.decode()}: {x.shape[0]} rows vs {n} for the other inputs")
             n = x.shape[0]
-            self.acc[key] += x.T @ x          # float32 product of <= a flush of rows, float64 sum
+            with blas.threads(1) if x.shape[1] <= SMALL_SUMS else contextlib.nullcontext():
+                self.acc[key] += x.T @ x          # float32 product of <= a flush of rows, float64 sum
         self.count += n or 0
-        self.pending.clear()
+        self.fill.clear()
         if final:
             for key, d in self.diag.items():
                 if self.mm is not None and self.count and self.diag_rows[key] != self.count:
@@ -283,6 +304,7 @@ class Collector:
                 self.count = next(iter(self.diag_rows.values()))
             for key, d in self.experts.items():
                 self.acc[key][:] = d
+            self.bufs.clear()
 
     def index(self) -> dict:
         return {"keys": {k.decode(): [self.offsets[k], self.width[k], self.kind[k]] for k in self.kind},
@@ -352,6 +374,9 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     cp.cb_eval = col.cb
     cp.cb_eval_user_data = None
     cp.no_perf = True
+    # --gpu-layers 0 on a GPU build means the CPU: without this, llama.cpp still copies host weights
+    # to the GPU for every matmul of a batch of >= 32 tokens (op offload), and the run is neither
+    cp.op_offload = mp.n_gpu_layers != 0
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context" + (f": {log()}" if log() else ""))
@@ -366,7 +391,7 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     gens = [np.random.default_rng([int(req["seed"]), s]) for s in range(n_seq)]
     t0 = time.monotonic()
     step, flush_rows = 0, None
-    times = {"decode": 0.0, "sample": 0.0, "sums": 0.0}
+    times = {k: 0.0 for k in ("decode", "sample", "sums", "cpu_decode", "cpu_sample", "cpu_sums")}
     from concurrent.futures import ThreadPoolExecutor
     pool = ThreadPoolExecutor(min(8, int(req["threads"]))) if int(req["threads"]) > 1 else None
     send(("start", -(-n_seq // n_par) * n_tok, n_par), None)
@@ -382,7 +407,7 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
                 batch.n_seq_id[j] = 1
                 batch.seq_id[j][0] = j
                 batch.logits[j] = 1
-            tick = time.monotonic()
+            tick = (time.monotonic(), time.process_time())
             rc = llama_cpp.llama_decode(ctx, batch)
             tick = _lap(times, "decode", tick)
             if col.error is not None:
@@ -395,12 +420,13 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
                 tick = _lap(times, "sample", tick)
             if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
                 flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
+                col.reserve_rows = flush_rows + n_par     # a flush's rows and the decode that crosses it
             if col.buffered_tokens() >= flush_rows:
                 col.flush()
                 tick = _lap(times, "sums", tick)
             step += 1
             send(("progress", step), None)
-    tick = time.monotonic()
+    tick = (time.monotonic(), time.process_time())
     col.flush(final=True)
     if col.mm is not None:
         col.mm.flush()
@@ -417,9 +443,12 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     return out, toks
 
 
-def _lap(times: dict, key: str, since: float) -> float:
-    now = time.monotonic()
-    times[key] += now - since
+def _lap(times: dict, key: str, since: tuple[float, float]) -> tuple[float, float]:
+    """Adds the wall and CPU seconds (of the whole process: llama.cpp's and BLAS's threads) since
+    ``since`` to ``times[key]`` and ``times["cpu_" + key]``."""
+    now = (time.monotonic(), time.process_time())
+    times[key] += now[0] - since[0]
+    times["cpu_" + key] += now[1] - since[1]
     return now
 
 

@@ -84,6 +84,30 @@ def test_moments_of_shared_inputs_are_shared(sample):
     assert n_full == 8 * 3 + 1                         # attn in, attn out, ffn in per layer + output
 
 
+def test_buffered_inputs_sum_to_their_moment(tmp_path):
+    """Full-moment inputs are copied into buffers kept from flush to flush (grown when a decode's
+    rows do not fit): the sums equal X^T X of every row, however the rows arrive and are flushed."""
+    from ggufq.calib_worker import Collector
+    col = Collector({}, str(tmp_path / "scratch.f64"), 1 << 20)
+    keys = (b"attn_norm-0", b"ffn_norm-0")
+    for k in keys:
+        col.kind[k], col.width[k] = "full", 8
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((r, 8)).astype(np.float32) for r in (3, 5, 1, 7, 4, 6)]
+    for i, x in enumerate(xs):
+        for k in keys:
+            col._buffer(k, x[:, ::-1] if k == keys[1] else x)     # a strided view is copied as well
+        if i == 0:
+            col.reserve_rows = 6                                  # known after the first decode
+        if col.buffered_tokens() >= 6:
+            col.flush()
+    col.flush(final=True)
+    x = np.concatenate(xs).astype(np.float64)
+    np.testing.assert_allclose(col.acc[keys[0]], x.T @ x, rtol=1e-5)
+    np.testing.assert_allclose(col.acc[keys[1]], x[:, ::-1].T @ x[:, ::-1], rtol=1e-5)
+    assert col.count == 26 and not col.bufs
+
+
 class _Collect(Reference):
     """The reference forward, recording every linear layer's inputs (HF -> GGUF names)."""
     HF2G = {"self_attn.q_proj": "attn_q", "self_attn.o_proj": "attn_output",
@@ -246,6 +270,30 @@ def test_ctrl_c_during_calibration_leaves_no_process_and_no_file(tmp_path, tiny)
     time.sleep(0.5)
     assert _session_procs(p.pid) == []
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mounts a tmpfs")
+def test_scratch_disk_full_one_line_and_nothing_left(tmp_path, tiny):
+    """A disk with room for the temporary model but not for the moment scratch: the worker's
+    ENOSPC becomes one line naming the scratch's size, exit code 1, the temporary folder gone."""
+    from conftest import run_cli
+    f16 = tmp_path / "f16.gguf"
+    assert run_cli("convert", tiny, "-o", f16, "--type", "F16", "-q").returncode == 0
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    size = f16.stat().st_size // (1 << 20) + 3            # the model fits, its 13 MiB of moments do not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root?)")
+    try:
+        r = run_cli("convert", tiny, "-o", mnt / "x.gguf", "--type", "Q4_K_M", "--method", "calibrated",
+                    "--calib-tokens", "512", "-j", "1")
+        assert r.returncode == 1, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("ggufq: error: self-calibration: disk full in ") and "moment scratch" in last, last
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])
 
 
 def test_save_imatrix_needs_a_calibrated_method(tmp_path, tiny):

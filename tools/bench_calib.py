@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,8 +28,10 @@ import time
 from pathlib import Path
 from tools.common import child_env
 
-WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[1:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
-        "print('\\nmaxrss',u.ru_maxrss,u.ru_utime+u.ru_stime,file=sys.stderr);sys.exit(r.returncode)")
+# runs the command, then writes "maxrss_kib cpu_seconds" of its process tree to the file argv[1]: read from
+# a file, not from the log, which llama.cpp's asynchronous logger can cut short
+WRAP = ("import resource,subprocess,sys;r=subprocess.run(sys.argv[2:]);u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "open(sys.argv[1],'w').write(f'{u.ru_maxrss} {u.ru_utime+u.ru_stime}\\n');sys.exit(r.returncode)")
 
 
 def du(path: Path) -> int:
@@ -44,8 +45,20 @@ def du(path: Path) -> int:
     return n
 
 
-def timed(cmd, work: Path, env=None):
-    """(seconds, CPU seconds, peak RSS MiB, peak disk of work MiB, stderr)."""
+def timed(cmd, work: Path, env=None, tries: int = 3):
+    """(seconds, CPU seconds, peak RSS MiB, peak disk of work MiB, stdout + stderr); a run whose
+    figures did not come back is run again (``tries`` times in all)."""
+    for _ in range(tries):
+        got = _timed_once(cmd, work, env)
+        if got is not None:
+            return got
+        print(f"  (no figures from {Path(str(cmd[0])).name}: running it again)", file=sys.stderr, flush=True)
+    sys.exit(f"no figures after {tries} runs: {' '.join(map(str, cmd))}")
+
+
+def _timed_once(cmd, work: Path, env):
+    figs = work.parent / f".{work.name}.figures"
+    figs.unlink(missing_ok=True)
     peak = [du(work)]
     stop = threading.Event()
 
@@ -55,14 +68,20 @@ def timed(cmd, work: Path, env=None):
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", WRAP, *map(str, cmd)], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", WRAP, str(figs), *map(str, cmd)], capture_output=True, text=True,
+                       env=env, stdin=subprocess.DEVNULL)
     secs = time.monotonic() - t0
     stop.set()
     th.join()
     peak[0] = max(peak[0], du(work))
     if r.returncode:
         sys.exit(f"failed: {' '.join(map(str, cmd))}\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
-    rss, cpu = re.findall(r"maxrss (\d+) ([0-9.]+)", r.stderr)[-1]     # (a tool's log may end without a newline)
+    try:
+        rss, cpu = figs.read_text().split()
+    except (OSError, ValueError):
+        return None
+    finally:
+        figs.unlink(missing_ok=True)
     return secs, float(cpu), int(rss) / 1024, peak[0] / (1 << 20), r.stdout + r.stderr
 
 
@@ -77,6 +96,10 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--llama-bin", default=os.environ.get("GGUFQ_LLAMA_BIN", str(Path.home() / ".cache/ggufq/llama-bin")))
     ap.add_argument("--skip-llama", action="store_true", help="only the ggufq row")
+    ap.add_argument("--skip-ggufq", action="store_true", help="only llama.cpp's rows")
+    ap.add_argument("--omp-active", action="store_true",
+                    help="leave OMP_WAIT_POLICY unset for llama.cpp's tools (default: passive, as ggufq's worker "
+                         "runs: OpenMP threads spinning between graph computes burn a loaded machine's cores)")
     a = ap.parse_args()
     work = Path(a.work)
     if work.exists():
@@ -84,6 +107,9 @@ def main():
     work.mkdir(parents=True)
     binp = Path(a.llama_bin)
     env = child_env()
+    if not a.omp_active:
+        env.setdefault("OMP_WAIT_POLICY", "passive")
+    a.omp = env.get("OMP_WAIT_POLICY", "unset")       # (ggufq's worker sets passive unless told otherwise)
     ggufq = [sys.executable, "-m", "ggufq"]
     ngl = str(a.gpu_layers if a.gpu_layers >= 0 else 999)
     rows = []
@@ -103,20 +129,28 @@ def main():
         rows.append(("llama.cpp", "**total**", *tot, ""))
         for f in (f16, im, lq):
             f.unlink(missing_ok=True)
+    if a.skip_ggufq:
+        _table(a, rows, load0)
+        return
     out = work / f"ggufq-{a.type}.gguf"
     s, c, r, d, log = timed([*ggufq, "convert", a.model, "-o", out, "--type", a.type, "--method", "calibrated",
                           "--calib-tokens", a.tokens, "-j", a.jobs, "--gpu-layers", a.gpu_layers], work, env)
     note = next((ln.removeprefix("self-calibration: ") for ln in log.splitlines() if ln.startswith("self-calibration:")), "")
     rows.append(("ggufq", "**convert --method calibrated**", s, c, r, d, note))
     print(f"  ggufq {s:8.1f} s {c:8.1f} cpu-s {r:7.0f} MiB {d:7.0f} MiB  {note}", file=sys.stderr, flush=True)
+    _table(a, rows, load0)
+
+
+def _table(a, rows, load0):
     load1 = os.getloadavg()
     print(f"model {Path(a.model).name}, --type {a.type}, {a.tokens} calibration tokens, threads/-j {a.jobs}, "
-          f"-ngl {a.gpu_layers}, {os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
+          f"-ngl {a.gpu_layers}, {os.cpu_count()} CPUs, OMP_WAIT_POLICY for llama.cpp's "
+          f"tools {a.omp}; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
     print("| path | step | wall s | CPU s | peak RSS MiB | peak disk MiB | notes |")
     print("|---|---|---|---|---|---|---|")
     for who, step, s, c, r, d, n in rows:
         print(f"| {who} | {step} | {s:.1f} | {c:.1f} | {r:.0f} | {d:.0f} | {n} |")
-    if not a.skip_llama:
+    if not (a.skip_llama or a.skip_ggufq):
         lt = next(x for x in rows if x[1] == "**total**")
         print(f"\nggufq / llama.cpp: wall {rows[-1][2] / lt[2]:.2f}x, CPU {rows[-1][3] / lt[3]:.2f}x")
 

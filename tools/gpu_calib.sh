@@ -17,8 +17,9 @@
 # CPU seconds so far.
 #
 # Usage (repository root, on the device; carry .whl with the gguf + diskcache wheels and dist-slim/):
-#   tools/gpu_calib.sh [-t TYPE] [-n TOKENS] [-b BUDGET] [-C] [-N] [-m "SYNTH ARGS"] [-s SDIST] [-w WHEELS] [TEXT]
-#   -C  no CPU-forward run      -N  no build: whatever llama-cpp-python is importable (a CPU smoke test)
+#   tools/gpu_calib.sh [-t TYPE] [-n TOKENS] [-b BUDGET] [-C] [-G] [-N] [-m "SYNTH ARGS"] [-s SDIST] [-w WHEELS] [TEXT]
+#   -C  no CPU-forward run      -G  no GPU-forward run (each fits one 10-minute device call on its own)
+#   -N  no build: whatever llama-cpp-python is importable (a CPU smoke test)
 #   -m  make_synthetic.py size arguments (default "--size 1B"; a smoke test: "--size 0.25B --layers 1 --vocab 9000")
 # TEXT: text for llama-imatrix (default: seeded pseudo-words written into WORK; the model is random anyway).
 set -uo pipefail
@@ -26,15 +27,16 @@ TYPE=Q4_K_M
 TOKENS=32768
 BUDGET=540
 CPU_RUN=1
+GPU_RUN=1
 NO_BUILD=0
 SYN="--size 1B"
 SDIST=dist-slim/llama_cpp_python-0.3.36.tar.gz
 WHEELS=.whl
-while getopts "t:n:b:CNm:s:w:h" opt; do
+while getopts "t:n:b:CGNm:s:w:h" opt; do
   case $opt in
-    t) TYPE=$OPTARG ;; n) TOKENS=$OPTARG ;; b) BUDGET=$OPTARG ;; C) CPU_RUN=0 ;; N) NO_BUILD=1 ;; m) SYN=$OPTARG ;;
+    t) TYPE=$OPTARG ;; n) TOKENS=$OPTARG ;; b) BUDGET=$OPTARG ;; C) CPU_RUN=0 ;; G) GPU_RUN=0 ;; N) NO_BUILD=1 ;; m) SYN=$OPTARG ;;
     s) SDIST=$OPTARG ;; w) WHEELS=$OPTARG ;;
-    h|*) sed -n '2,25p' "$0"; exit 0 ;;
+    h|*) sed -n '2,26p' "$0"; exit 0 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -114,9 +116,11 @@ EOF
 G="$WORK/ggufq-$TYPE"
 rm -f "$G"-*.gguf
 # 3 and 4: GPU forward first, then the CPU forward gets what is left (minus room for the llama.cpp rows)
-timed "ggufq calibrated, --gpu-layers -1, -j $NPROC" $(( $(left) - 30 )) \
-  $PY -m ggufq convert "$M" -o "$G-gpu.gguf" -t "$TYPE" --method calibrated --calib-tokens "$TOKENS" \
-  --gpu-layers -1 -j "$NPROC"
+if [ "$GPU_RUN" = 1 ]; then
+  timed "ggufq calibrated, --gpu-layers -1, -j $NPROC" $(( $(left) - 30 )) \
+    $PY -m ggufq convert "$M" -o "$G-gpu.gguf" -t "$TYPE" --method calibrated --calib-tokens "$TOKENS" \
+    --gpu-layers -1 -j "$NPROC"
+fi
 if [ "$CPU_RUN" = 1 ]; then
   timed "ggufq calibrated, --gpu-layers 0, -j $NPROC" $(( $(left) - 20 )) \
     $PY -m ggufq convert "$M" -o "$G-cpu.gguf" -t "$TYPE" --method calibrated --calib-tokens "$TOKENS" \

@@ -114,7 +114,11 @@ def solve_affine(W: np.ndarray, nbits: int, weights: Optional[np.ndarray] = None
 
 def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional[np.ndarray] = None,
                     prm: HqqParams = DEFAULT) -> tuple[np.ndarray, dict]:
-    """Groups W [G, L] -> step a [G] with Wq = clip(round(W / a), lo, hi), Wr = a Wq (scale-only HQQ)."""
+    """Groups W [G, L] -> step a [G] with Wq = clip(round(W / a), lo, hi), Wr = a Wq (scale-only HQQ).
+
+    With ``early_stop`` a group leaves the iteration at its first step that does not improve, and
+    the arrays are cut down to the groups still iterating (row by row the same arithmetic: the
+    same steps as iterating every group under a mask; most groups stop within a few steps)."""
     W = W.astype(np.float32)
     idx = np.abs(W).argmax(-1)
     amax = np.take_along_axis(W, idx[:, None], -1)[:, 0]
@@ -126,29 +130,33 @@ def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional
     a = np.where(a != 0, a, 1.0)
     best_err = np.full(W.shape[0], np.inf)
     best_a = a.copy()
-    active = np.ones(W.shape[0], bool)
+    err_all = np.zeros(W.shape[0])          # each group's latest error (a stopped group's stays)
+    rows = np.arange(W.shape[0])            # the groups still iterating
+    w = np.ones_like(W) if weights is None else np.broadcast_to(weights, W.shape)
     beta = None
     hist = []
     for _ in range(prm.iters):
         Wq = np.clip(np.rint(W / a[:, None]), lo_code, hi_code)
         Wr = a[:, None] * Wq
         err = np.abs(W - Wr).mean(-1)
-        hist.append(float(err.mean()))
+        err_all = err_all.astype(err.dtype)
+        err_all[rows] = err
+        hist.append(float(err_all.mean()))
         if beta is None:
             beta = _beta0(err, prm)
-        better = err < best_err
-        best_a = np.where(better & active, a, best_a)
-        best_err = np.where(better & active, err, best_err)
+        better = err < best_err[rows]
+        best_a[rows[better]] = a[better]
+        best_err[rows[better]] = err[better]
         if prm.early_stop:
-            active &= better
-            if not active.any():
-                break
+            if not better.all():
+                if not better.any():
+                    break
+                rows, W, w, Wq, Wr, a, beta = (x[better] for x in (rows, W, w, Wq, Wr, a, beta))
         We = shrink_lp(W - Wr, beta[:, None], prm.p)
-        w = np.ones_like(W) if weights is None else weights
         num = (w * Wq * (W - We)).sum(-1)
         den = (w * Wq * Wq).sum(-1)
         a_new = np.where(den > 0, num / np.maximum(den, 1e-30), a)
-        a = np.where(active & (a_new != 0), a_new, a)
+        a = np.where(a_new != 0, a_new, a)
         beta = beta * prm.kappa
     return best_a, {"mean_abs_err": hist}
 
