@@ -145,3 +145,30 @@ def test_probe_shared_process_sees_the_patched_weights(tmp_path, tiny):
         assert got[0][g] > 1e-4
         assert got[0][g] == pytest.approx(got[1][g], rel=1e-4), (g, got)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_scales_recovers_group_and_role_factors():
+    """Measurements made by a known model (KLD = sum over tensors of s[layer group] * c[role] * error,
+    one set of role measurements taken at another overall level) give back every tensor's s * c."""
+    from ggufq.alloc import loss as L, probe as P
+    rng = np.random.default_rng(1)
+    roles = ["attn_q", "attn_v", "attn_output", "ffn_up", "ffn_down"]
+    s = {f"blk.{i}.{k}": rng.uniform(0.2, 5) for i in range(4) for k in ("attn", "ffn")}
+    s["token_embd"] = 0.7
+    c = dict(zip(roles, rng.uniform(0.1, 10, len(roles))))
+    err = {f"blk.{i}.{r}.weight": rng.uniform(0.5, 2) for i in range(4) for r in roles}
+    err["token_embd.weight"] = 3.0
+    truth = {n: s[L.group_of(n)] * c.get(P.role_of(n), 1.0) for n in err}
+    kld = {}
+    for n, e in err.items():
+        kld[L.group_of(n)] = kld.get(L.group_of(n), 0.0) + truth[n] * e
+        if P.role_of(n):
+            kld["role:" + P.role_of(n)] = kld.get("role:" + P.role_of(n), 0.0) + 3.0 * truth[n] * e
+    got = P.fit_scales(list(err.items()), L.group_of, kld, {r: [] for r in roles})
+    for n in err:
+        assert got[n] == pytest.approx(truth[n], rel=1e-3), n
+    # without role measurements: one scale per group (its KLD over its summed error)
+    flat = P.fit_scales(list(err.items()), L.group_of, {g: v for g, v in kld.items() if ":" not in g}, {})
+    g0 = "blk.0.attn"
+    tot = sum(e for n, e in err.items() if L.group_of(n) == g0)
+    assert flat["blk.0.attn_q.weight"] == pytest.approx(kld[g0] / tot)

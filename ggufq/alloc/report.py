@@ -42,7 +42,7 @@ def format_allocation(a) -> str:
     chk = a.sample_check()
     if chk:
         q = sorted(v for _, v in chk)
-        lines.append(f"row-sample estimate / whole tensor at {P.PROBE_TYPE.name} ({len(q)} sampled tensors): median "
+        lines.append(f"row-sample estimate / whole tensor at {a.probe.probe_type.name} ({len(q)} sampled tensors): median "
                      f"{q[len(q) // 2]:.3f}, range {q[0]:.3f} .. {q[-1]:.3f}")
     if a.presets:
         name = nearest_preset(a.presets, a.plan.total_bytes)
