@@ -284,12 +284,14 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
         roles: dict = {}
         for t in p.tensors:
             if t.name in free_names:
-                groups.setdefault(L.group_of(t.name), []).append(t)
+                groups.setdefault(L.group_of(t.name) if not kw.get("by_layer") else L.group_of(t.name).rsplit(".", 1)[0]
+                                  if P.role_of(t.name) else L.group_of(t.name), []).append(t)
                 if P.role_of(t.name) is not None:
                     roles.setdefault(P.role_of(t.name), []).append(t)
         pr = P.probe(p, groups, weights_of, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),
                      jobs=opts.jobs, log=None, roles=roles if kw.get("roles", True) else None,
-                     probe_type=probe_type, samples={r.name: r.sample for r in rows if r.sample is not None})
+                     probe_type=probe_type, samples={r.name: r.sample for r in rows if r.sample is not None},
+                     seqs=kw.get("seqs", P.PROBE_SEQS))
         scales.update(pr.scales)
         times["probe"] = time.monotonic() - t1
     for r in rows:

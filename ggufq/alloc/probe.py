@@ -125,14 +125,15 @@ def fit_scales(rows: list, group_of: Callable, kld: dict, roles: dict) -> dict[s
 def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable, tokens: np.ndarray,
           add_metadata: Callable, workdir: Path, *, jobs: int = 1, log: Optional[Callable] = None,
           probe_type: T = PROBE_TYPE, fresh: bool = False, roles: Optional[dict] = None,
-          samples: Optional[dict] = None) -> ProbeResult:
+          samples: Optional[dict] = None, seqs: int = PROBE_SEQS) -> ProbeResult:
     """Measure every group's and role's KLD and fit the per-tensor scales (:func:`fit_scales`).
     ``groups``: group -> tensors (one layer's attention, ...); ``roles``: role -> tensors (one role in
     every layer; None: one scale per group); ``weights_of(name)``: the importance the encoder gets;
     ``moment_of(name)``: H for the output error; ``tokens`` [n_seq, n_ctx] the text decoded;
     ``fresh``: a new llama.cpp process per set (what the shared one is checked against in the tests);
     ``samples``: name -> :class:`ggufq.alloc.loss.Sample` at the probe type, the rows the error table
-    encoded: such a tensor is perturbed in those rows only (its error is theirs), the others whole.
+    encoded: such a tensor is perturbed in those rows only (its error is theirs), the others whole;
+    ``seqs``: how many of ``tokens``' sequences are decoded.
 
     Long because one llama.cpp process and two F16 files (the model, its probe-type copy) live through
     every set's patch/measure/restore, in one try/finally."""
@@ -142,9 +143,8 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
     from gguf.quants import dequantize
 
     from ..plan import rules as R
-    from .loss import group_of
     t0 = time.monotonic()
-    tokens = np.asarray(tokens)[:PROBE_SEQS]
+    tokens = np.asarray(tokens)[:seqs]
     tmp = Path(tempfile.mkdtemp(prefix=".ggufq-probe-", dir=workdir))
     path, qpath = tmp / "probe-F16.gguf", tmp / "probe-Q.gguf"
     res = ProbeResult({}, {}, {}, probe_type=probe_type)
@@ -220,7 +220,8 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
         if worker is not None:
             worker.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    res.scales = fit_scales(res.rows, group_of, res.kld, roles or {})
+    in_group = {t.name: g for g, ts in groups.items() for t in ts}
+    res.scales = fit_scales(res.rows, in_group.get, res.kld, roles or {})
     res.n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1 - tokens.shape[1] // 2))
     res.seconds = time.monotonic() - t0
     return res
