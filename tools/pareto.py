@@ -179,10 +179,11 @@ def main() -> None:
 
 def group_scales(table) -> dict:
     """The table's scales refitted from the same probe without the role measurements: one scale per
-    layer group (the allocation before the role sets were added)."""
-    from ggufq.alloc import loss as L, probe as P
+    probed layer set (every tensor of a layer weighed alike per unit of tr(E H E^T), as before the
+    role sets were added)."""
+    from ggufq.alloc import probe as P
     pr = table.probe
-    return P.fit_scales(pr.rows, L.group_of, {g: k for g, k in pr.kld.items() if not g.startswith("role:")}, {})
+    return P.fit_scales(pr.rows, P.probe_group, {g: k for g, k in pr.kld.items() if not g.startswith("role:")}, {})
 
 
 def print_table(rows, presets, methods) -> None:

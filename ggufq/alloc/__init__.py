@@ -284,8 +284,7 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
         roles: dict = {}
         for t in p.tensors:
             if t.name in free_names:
-                groups.setdefault(L.group_of(t.name) if not kw.get("by_layer") else L.group_of(t.name).rsplit(".", 1)[0]
-                                  if P.role_of(t.name) else L.group_of(t.name), []).append(t)
+                groups.setdefault(P.probe_group(t.name, kw.get("by_layer", True)), []).append(t)
                 if P.role_of(t.name) is not None:
                     roles.setdefault(P.role_of(t.name), []).append(t)
         pr = P.probe(p, groups, weights_of, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),

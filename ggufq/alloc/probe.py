@@ -5,10 +5,10 @@ a layer near the output, the embedding, attention's value/output against its que
 down projection against its gate weigh differently per unit of output error. The probe perturbs a
 set of tensors to ``PROBE_TYPE`` (their dequantized weights written in place into one F16 file,
 restored afterwards), runs llama.cpp on a few of the model's own self-calibration sequences and
-measures the mean KLD against the F16 model's logits. The sets: every layer group
-(:func:`ggufq.alloc.loss.group_of`: one layer's attention, one layer's MLP, the embedding, the output)
-and every role (``attn_v``, ``ffn_down`` ... in all layers at once). :func:`fit_scales` turns the
-measurements into one scale per tensor, ``s[group] * c[role]``: predicted KLD = scale x output error.
+measures the mean KLD against the F16 model's logits. The sets: every layer (:func:`probe_group`;
+the embedding and the output on their own) and every role (``attn_v``, ``ffn_down`` ... in all layers
+at once). :func:`fit_scales` turns the measurements into one scale per tensor, ``s[layer] * c[role]``:
+predicted KLD = scale x output error.
 Layer tensors are perturbed in the rows the error table already encoded (no second encoding);
 the embedding and output whole (their rows are tokens, not interchangeable).
 """
@@ -27,7 +27,7 @@ from .. import GgufqError, quant
 from .loss import output_error
 
 PROBE_TYPE = T.Q2_K
-PROBE_SEQS = 2            # self-calibration sequences the probe decodes (the second half of each is scored)
+PROBE_SEQS = 1            # self-calibration sequences the probe decodes per set (the second half is scored)
 FLOOR = 1e-6              # KLD below this is noise: the group's scale uses this floor
 
 
@@ -86,6 +86,15 @@ def write_f16(p, add_metadata: Callable, path: Path, jobs: int) -> dict[str, tup
     out = {t.name: (int(t.data_offset), int(t.n_bytes), T(int(t.tensor_type))) for t in r.tensors}
     del r
     return out
+
+
+def probe_group(name: str, by_layer: bool = True) -> str:
+    """The layer set a tensor is probed in: ``blk.N`` (the whole layer; ``by_layer=False``: its
+    attention and MLP apart, :func:`ggufq.alloc.loss.group_of`), or the tensor's own group outside
+    the layers. Attention against MLP within a layer is then told apart by the role factors."""
+    from .loss import group_of
+    g = group_of(name)
+    return g.rsplit(".", 1)[0] if by_layer and role_of(name) is not None else g
 
 
 def role_of(name: str) -> Optional[str]:
