@@ -192,8 +192,10 @@ def build_table(p, free: list, weights_of: Callable, moment_of: Callable, log=No
                 probe_type: Optional[T] = None) -> list[Row]:
     """One :class:`Row` per free tensor; with ``probe_type``, layer tensors keep their sampled rows at
     that type (the probe perturbs those rows: no second encoding)."""
+    from .. import blas
     rows = []
-    with p.model:
+    # small products: one BLAS thread is faster than waiting for a second (set once: each change reads /proc)
+    with p.model, blas.threads(1):
         for t in p.tensors:
             if t.name not in free:
                 continue

@@ -100,7 +100,6 @@ def tensor_losses(tensor, types: list[T], weights: Optional[np.ndarray], h: Opti
                   n_sample: int = SAMPLE_ROWS, keep: Optional[T] = None):
     """Predicted ``tr(E H E^T)`` of the whole tensor for each of ``types`` (sampled rows, scaled);
     with ``keep`` (one of ``types``) also that type's :class:`Sample`: (errors, sample)."""
-    from .. import blas
     runs = sample_rows(tensor.n_rows, n_sample)
     rows = np.concatenate([tensor.read(lo, hi) for lo, hi in runs]).astype(np.float32)
     scale = tensor.n_rows / rows.shape[0]
@@ -108,12 +107,11 @@ def tensor_losses(tensor, types: list[T], weights: Optional[np.ndarray], h: Opti
         if np.asarray(weights).ndim == 1 else None
     hh = None if h is None else np.asarray(h, np.float32)
     out, sample = [], None
-    with blas.threads(1):          # small products: one BLAS thread is faster than waiting for a second
-        for t in types:
-            d = encoded(t, rows, w)
-            e = output_error(d - rows, hh)
-            out.append(e * scale)
-            if t == keep:
-                sample = Sample(runs, d.astype(np.float16), e)
+    for t in types:
+        d = encoded(t, rows, w)
+        e = output_error(d - rows, hh)
+        out.append(e * scale)
+        if t == keep:
+            sample = Sample(runs, d.astype(np.float16), e)
     errs = np.array(out)
     return errs if keep is None else (errs, sample)
