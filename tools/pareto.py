@@ -156,11 +156,13 @@ def main() -> None:
                                             ("ggufq target", "target no roles", "target no probe")) + " |")
     enc = {r["method"]: r["cpu_s"] for r in rows if r["kind"] == "ggufq preset" and r["preset"] == "Q4_K_M"}
     for m in a.methods:
-        base = enc.get(m, 0.0) + (cpu["calibration"] if m != "kquant" else 0.0)
-        print(f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
-              f"{cpu[f'allocation {m}']:.1f} CPU s, Q4_K_M conversion {base:.1f} CPU s"
-              + (" incl. calibration" if m != "kquant" else "")
-              + f": the allocation adds {cpu[f'allocation {m}'] / max(base, 1e-9):.0%} beyond the calibration")
+        line = (f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
+                f"{cpu[f'allocation {m}']:.1f} CPU s")
+        if m != "kquant" and m in enc:     # kquant's encoder pool workers are not all counted: no ratio for it
+            base = enc[m] + cpu["calibration"]
+            line += (f", Q4_K_M conversion {base:.1f} CPU s incl. calibration: the allocation adds "
+                     f"{cpu[f'allocation {m}'] / max(base, 1e-9):.0%} to it")
+        print(line)
     for m in a.methods:
         sel = [r for r in rows if r["pred"] is not None and (r["method"] == m or (r["method"] == "-" and m == a.methods[0]))]
         print(f"rank correlation predicted vs measured KLD ({m}, {len(sel)} files: presets and targets): "
