@@ -124,7 +124,8 @@ def test_plan_prints_the_allocation_and_the_nearest_preset(tiny):
 
 def test_probe_shared_process_sees_the_patched_weights(tmp_path, tiny):
     """The probe patches dequantized weights into one F16 file that a single llama.cpp process keeps
-    mapped: its KLD per group equals a fresh process's per group (and is not zero)."""
+    mapped: its KLD per set (layer groups, a role set, a tensor perturbed only in a table's sampled rows)
+    equals a fresh process's (and is not zero)."""
     import functools
 
     from ggufq import vocab as vocabs
@@ -137,11 +138,50 @@ def test_probe_shared_process_sees_the_patched_weights(tmp_path, tiny):
     for t in p.tensors:
         if L.group_of(t.name) in ("blk.0.ffn", "blk.5.attn"):
             groups.setdefault(L.group_of(t.name), []).append(t)
+    roles = {"attn_v": [t for t in p.tensors if t.name in ("blk.1.attn_v.weight", "blk.5.attn_v.weight")]}
+    # blk.0.ffn_up perturbed in the rows an error table encoded (a Sample), the others whole
+    up = next(t for t in p.tensors if t.name == "blk.0.ffn_up.weight")
+    with p.model:
+        _, sample = L.tensor_losses(up, [T.Q2_K, T.Q4_K], None, None, n_sample=64, keep=T.Q2_K)
+    assert sum(hi - lo for lo, hi in sample.runs) == 64 < up.n_rows
     tokens = np.concatenate([np.ones((1, 1), np.int64), np.random.default_rng(0).integers(3, 8000, (1, 127))], 1)
-    got = [P.probe(p, groups, lambda n: None, lambda n: None, tokens, add, tmp_path, fresh=fresh).kld
-           for fresh in (False, True)]
-    assert set(got[0]) == set(groups)
-    for g in groups:
+    res = [P.probe(p, groups, lambda n: None, lambda n: None, tokens, add, tmp_path, fresh=fresh, roles=roles,
+                   samples={up.name: sample}) for fresh in (False, True)]
+    got = [r.kld for r in res]
+    assert set(got[0]) == set(groups) | {"role:attn_v"}
+    for g in got[0]:
         assert got[0][g] > 1e-4
         assert got[0][g] == pytest.approx(got[1][g], rel=1e-4), (g, got)
+    rows = dict(res[0].rows)
+    assert rows[up.name] == sample.error and up.name not in res[0].whole
+    assert "blk.0.ffn_down.weight" in res[0].whole
+    # every tensor of a measured group has a positive scale (blk.5.attn_v's also set by its role)
+    assert all(res[0].scales[n] > 0 for n in rows if L.group_of(n) in groups)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_scales_recovers_group_and_role_factors():
+    """Measurements made by a known model (KLD = sum over tensors of s[layer group] * c[role] * error,
+    one set of role measurements taken at another overall level) give back every tensor's s * c."""
+    from ggufq.alloc import loss as L, probe as P
+    rng = np.random.default_rng(1)
+    roles = ["attn_q", "attn_v", "attn_output", "ffn_up", "ffn_down"]
+    s = {f"blk.{i}.{k}": rng.uniform(0.2, 5) for i in range(4) for k in ("attn", "ffn")}
+    s["token_embd"] = 0.7
+    c = dict(zip(roles, rng.uniform(0.1, 10, len(roles))))
+    err = {f"blk.{i}.{r}.weight": rng.uniform(0.5, 2) for i in range(4) for r in roles}
+    err["token_embd.weight"] = 3.0
+    truth = {n: s[L.group_of(n)] * c.get(P.role_of(n), 1.0) for n in err}
+    kld = {}
+    for n, e in err.items():
+        kld[L.group_of(n)] = kld.get(L.group_of(n), 0.0) + truth[n] * e
+        if P.role_of(n):
+            kld["role:" + P.role_of(n)] = kld.get("role:" + P.role_of(n), 0.0) + 3.0 * truth[n] * e
+    got = P.fit_scales(list(err.items()), L.group_of, kld, {r: [] for r in roles})
+    for n in err:
+        assert got[n] == pytest.approx(truth[n], rel=1e-3), n
+    # without role measurements: one scale per group (its KLD over its summed error)
+    flat = P.fit_scales(list(err.items()), L.group_of, {g: v for g, v in kld.items() if ":" not in g}, {})
+    g0 = "blk.0.attn"
+    tot = sum(e for n, e in err.items() if L.group_of(n) == g0)
+    assert flat["blk.0.attn_q.weight"] == pytest.approx(kld[g0] / tot)

@@ -59,7 +59,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     ap.add_argument("--label", default=None, help="model name in the plot title")
     ap.add_argument("--ablation", action="store_true",
-                    help="also allocate without the probe's group scales (scale 1 everywhere), first method only")
+                    help="also allocate without the probe's scales (scale 1 everywhere) and without its role factors "
+                         "(one scale per layer group), first method only")
     a = ap.parse_args()
     binp = llama_bin(a.llama_bin)
     work = Path(a.work)
@@ -101,6 +102,9 @@ def main() -> None:
         if chk:
             print(f"{m}: row-sample estimate / whole tensor at Q2_K over {len(chk)} sampled tensors: median "
                   f"{chk[len(chk) // 2]:.3f}, range {chk[0]:.3f} .. {chk[-1]:.3f}")
+        if tables[m].probe is not None:
+            print(f"{m}: probe KLD at {tables[m].probe.probe_type.name}: " + ", ".join(
+                f"{g} {k:.4f}" for g, k in tables[m].probe.kld.items()))
         print(f"{m}: table {tables[m].seconds.get('table', 0):.1f} s, probe {tables[m].seconds.get('probe', 0):.1f} s "
               f"wall; allocation CPU {cpu[f'allocation {m}']:.1f} s", flush=True)
 
@@ -130,24 +134,35 @@ def main() -> None:
                     al.predicted_kld, unscaled)
             out = work / f"gq-{m}-{pr}.gguf"
             measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
-            if m == a.methods[0] and a.ablation:     # the same table without the probe's group scales
-                flat = alloc.resolve(dataclasses.replace(table, scales={g: 1.0 for g in table.scales}), sizes[pr])
-                ft = {e.name: e.qtype for e in flat.plan.entries}
-                out = work / f"gt-noprobe-{m}-{pr}.gguf"
-                measure("target no probe", m, out, write(m, out, types=ft, ftype=pr, quantize_keys=flat.metadata()),
-                        pr, table.predict(ft), flat.solution.loss)
+            if m == a.methods[0] and a.ablation:     # the same table without the probe's scales / role factors
+                for kind, tag, scales in (("target no probe", "noprobe", {g: 1.0 for g in table.scales}),
+                                          ("target no roles", "noroles", group_scales(table))):
+                    flat = alloc.resolve(dataclasses.replace(table, scales=scales), sizes[pr])
+                    ft = {e.name: e.qtype for e in flat.plan.entries}
+                    out = work / f"gt-{tag}-{m}-{pr}.gguf"
+                    measure(kind, m, out, write(m, out, types=ft, ftype=pr, quantize_keys=flat.metadata()),
+                            pr, table.predict(ft), flat.solution.loss)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
     cal.close()
     print()
     print_table(rows, a.presets, a.methods)
+    if a.ablation:
+        m = a.methods[0]
+        print(f"\nablation ({m} table): | size of | target | target, no role factors | target, no probe |")
+        for pr in a.presets:
+            got = {r["kind"]: r["kld"] for r in rows if r["preset"] == pr and r["method"] == m}
+            print(f"| {pr} | " + " | ".join(f"{got[k]:.5f}" if k in got else "-" for k in
+                                            ("ggufq target", "target no roles", "target no probe")) + " |")
     enc = {r["method"]: r["cpu_s"] for r in rows if r["kind"] == "ggufq preset" and r["preset"] == "Q4_K_M"}
     for m in a.methods:
-        base = enc.get(m, 0.0) + (cpu["calibration"] if m != "kquant" else 0.0)
-        print(f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
-              f"{cpu[f'allocation {m}']:.1f} CPU s, Q4_K_M conversion {base:.1f} CPU s"
-              + (" incl. calibration" if m != "kquant" else "")
-              + f": the allocation adds {cpu[f'allocation {m}'] / max(base, 1e-9):.0%} beyond the calibration")
+        line = (f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
+                f"{cpu[f'allocation {m}']:.1f} CPU s")
+        if m != "kquant" and m in enc:     # kquant's encoder pool workers are not all counted: no ratio for it
+            base = enc[m] + cpu["calibration"]
+            line += (f", Q4_K_M conversion {base:.1f} CPU s incl. calibration: the allocation adds "
+                     f"{cpu[f'allocation {m}'] / max(base, 1e-9):.0%} to it")
+        print(line)
     for m in a.methods:
         sel = [r for r in rows if r["pred"] is not None and (r["method"] == m or (r["method"] == "-" and m == a.methods[0]))]
         print(f"rank correlation predicted vs measured KLD ({m}, {len(sel)} files: presets and targets): "
@@ -162,6 +177,15 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.png:
         plot(rows, a.png, a.label or Path(a.model).name)
+
+
+def group_scales(table) -> dict:
+    """The table's scales refitted from the same probe without the role measurements: one scale per
+    probed layer set (every tensor of a layer weighed alike per unit of tr(E H E^T), as before the
+    role sets were added)."""
+    from ggufq.alloc import probe as P
+    pr = table.probe
+    return P.fit_scales(pr.rows, P.probe_group, {g: k for g, k in pr.kld.items() if not g.startswith("role:")}, {})
 
 
 def print_table(rows, presets, methods) -> None:

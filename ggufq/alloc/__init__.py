@@ -8,7 +8,8 @@
    fixed by a ``--map``/``--preset`` rule) plus each free tensor at its cheapest candidate, up to
    the F32 file;
 2. every free tensor gets a predicted loss per candidate type (:mod:`.loss`): ``tr(E H E^T)``
-   from encoding a row sample, times its layer group's measured KLD scale (:mod:`.probe`);
+   from encoding a row sample, times a measured KLD scale (:mod:`.probe`): its layer group's,
+   times its role's relative weight (attention q/k/v/output, ffn gate/up/down);
 3. :func:`.solve.solve` picks one type per tensor: least predicted KLD within the budget.
 
 The resulting plan has one entry per tensor with the reason ``target-size``; the recipe goes into
@@ -49,6 +50,7 @@ class Row:
     types: list               # candidate types
     costs: np.ndarray         # padded bytes per candidate
     error: np.ndarray         # tr(E H E^T) per candidate (row sample, scaled to all rows)
+    sample: Optional[L.Sample] = None    # the sampled rows at the probe type (layer tensors; dropped after the probe)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Allocation:
     header: int               # header bytes (incl. RECIPE_RESERVE)
     fixed: int                # bytes of the tensors the allocator does not choose
     rows: list                # list[Row], the free tensors
-    scales: dict              # group -> KLD per unit of error
+    scales: dict              # tensor -> KLD per unit of error (layer group's scale x role's weight)
     solution: SV.Solution
     method: str
     probe: Optional[P.ProbeResult] = None
@@ -84,7 +86,7 @@ class Allocation:
             t = types.get(r.name)
             if t not in r.types:
                 return None
-            tot += self.scales.get(r.group, 1.0) * float(r.error[r.types.index(t)])
+            tot += self.scales.get(r.name, 1.0) * float(r.error[r.types.index(t)])
         return tot
 
     def sample_check(self) -> list[tuple[str, float]]:
@@ -96,18 +98,18 @@ class Allocation:
         shapes = {e.name: e.shape for e in self.plan.entries}
         out = []
         for r in self.rows:
-            t = R.fallback(P.PROBE_TYPE, shapes[r.name][-1])[0]
+            t = R.fallback(self.probe.probe_type, shapes[r.name][-1])[0]
             n_rows = int(np.prod(shapes[r.name][:-1]))
-            if n_rows > L.SAMPLE_ROWS and t in r.types and full.get(r.name):
+            if n_rows > L.SAMPLE_ROWS and t in r.types and full.get(r.name) and r.name in self.probe.whole:
                 out.append((r.name, float(r.error[r.types.index(t)]) / full[r.name]))
         return out
 
     def recipe(self) -> dict:
         return {"tool": "ggufq", "target_bytes": self.target, "method": self.method,
                 "candidates": [t.name for t in L.CANDIDATES],
-                "loss": "sum over tensors of scale[layer group] * tr(E H E^T) (self-calibration moments)",
+                "loss": "sum over tensors of scale[layer group] * weight[role] * tr(E H E^T) (self-calibration moments)",
                 "probe": None if self.probe is None else
-                f"{P.PROBE_TYPE.name} per group, {self.probe.n_tokens} self-generated tokens",
+                f"{self.probe.probe_type.name} per layer group and per role, {self.probe.n_tokens} self-generated tokens",
                 "predicted_kld": round(self.predicted_kld, 6), "dual_gap": round(self.solution.gap, 6),
                 "types": self.plan.type_counts()}
 
@@ -186,16 +188,24 @@ def nearest_preset(presets: dict, nbytes: int) -> str:
     return min(presets, key=lambda k: abs(presets[k].total_bytes - nbytes))
 
 
-def build_table(p, free: list, weights_of: Callable, moment_of: Callable, log=None) -> list[Row]:
+def build_table(p, free: list, weights_of: Callable, moment_of: Callable, log=None,
+                probe_type: Optional[T] = None) -> list[Row]:
+    """One :class:`Row` per free tensor; with ``probe_type``, layer tensors keep their sampled rows at
+    that type (the probe perturbs those rows: no second encoding)."""
+    from .. import blas
     rows = []
-    with p.model:
+    # small products: one BLAS thread is faster than waiting for a second (set once: each change reads /proc)
+    with p.model, blas.threads(1):
         for t in p.tensors:
             if t.name not in free:
                 continue
             types = L.candidates(t.shape)
             costs = np.array([L.padded_bytes(q, int(np.prod(t.shape))) for q in types], np.int64)
-            err = L.tensor_losses(t, types, weights_of(t.name), moment_of(t.name))
-            rows.append(Row(t.name, L.group_of(t.name), types, costs, err))
+            keep = R.fallback(probe_type, t.row_len)[0] if probe_type is not None and P.role_of(t.name) else None
+            keep = keep if keep in types else None
+            err = L.tensor_losses(t, types, weights_of(t.name), moment_of(t.name), keep=keep)
+            err, sample = err if keep is not None else (err, None)
+            rows.append(Row(t.name, L.group_of(t.name), types, costs, err, sample))
     return rows
 
 
@@ -264,24 +274,33 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
         return (free or {}).get(name)
 
     free_names = {e.name for e in plan.entries if e.name not in fixed}
-    rows = build_table(p, free_names, weights_of, moment_of, log)
+    probe_type = T[kw.get("probe_type", P.PROBE_TYPE.name)]
+    probing = probe_groups and hessians is not None
+    rows = build_table(p, free_names, weights_of, moment_of, log, probe_type if probing and kw.get("reuse", True) else None)
     times["table"] = time.monotonic() - t0
     pr = None
-    scales = {r.group: 1.0 for r in rows}
-    if probe_groups and hessians is not None:
+    scales = {r.name: 1.0 for r in rows}
+    if probing:
         t1 = time.monotonic()
         groups: dict = {}
+        roles: dict = {}
         for t in p.tensors:
             if t.name in free_names:
-                groups.setdefault(L.group_of(t.name), []).append(t)
+                groups.setdefault(P.probe_group(t.name, kw.get("by_layer", True)), []).append(t)
+                if P.role_of(t.name) is not None:
+                    roles.setdefault(P.role_of(t.name), []).append(t)
         pr = P.probe(p, groups, weights_of, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),
-                   jobs=opts.jobs, log=None)
+                     jobs=opts.jobs, log=None, roles=roles if kw.get("roles", True) else None,
+                     probe_type=probe_type, samples={r.name: r.sample for r in rows if r.sample is not None},
+                     seqs=kw.get("seqs", P.PROBE_SEQS))
         scales.update(pr.scales)
         times["probe"] = time.monotonic() - t1
+    for r in rows:
+        r.sample = None
     t2 = time.monotonic()
     budget_data = target - header - fixed_b
     costs = [r.costs for r in rows]
-    losses = [scales[r.group] * r.error for r in rows]
+    losses = [scales[r.name] * r.error for r in rows]
     try:
         sol = SV.solve(costs, losses, budget_data)
     except ValueError:      # cannot happen after S.budget's range check
@@ -298,7 +317,7 @@ def resolve(a: Allocation, target: int) -> Allocation:
     calibration and probe, several sizes)."""
     if not a.lo <= target <= a.hi:
         raise GgufqError(f"target {target} bytes outside the feasible {a.lo} .. {a.hi}")
-    sol = SV.solve([r.costs for r in a.rows], [a.scales[r.group] * r.error for r in a.rows], target - a.header - a.fixed)
+    sol = SV.solve([r.costs for r in a.rows], [a.scales[r.name] * r.error for r in a.rows], target - a.header - a.fixed)
     types = {r.name: r.types[j] for r, j in zip(a.rows, sol.choice)}
     base = dataclasses.replace(a.plan, entries=[e for e in a.plan.entries])
     return dataclasses.replace(a, plan=target_plan(base, types, a.presets), target=target, solution=sol)

@@ -9,6 +9,7 @@ KL divergence with one measured factor per layer group.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -67,29 +68,50 @@ def sample_rows(n_rows: int, n: int = SAMPLE_ROWS) -> list[tuple[int, int]]:
 
 def output_error(e: np.ndarray, h: Optional[np.ndarray]) -> float:
     """``sum_rows e H e^T`` (``h`` [n, n], [n] diagonal, or None for the identity)."""
-    e = np.asarray(e, np.float64)
     if h is None:
-        return float(np.einsum("ij,ij->", e, e))
+        return float(np.einsum("ij,ij->", e, e, dtype=np.float64))
     if h.ndim == 1:
-        return float(np.einsum("ij,ij,j->", e, e, h))
-    return float(np.einsum("ij,ij->", e @ h, e))
+        return float(np.einsum("ij,ij,j->", e, e, h, dtype=np.float64))
+    return float(np.einsum("ij,ij->", e @ h.astype(e.dtype, copy=False), e, dtype=np.float64))
 
 
 def error_of(qtype: T, rows: np.ndarray, weights: Optional[np.ndarray], h: Optional[np.ndarray]) -> float:
     """Output error of ``rows`` [n, k] encoded as ``qtype`` (by ggufq's k-quant / i-quant search)."""
+    return output_error(encoded(qtype, rows, weights) - rows, h)
+
+
+def encoded(qtype: T, rows: np.ndarray, weights: Optional[np.ndarray]) -> np.ndarray:
+    """``rows`` [n, k] after encoding as ``qtype`` and decoding (float32)."""
     if qtype in (T.F32, T.F16, T.BF16):
-        return 0.0
-    q = quant.encode(qtype, rows, weights)
-    d = dequantize(q, qtype).reshape(rows.shape)
-    return output_error(d - rows, h)
+        return rows
+    return dequantize(quant.encode(qtype, rows, weights), qtype).reshape(rows.shape)
+
+
+@dataclass
+class Sample:
+    """The rows a table estimate encoded, kept at one type for the probe: ``runs`` [(lo, hi)],
+    ``rows`` the decoded rows (float16), ``error`` their (unscaled) output error."""
+    runs: list
+    rows: np.ndarray
+    error: float
 
 
 def tensor_losses(tensor, types: list[T], weights: Optional[np.ndarray], h: Optional[np.ndarray],
-                  n_sample: int = SAMPLE_ROWS) -> np.ndarray:
-    """Predicted ``tr(E H E^T)`` of the whole tensor for each of ``types`` (sampled rows, scaled)."""
+                  n_sample: int = SAMPLE_ROWS, keep: Optional[T] = None):
+    """Predicted ``tr(E H E^T)`` of the whole tensor for each of ``types`` (sampled rows, scaled);
+    with ``keep`` (one of ``types``) also that type's :class:`Sample`: (errors, sample)."""
     runs = sample_rows(tensor.n_rows, n_sample)
     rows = np.concatenate([tensor.read(lo, hi) for lo, hi in runs]).astype(np.float32)
     scale = tensor.n_rows / rows.shape[0]
     w = None if weights is None else np.asarray(weights, np.float32).reshape(-1)[:tensor.row_len] \
         if np.asarray(weights).ndim == 1 else None
-    return np.array([error_of(t, rows, w, h) * scale for t in types])
+    hh = None if h is None else np.asarray(h, np.float32)
+    out, sample = [], None
+    for t in types:
+        d = encoded(t, rows, w)
+        e = output_error(d - rows, hh)
+        out.append(e * scale)
+        if t == keep:
+            sample = Sample(runs, d.astype(np.float16), e)
+    errs = np.array(out)
+    return errs if keep is None else (errs, sample)

@@ -1,12 +1,16 @@
-"""Measured sensitivity per layer group: a short KL-divergence probe through llama-cpp-python.
+"""Measured sensitivity: a short KL-divergence probe through llama-cpp-python.
 
 ``tr(E H E^T)`` says how much a tensor's output moves, not how much the model's prediction does:
-a layer near the output, the embedding, or attention against MLP weigh differently. For every
-group (:func:`ggufq.alloc.loss.group_of`) the probe quantizes that group alone to ``PROBE_TYPE``
-in an otherwise F16 model (the dequantized weights written in place into one F16 file, restored
-afterwards), runs llama.cpp on a few of the model's own self-calibration sequences and measures the
-mean KLD against the F16 model's logits. The group's scale is that KLD over the group's summed
-``tr(E H E^T)`` of the same encoding (whole tensors): predicted KLD = scale x output error.
+a layer near the output, the embedding, attention's value/output against its query/key, an MLP's
+down projection against its gate weigh differently per unit of output error. The probe perturbs a
+set of tensors to ``PROBE_TYPE`` (their dequantized weights written in place into one F16 file,
+restored afterwards), runs llama.cpp on a few of the model's own self-calibration sequences and
+measures the mean KLD against the F16 model's logits. The sets: every layer (:func:`probe_group`;
+the embedding and the output on their own) and every role (``attn_v``, ``ffn_down`` ... in all layers
+at once). :func:`fit_scales` turns the measurements into one scale per tensor, ``s[layer] * c[role]``:
+predicted KLD = scale x output error.
+Layer tensors are perturbed in the rows the error table already encoded (no second encoding);
+the embedding and output whole (their rows are tokens, not interchangeable).
 """
 from __future__ import annotations
 
@@ -23,18 +27,20 @@ from .. import GgufqError, quant
 from .loss import output_error
 
 PROBE_TYPE = T.Q2_K
-PROBE_SEQS = 2            # self-calibration sequences the probe decodes (the second half of each is scored)
+PROBE_SEQS = 1            # self-calibration sequences the probe decodes per set (the second half is scored)
 FLOOR = 1e-6              # KLD below this is noise: the group's scale uses this floor
 
 
 @dataclass
 class ProbeResult:
-    scales: dict[str, float]                       # group -> KLD per unit of tr(E H E^T)
-    kld: dict[str, float]                          # group -> measured mean KLD at PROBE_TYPE
+    scales: dict[str, float]                       # tensor -> KLD per unit of tr(E H E^T)
+    kld: dict[str, float]                          # group or 'role:R' -> measured mean KLD at PROBE_TYPE
     error: dict[str, float]                        # group -> tr(E H E^T) of the whole tensors at PROBE_TYPE
     n_tokens: int = 0
+    probe_type: T = PROBE_TYPE
     seconds: float = 0.0
-    rows: list = field(default_factory=list)       # (tensor, full error) at PROBE_TYPE (validates the row sample)
+    rows: list = field(default_factory=list)       # (tensor, error of what was perturbed) at PROBE_TYPE
+    whole: set = field(default_factory=set)        # tensors perturbed whole (their row validates the row sample)
 
 
 def _open(path: Path, n_ctx: int, threads: int):
@@ -82,76 +88,149 @@ def write_f16(p, add_metadata: Callable, path: Path, jobs: int) -> dict[str, tup
     return out
 
 
+def probe_group(name: str, by_layer: bool = True) -> str:
+    """The layer set a tensor is probed in: ``blk.N`` (the whole layer; ``by_layer=False``: its
+    attention and MLP apart, :func:`ggufq.alloc.loss.group_of`), or the tensor's own group outside
+    the layers. Attention against MLP within a layer is then told apart by the role factors."""
+    from .loss import group_of
+    g = group_of(name)
+    return g.rsplit(".", 1)[0] if by_layer and role_of(name) is not None else g
+
+
+def role_of(name: str) -> Optional[str]:
+    """The role of a layer tensor (``attn_q``, ``ffn_down``, ``ffn_up_exps`` ...); None outside the layers."""
+    parts = name.split(".")
+    return parts[2] if parts[0] == "blk" and len(parts) > 3 else None
+
+
+def fit_scales(rows: list, group_of: Callable, kld: dict, roles: dict) -> dict[str, float]:
+    """Per-tensor scales ``s[group] * c[role]`` from the measured KLDs of the layer groups (``kld[group]``)
+    and of the role sets (``kld["role:" + role]``: that role in every layer at once). ``rows``: (tensor,
+    whole-tensor output error at the probe type). The role KLDs only fix the roles' relative weights (they
+    are rescaled to the groups' total, since one role in every layer is a larger, less additive
+    perturbation than one layer), then ``s`` and ``c`` are scaled in turn (RAS / matrix balancing) until
+    each group's and each role's predicted KLD matches its measurement."""
+    err = dict(rows)
+    grp = {n: group_of(n) for n in err}
+    rol = {n: role_of(n) if role_of(n) in roles else None for n in err}
+    g_kld = {g: max(kld[g], FLOOR) for g in set(grp.values()) if g in kld}
+    r_kld = {r: max(kld["role:" + r], FLOOR) for r in roles if "role:" + r in kld}
+    layered = {g for n, g in grp.items() if rol[n] is not None}
+    tot_g, tot_r = sum(g_kld[g] for g in layered if g in g_kld), sum(r_kld.values())
+    if tot_r > 0:
+        r_kld = {r: v * tot_g / tot_r for r, v in r_kld.items()}
+    c = {r: 1.0 for r in r_kld}
+    s: dict = {}
+    for _ in range(50):
+        for g in g_kld:
+            e = sum(err[n] * c.get(rol[n], 1.0) for n in err if grp[n] == g)
+            s[g] = g_kld[g] / e if e > 0 else 0.0
+        for r in r_kld:
+            e = sum(err[n] * s.get(grp[n], 0.0) for n in err if rol[n] == r)
+            c[r] = r_kld[r] / e if e > 0 else 1.0
+    return {n: s.get(grp[n], 0.0) * c.get(rol[n], 1.0) for n in err}
+
+
 def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable, tokens: np.ndarray,
           add_metadata: Callable, workdir: Path, *, jobs: int = 1, log: Optional[Callable] = None,
-          probe_type: T = PROBE_TYPE, fresh: bool = False) -> ProbeResult:
-    """Measure every group's scale. ``weights_of(name)``: the importance the encoder gets;
+          probe_type: T = PROBE_TYPE, fresh: bool = False, roles: Optional[dict] = None,
+          samples: Optional[dict] = None, seqs: int = PROBE_SEQS) -> ProbeResult:
+    """Measure every group's and role's KLD and fit the per-tensor scales (:func:`fit_scales`).
+    ``groups``: group -> tensors (one layer's attention, ...); ``roles``: role -> tensors (one role in
+    every layer; None: one scale per group); ``weights_of(name)``: the importance the encoder gets;
     ``moment_of(name)``: H for the output error; ``tokens`` [n_seq, n_ctx] the text decoded;
-    ``fresh``: a new llama.cpp process per group (what the shared one is checked against in the tests).
+    ``fresh``: a new llama.cpp process per set (what the shared one is checked against in the tests);
+    ``samples``: name -> :class:`ggufq.alloc.loss.Sample` at the probe type, the rows the error table
+    encoded: such a tensor is perturbed in those rows only (its error is theirs), the others whole;
+    ``seqs``: how many of ``tokens``' sequences are decoded.
 
-    Long because one llama.cpp process and one patched F16 file live through every group's patch/measure/restore, in one try/finally."""
+    Long because one llama.cpp process and two F16 files (the model, its probe-type copy) live through
+    every set's patch/measure/restore, in one try/finally."""
+    import shutil
     import tempfile
+
+    from gguf.quants import dequantize
 
     from ..plan import rules as R
     t0 = time.monotonic()
-    tokens = np.asarray(tokens)[:PROBE_SEQS]
+    tokens = np.asarray(tokens)[:seqs]
     tmp = Path(tempfile.mkdtemp(prefix=".ggufq-probe-", dir=workdir))
-    path = tmp / "probe-F16.gguf"
-    res = ProbeResult({}, {}, {})
+    path, qpath = tmp / "probe-F16.gguf", tmp / "probe-Q.gguf"
+    res = ProbeResult({}, {}, {}, probe_type=probe_type)
+    sets = dict(groups)
+    sets.update({"role:" + r: ts for r, ts in (roles or {}).items()})
     worker = None
     try:
         where = write_f16(p, add_metadata, path, jobs)
-        # one llama.cpp process for every group: it maps the F16 file and reads the weights from the
+        # every free tensor encoded once at the probe type, dequantized into a copy of the F16 file:
+        # a set's probe copies its tensors' bytes from there
+        shutil.copyfile(path, qpath)
+        full: dict = {}
+        with p.model, open(qpath, "r+b") as fq:
+            for t in {t.name: t for ts in sets.values() for t in ts}.values():
+                off, nb, tt = where[t.name]
+                if tt not in (T.F16, T.F32):
+                    raise GgufqError(f"probe: {t.name} is {tt.name} in the F16 model")
+                dt = np.float16 if tt == T.F16 else np.float32
+                sm = (samples or {}).get(t.name)
+                if sm is not None:      # the table's rows: written run by run
+                    full[t.name] = sm.error
+                    at = 0
+                    for lo, hi in sm.runs:
+                        fq.seek(off + lo * t.row_len * np.dtype(dt).itemsize)
+                        fq.write(sm.rows[at:at + hi - lo].astype(dt).tobytes())
+                        at += hi - lo
+                    continue
+                w = t.read(0, t.n_rows).astype(np.float32)
+                qt, _ = R.fallback(probe_type, t.row_len)
+                wts = weights_of(t.name)
+                d = dequantize(quant.encode(qt, w, wts if wts is not None and np.ndim(wts) == 1 else None),
+                               qt).reshape(w.shape)
+                full[t.name] = output_error(d - w, moment_of(t.name))
+                res.whole.add(t.name)
+                fq.seek(off)
+                fq.write(d.astype(dt).tobytes())
+        res.rows = list(full.items())
+        # one llama.cpp process for every set: it maps the F16 file and reads the weights from the
         # page cache, so the bytes patched into the file are what it computes with (a CPU backend
-        # uses F16 weights in place); checked below, else each group gets a fresh process
+        # uses F16 weights in place); checked below, else each set gets a fresh process
         worker = _open(path, tokens.shape[1], jobs)
         ref = _logits(worker, tokens)
-        with p.model:
-            for g, ts in groups.items():
-                saved, err = [], 0.0
+        for g, ts in sets.items():
+            saved = []
+            with open(path, "r+b") as f, open(qpath, "rb") as fq:
+                for t in ts:
+                    off, nb, _ = where[t.name]
+                    f.seek(off)
+                    saved.append((off, f.read(nb)))
+                    fq.seek(off)
+                    f.seek(off)
+                    f.write(fq.read(nb))
+            try:
+                kld = None if fresh else _mean_kld(_logits(worker, tokens), ref, tokens)
+                if kld == 0.0:       # this process does not see the patched file: fresh ones from here on
+                    fresh = True
+                if fresh:
+                    w2 = _open(path, tokens.shape[1], jobs)
+                    try:
+                        kld = _mean_kld(_logits(w2, tokens), ref, tokens)
+                    finally:
+                        w2.close()
+            finally:
                 with open(path, "r+b") as f:
-                    for t in ts:
-                        off, nb, tt = where[t.name]
-                        if tt not in (T.F16, T.F32):
-                            raise GgufqError(f"probe: {t.name} is {tt.name} in the F16 model")
-                        w = t.read(0, t.n_rows).astype(np.float32)
-                        qt, _ = R.fallback(probe_type, t.row_len)
-                        from gguf.quants import dequantize
-                        wts = weights_of(t.name)
-                        d = dequantize(quant.encode(qt, w, wts if wts is not None and np.ndim(wts) == 1 else None),
-                                       qt).reshape(w.shape)
-                        e = output_error(d - w, moment_of(t.name))
-                        res.rows.append((t.name, e))
-                        err += e
+                    for off, b in saved:
                         f.seek(off)
-                        saved.append((off, f.read(nb)))
-                        f.seek(off)
-                        f.write(d.astype(np.float16 if tt == T.F16 else np.float32).tobytes())
-                try:
-                    kld = None if fresh else _mean_kld(_logits(worker, tokens), ref, tokens)
-                    if kld == 0.0:       # this process does not see the patched file: fresh ones from here on
-                        fresh = True
-                    if fresh:
-                        w2 = _open(path, tokens.shape[1], jobs)
-                        try:
-                            kld = _mean_kld(_logits(w2, tokens), ref, tokens)
-                        finally:
-                            w2.close()
-                finally:
-                    with open(path, "r+b") as f:
-                        for off, b in saved:
-                            f.seek(off)
-                            f.write(b)
-                res.kld[g], res.error[g] = kld, err
-                res.scales[g] = max(kld, FLOOR) / err if err > 0 else 0.0
-                if log is not None:
-                    log(f"probe {g}: {probe_type.name} KLD {kld:.5f}, output error {err:.4g}")
+                        f.write(b)
+            res.kld[g], res.error[g] = kld, sum(full[t.name] for t in ts)
+            if log is not None:
+                log(f"probe {g}: {probe_type.name} KLD {kld:.5f}, output error {res.error[g]:.4g}")
         worker.close()
     finally:
-        import shutil
         if worker is not None:
             worker.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    in_group = {t.name: g for g, ts in groups.items() for t in ts}
+    res.scales = fit_scales(res.rows, in_group.get, res.kld, roles or {})
     res.n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1 - tokens.shape[1] // 2))
     res.seconds = time.monotonic() - t0
     return res

@@ -31,18 +31,22 @@ def format_allocation(a) -> str:
     lines = [f"target {fmt_bytes(a.target)} ({a.target} bytes; feasible {a.lo} .. {a.hi}): "
              f"file {a.file_bytes} bytes at most ({a.file_bytes / a.target:.2%} of the target), "
              f"{a.plan.bits_per_weight:.4f} bits/weight",
-             f"predicted KLD {a.predicted_kld:.5f} (sum of scale[group] x tr(E H E^T); Lagrangian lower bound "
+             f"predicted KLD {a.predicted_kld:.5f} (sum of scale[tensor] x tr(E H E^T); Lagrangian lower bound "
              f"{a.solution.bound:.5f}, gap {a.solution.gap:.2%})",
              "types: " + ", ".join(f"{k} x{v}" for k, v in sorted(a.plan.type_counts().items())),
              "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in a.seconds.items())]
     if a.probe is not None:
-        top = sorted(a.probe.kld.items(), key=lambda kv: -kv[1])[:5]
-        lines.append(f"probe ({a.probe.n_tokens} self-generated tokens, {a.probe.seconds:.1f} s), most sensitive "
-                     "groups at Q2_K: " + ", ".join(f"{g} {k:.4f}" for g, k in top))
+        pt = a.probe.probe_type.name
+        layers = sorted(((g, k) for g, k in a.probe.kld.items() if not g.startswith("role:")), key=lambda kv: -kv[1])
+        roles = sorted(((g[5:], k) for g, k in a.probe.kld.items() if g.startswith("role:")), key=lambda kv: -kv[1])
+        lines.append(f"probe ({a.probe.n_tokens} self-generated tokens per set, {a.probe.seconds:.1f} s), most sensitive "
+                     f"layer sets at {pt}: " + ", ".join(f"{g} {k:.4f}" for g, k in layers[:5]))
+        if roles:
+            lines.append(f"  roles at {pt} (all layers at once): " + ", ".join(f"{g} {k:.4f}" for g, k in roles))
     chk = a.sample_check()
     if chk:
         q = sorted(v for _, v in chk)
-        lines.append(f"row-sample estimate / whole tensor at {P.PROBE_TYPE.name} ({len(q)} sampled tensors): median "
+        lines.append(f"row-sample estimate / whole tensor at {a.probe.probe_type.name} ({len(q)} sampled tensors): median "
                      f"{q[len(q) // 2]:.3f}, range {q[0]:.3f} .. {q[-1]:.3f}")
     if a.presets:
         name = nearest_preset(a.presets, a.plan.total_bytes)
