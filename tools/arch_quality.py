@@ -97,6 +97,7 @@ def row(fam: str, work: Path, a) -> dict:
         lp = run_parsed([llama_bin() / "llama-perplexity", "-m", gf16 if truncated else lf16, *common],
                         work / f"{fam}-lp.log", parse_ppl)
         out.update(lp=lp["ppl"], rel=ours.ppl / lp["ppl"] - 1, lp_file="ggufq's" if truncated else "llama.cpp's")
+    print_ppl(out)
     for qtype in () if a.ppl_only else a.type:
         for method in ("kquant", "calibrated"):
             q = work / f"{fam}-{qtype}-{method}.gguf"
@@ -106,6 +107,7 @@ def row(fam: str, work: Path, a) -> dict:
             out["kld"][f"{qtype} {method}"] = (r.kld["kld_mean"], r.kld["same_top"])
             if not a.keep:
                 q.unlink()
+        print_type(out, qtype)
     return out
 
 
@@ -117,13 +119,16 @@ def _training(t: dict | None) -> str:
             f"loss {t['loss_first']:.2f} -> {t['loss_last']:.2f}")
 
 
-def print_rows(r: dict, a) -> None:
-    """The PPL line and one line per type (markdown rows of the two tables main() heads)."""
+def print_ppl(r: dict) -> None:
+    """A family's PPL line (markdown row of the table main() heads), printed as soon as it is measured."""
     print(f"| {r['arch']} | {_training(r['trained'])} | {r['lp']:.4f} ({r['lp_file'] or '-'} F16) | {r['ours']:.4f} | "
           f"{r['rel']:+.1e} |", flush=True)
-    for qtype in () if a.ppl_only else a.type:
-        (kk, tk), (kc, tc) = r["kld"][f"{qtype} kquant"], r["kld"][f"{qtype} calibrated"]
-        print(f"|| {qtype} | {kk:.6f} | {kc:.6f} | {kc / kk:.2f} | {tk:.2%} / {tc:.2%} |", flush=True)
+
+
+def print_type(r: dict, qtype: str) -> None:
+    """One type's KLD line under its family's PPL line."""
+    (kk, tk), (kc, tc) = r["kld"][f"{qtype} kquant"], r["kld"][f"{qtype} calibrated"]
+    print(f"|| {qtype} | {kk:.6f} | {kc:.6f} | {kc / kk:.2f} | {tk:.2%} / {tc:.2%} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -170,7 +175,6 @@ def main(argv=None) -> int:
             rows.append(r)
             if a.json:
                 a.json.write_text(json.dumps(rows, indent=1))
-            print_rows(r, a)
     return 0
 
 
