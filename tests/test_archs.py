@@ -91,6 +91,25 @@ def test_tokenizer_parity(fam, synth, tmp_path):
         assert b == a, f"{fam}: {t[:40]!r}"
 
 
+def test_truncated_bpe_vocabulary_tokenizes_as_tokenizers(tmp_path):
+    """tools/synthetic_archs.py's bpe_merges (the CPU-trainable checkpoints of docs/ARCHS.md): the byte tokens
+    + the first 300 merges, added tokens after them; ggufq names the pre-tokenizer from the pipeline and
+    llama.cpp gives the ids of the HF tokenizer."""
+    pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer
+    from ggufq_ref.llama_worker import llama_tokenize
+    d = _tiny(tmp_path, "qwen3")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["vocab_size"] == 640 and cfg["eos_token_id"] == 256 + 300 + 2      # <|im_end|>
+    out = tmp_path / "t.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "pre-tokenizer 'qwen2' chosen" in r.stderr
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    want = [tok.encode(t, add_special_tokens=False).ids for t in MIXED]
+    assert llama_tokenize(out, MIXED) == want
+
+
 def _bad(d, tmp_path, *, msg):
     out = tmp_path / "bad.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F16", "-q")
