@@ -91,6 +91,25 @@ def test_tokenizer_parity(fam, synth, tmp_path):
         assert b == a, f"{fam}: {t[:40]!r}"
 
 
+def test_truncated_bpe_vocabulary_tokenizes_as_tokenizers(tmp_path):
+    """tools/synthetic_archs.py's bpe_merges (the CPU-trainable checkpoints of docs/ARCHS.md): the byte tokens
+    + the first 300 merges, added tokens after them; ggufq names the pre-tokenizer from the pipeline and
+    llama.cpp gives the ids of the HF tokenizer."""
+    pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer
+    from ggufq_ref.llama_worker import llama_tokenize
+    d = _tiny(tmp_path, "qwen3")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["vocab_size"] == 640 and cfg["eos_token_id"] == 256 + 300 + 2      # <|im_end|>
+    out = tmp_path / "t.gguf"
+    r = run_cli("convert", d, "-o", out, "--type", "Q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "pre-tokenizer 'qwen2' chosen" in r.stderr
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    want = [tok.encode(t, add_special_tokens=False).ids for t in MIXED]
+    assert llama_tokenize(out, MIXED) == want
+
+
 def _bad(d, tmp_path, *, msg):
     out = tmp_path / "bad.gguf"
     r = run_cli("convert", d, "-o", out, "--type", "F16", "-q")
@@ -101,13 +120,26 @@ def _bad(d, tmp_path, *, msg):
     assert not out.exists() and not list(tmp_path.glob("*.gguf*"))
 
 
-def test_missing_config_key_is_one_line(tmp_path):
-    _need_vocab("qwen3")
-    d = make_arch(tmp_path / "m", "qwen3", hidden=64, layers=1, heads=2, kv_heads=1, ff=128, shards=1)
+def _tiny(tmp_path, fam, **kw):
+    """A 1-layer checkpoint in one shard (a BPE family's vocabulary truncated to 300 merges: fast)."""
+    _need_vocab(fam)
+    return make_arch(tmp_path / "m", fam, hidden=64, layers=1, heads=2, kv_heads=1, ff=128, shards=1,
+                     bpe_merges=300 if FAMILIES[fam][2] == "bpe" else None, **kw)
+
+
+# the shared shape keys (read by every record, here through Qwen3's, Gemma 3's and OLMo 2's) and Phi-3's own
+# key writer, which reads rope_theta without a default
+MISSING = [("qwen3", "num_attention_heads"), ("gemma3", "hidden_size"), ("olmo2", "intermediate_size"),
+           ("phi3", "rope_theta")]
+
+
+@pytest.mark.parametrize("fam,key", MISSING)
+def test_missing_config_key_is_one_line(fam, key, tmp_path):
+    d = _tiny(tmp_path, fam)
     cfg = json.loads((d / "config.json").read_text())
-    del cfg["num_attention_heads"]
+    del cfg[key]
     (d / "config.json").write_text(json.dumps(cfg))
-    _bad(d, tmp_path, msg="num_attention_heads")
+    _bad(d, tmp_path, msg=f"lacks {key} needed for {FAMILIES[fam][0]}")
 
 
 def test_q_norm_of_wrong_shape_is_one_line(tmp_path):
@@ -117,6 +149,34 @@ def test_q_norm_of_wrong_shape_is_one_line(tmp_path):
     cfg["head_dim"] = 16          # q_norm is [32]: the weights say head_dim 32
     (d / "config.json").write_text(json.dumps(cfg))
     _bad(d, tmp_path, msg="has shape")
+
+
+def _replace_tensor(d, name, shape):
+    """Rewrite the one-shard checkpoint ``d`` with tensor ``name`` replaced by ones of ``shape``."""
+    import struct
+    from ggufq_ref.st_writer import st_header
+    raw = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    head.pop("__metadata__", None)
+    body = raw[8 + n:]
+    blobs = []
+    for k, v in sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        a, b = v["data_offsets"]
+        blob = body[a:b] if k != name else b"\x80\x3f" * int(np.prod(shape))    # bf16 1.0
+        blobs.append((k, v["dtype"], v["shape"] if k != name else list(shape), blob))
+    (d / "model.safetensors").write_bytes(st_header((k, t, sh, len(bl)) for k, t, sh, bl in blobs)
+                                          + b"".join(bl for *_, bl in blobs))
+
+
+@pytest.mark.parametrize("fam,width", [("gemma3", 32), ("olmo2", 64)])
+def test_q_norm_tensor_of_wrong_shape_is_one_line(fam, width, tmp_path):
+    """Gemma 3's q_norm is per head ([head_dim] = 32), OLMo 2's spans all heads ([heads x head_dim] = 64):
+    each record checks its own shape before anything is written."""
+    d = _tiny(tmp_path, fam)
+    name = "model.layers.0.self_attn.q_norm.weight"
+    _replace_tensor(d, name, (width // 2,))
+    _bad(d, tmp_path, msg=f"tensor {name} has shape [{width // 2}], config.json implies [{width}]")
 
 
 def test_phi3_qkv_that_does_not_split_is_one_line(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m tools.bench_memory                              # 0.25B, 0.5B, 1B synthetic Llamas, Q8_0
     python -m tools.bench_memory --sizes 1B --work /tmp/bench --type Q8_0 --jobs 2
+    python -m tools.bench_memory --sizes 1B --arch qwen3 gemma3 --type Q4_K_M --skip-llama
 
 For each size, makes the synthetic model (tools/make_synthetic.py, kept in --work for
 reruns) and converts it once with each tool, deleting each output after measuring it.
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--sizes", nargs="+", default=["0.25B", "0.5B", "1B"], choices=["0.25B", "0.5B", "1B"])
-    ap.add_argument("--type", default="Q8_0", choices=sorted(OUTTYPE))
+    ap.add_argument("--type", default="Q8_0",
+                    help=f"ggufq's --type (default Q8_0); llama.cpp's converter writes only {', '.join(sorted(OUTTYPE))}, "
+                         "other types (Q4_K_M ...) need --skip-llama")
     ap.add_argument("--jobs", type=int, default=2, help="ggufq encoder processes (default 2)")
     ap.add_argument("--work", type=Path, default=scratch("ggufq-bench", "GGUFQ_BENCH_DIR"),
                     help="where the synthetic models and outputs go (env GGUFQ_BENCH_DIR)")
@@ -129,6 +132,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     run_llama = not a.skip_llama
+    if run_llama and a.type not in OUTTYPE:
+        ap.error(f"--type {a.type}: llama.cpp's converter writes only {', '.join(sorted(OUTTYPE))}; add --skip-llama")
     if run_llama and not a.llama_convert.is_file():
         print(f"bench_memory: llama.cpp's converter not found at {a.llama_convert}; "
               f"pass --llama-convert or --skip-llama", file=sys.stderr)

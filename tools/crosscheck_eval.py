@@ -56,7 +56,7 @@ def run_parsed(cmd: list, log: Path, parse, tries: int = 3) -> dict:
     and then (seen under load, output to a pipe) the last lines never arrive although it exits 0:
     such a run is repeated."""
     for i in range(tries):
-        out = run(cmd, log)
+        out = run(cmd, log=log)
         try:
             return parse(out)
         except ValueError as e:
@@ -173,7 +173,7 @@ def main() -> int:
         for q in QUANTS:
             files[q] = d / f"{q}.gguf"
             if not files[q].exists():
-                run([lq, f16, files[q], q], d / f"quantize-{q}.log")
+                run([lq, f16, files[q], q], log=d / f"quantize-{q}.log")
         common = ["-f", text, "-c", a.ctx, "-b", a.ctx, "--chunks", chunks, "-t", threads]
         base = d / f"F16-c{a.ctx}-n{chunks}.kld"
         print(f"{name}: F16 from {how}; llama-perplexity F16 ...", file=sys.stderr)

@@ -23,6 +23,7 @@ around 0: it stores ``w`` and computes ``1 + w``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -190,15 +191,70 @@ def config_for(fam: str, E: int, L: int, H: int, KV: int, hd: int, F: int, V: in
 
 
 # ---------------------------------------------------------------- tokenizers
-def write_bpe_tokenizer(out: Path, fam: str) -> dict:
-    """tokenizer.json + tokenizer_config.json from llama.cpp's Qwen2 vocabulary; returns special ids."""
-    import gguf
+_GGUF_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF scalar value types
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, list[str]]:
+    """The string-array values ``keys`` of a GGUF file's metadata, read in one sequential pass (gguf's
+    GGUFReader builds a NumPy view per array item: 8 CPU s for Qwen2's 300k tokens and merges)."""
+    import struct
+    data = path.read_bytes()
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file")
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    pos, out = 24, {}
+
+    def string(p):
+        n = struct.unpack_from("<Q", data, p)[0]
+        return data[p + 8:p + 8 + n].decode("utf-8"), p + 8 + n
+
+    def skip(t, p):
+        if t == 8:
+            return string(p)[1]
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", data, p)
+            p += 12
+            if et in _GGUF_SIZE:
+                return p + n * _GGUF_SIZE[et]
+            for _ in range(n):
+                p = skip(et, p)
+            return p
+        return p + _GGUF_SIZE[t]
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        t = struct.unpack_from("<I", data, pos)[0]
+        pos += 4
+        if key in keys and t == 9:
+            n = struct.unpack_from("<Q", data, pos + 4)[0]
+            pos += 12
+            vals = []
+            for _ in range(n):
+                v, pos = string(pos)
+                vals.append(v)
+            out[key] = vals
+        else:
+            pos = skip(t, pos)
+    return out
+
+
+def write_bpe_tokenizer(out: Path, fam: str, merges_kept: Optional[int] = None) -> dict:
+    """tokenizer.json + tokenizer_config.json from llama.cpp's Qwen2 vocabulary; returns special ids.
+
+    ``merges_kept`` N truncates it to the 256 byte tokens and the first N merges (Qwen2's token 256 + i is
+    merge i's result, so the truncation is itself a complete BPE), the added tokens following at 256 + N:
+    the same pre-tokenizer and byte-level rules with a vocabulary small enough to train on a CPU. Its chktxt
+    hash is then unknown to llama.cpp (its converter refuses it); ggufq names the pre-tokenizer from the
+    Split regex and normalizer (qwen2)."""
     if not QWEN2_VOCAB.is_file():
         raise FileNotFoundError(f"{QWEN2_VOCAB} (llama.cpp's source tree) is needed for a BPE tokenizer")
-    r = gguf.GGUFReader(QWEN2_VOCAB)
-    tokens = r.fields["tokenizer.ggml.tokens"].contents()
-    merges = r.fields["tokenizer.ggml.merges"].contents()
+    kv = _gguf_strings(QWEN2_VOCAB, ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    tokens, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.merges"]
     n_base = 151643
+    if merges_kept is not None:
+        if not 0 <= merges_kept <= n_base - 256:
+            raise ValueError(f"merges_kept {merges_kept}: 0 to {n_base - 256}")
+        n_base, merges = 256 + merges_kept, merges[:merges_kept]
     added = [(n_base + i, t, s) for i, (t, s) in enumerate(QWEN3_ADDED)]
     bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     tj = {"version": "1.0", "truncation": None, "padding": None,
@@ -280,16 +336,19 @@ def _values(shape, init: str, rng: np.random.Generator, scale: float, dtype: str
 def make_arch(out: Path, fam: str, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
               head_dim: Optional[int] = None, ff: int = 256, vocab: Optional[int] = None, tied: Optional[bool] = None,
               shards: int = 3, seed: int = 0, scale: float = 1.0, dtype: str = "BF16",
-              config_extra: Optional[dict] = None, quiet: bool = True) -> Path:
+              config_extra: Optional[dict] = None, quiet: bool = True, bpe_merges: Optional[int] = None) -> Path:
     """A synthetic ``fam`` checkpoint in ``out``. ``scale``: weight std * sqrt(fan_in) (1: unit-gain layers,
-    what logits tests want; 0: the fixed 0.02 of HF's initializer, for benchmarks)."""
+    what logits tests want; 0: the fixed 0.02 of HF's initializer, for benchmarks). ``bpe_merges``: the
+    byte-level BPE families' vocabulary truncated to that many merges (write_bpe_tokenizer), config
+    ``vocab_size`` the token count rounded up to 64 unless ``vocab`` says otherwise."""
     if fam not in FAMILIES:
         raise ValueError(f"unknown family {fam!r}; one of {', '.join(FAMILIES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kind = FAMILIES[fam][2]
-    tok = write_bpe_tokenizer(out, fam) if kind == "bpe" else write_spm_tokenizer(out, fam)
-    V = vocab or (151936 if kind == "bpe" else tok["n"] + (8 if fam == "phi3" else 6))
+    tok = write_bpe_tokenizer(out, fam, bpe_merges) if kind == "bpe" else write_spm_tokenizer(out, fam)
+    bpe_v = 151936 if bpe_merges is None else -(-tok["n"] // 64) * 64
+    V = vocab or (bpe_v if kind == "bpe" else tok["n"] + (8 if fam == "phi3" else 6))
     hd = head_dim or hidden // heads
     if tied is None:
         tied = fam in ("qwen3", "gemma2", "gemma3", "smollm3", "granite")
