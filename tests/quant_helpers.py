@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from conftest import TINY
+from conftest import HELDOUT, TINY
 
 
 def edge_rows(k: int = 512, n: int = 48, seed: int = 0) -> np.ndarray:
@@ -76,3 +76,33 @@ def diagonal_feedback(module, qtype: T, rows: np.ndarray, m: np.ndarray):
     cls = getattr(gq, qtype.name)
     cls.init_grid()
     return got, deq, hd, cls.grid.reshape(cls.grid_shape).astype(np.float64)
+
+
+def ffn_gate_moments(tmp_path_factory, n_rows: int):
+    """blk.1.ffn_gate's first ``n_rows`` rows and the moments of its inputs over two disjoint pieces of
+    held-out text (collected by llama.cpp: ggufq.calib with given tokens)."""
+    pytest.importorskip("llama_cpp")
+    import sentencepiece as spm
+    from ggufq import calib
+    from ggufq.convert import prepare
+    text = HELDOUT.read_text() if HELDOUT.exists() else (TINY / "README.md").read_text() * 20
+    sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
+    ids = np.array(sp.encode(text[:60000]), np.int64)
+    assert ids.size >= 2 * 8 * 127, ids.size
+    out = []
+    for part in (ids[:8 * 127], ids[8 * 127:16 * 127]):
+        toks = np.concatenate([np.ones((8, 1), np.int64), part.reshape(8, 127)], axis=1)   # BOS + text
+        with calib.calibrate_folder(TINY, tmp_path_factory.mktemp("moments"), tokens=toks, jobs=1,
+                                    progress=False) as c:
+            out.append(np.array(c.moment("blk.1.ffn_gate.weight")))
+    p = prepare(TINY)
+    with p.model:
+        rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, n_rows)
+    return rows.astype(np.float32), out[0], out[1]
+
+
+def out_err(qtype: T, rows: np.ndarray, blocks: np.ndarray, m: np.ndarray) -> float:
+    """E||(W - W_q) x||^2 summed over rows, x with second moment m."""
+    from gguf.quants import dequantize
+    e = (rows - dequantize(blocks, qtype).reshape(rows.shape)).astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", e, m, e))

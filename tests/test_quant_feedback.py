@@ -9,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
 
-from conftest import HELDOUT, TINY
-from quant_helpers import diagonal_feedback
+from quant_helpers import diagonal_feedback, ffn_gate_moments, out_err
 from ggufq.quant import encode, gptq, iq1_gptq, iq2_gptq, iq4_gptq
 
 GRID = [T.IQ2_XXS, T.IQ2_XS, T.IQ2_S]
@@ -24,31 +22,7 @@ ROWS = 96
 
 @pytest.fixture(scope="module")
 def moments(tmp_path_factory):
-    """blk.1.ffn_gate rows and the moments of its inputs over two disjoint pieces of held-out text."""
-    pytest.importorskip("llama_cpp")
-    import sentencepiece as spm
-    from ggufq import calib
-    from ggufq.convert import prepare
-    text = HELDOUT.read_text() if HELDOUT.exists() else (TINY / "README.md").read_text() * 20
-    sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
-    ids = np.array(sp.encode(text[:60000]), np.int64)
-    assert ids.size >= 2 * 8 * 127, ids.size
-    out = []
-    for part in (ids[:8 * 127], ids[8 * 127:16 * 127]):
-        toks = np.concatenate([np.ones((8, 1), np.int64), part.reshape(8, 127)], axis=1)   # BOS + text
-        with calib.calibrate_folder(TINY, tmp_path_factory.mktemp("moments"), tokens=toks, jobs=1,
-                                    progress=False) as c:
-            out.append(np.array(c.moment("blk.1.ffn_gate.weight")))
-    p = prepare(TINY)
-    with p.model:
-        rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, ROWS)
-    return rows.astype(np.float32), out[0], out[1]
-
-
-def _out_err(qtype, rows, blocks, m):
-    """E||(W - W_q) x||^2 summed over rows, x with second moment m."""
-    e = (rows - dequantize(blocks, qtype).reshape(rows.shape)).astype(np.float64)
-    return float(np.einsum("ij,jk,ik->", e, m, e))
+    return ffn_gate_moments(tmp_path_factory, ROWS)
 
 
 @pytest.mark.parametrize("qtype", GRID + TERNARY + TABLE, ids=lambda t: t.name)
@@ -64,8 +38,8 @@ def test_error_feedback_lowers_the_output_error(qtype, moments):
     head = {T.IQ2_XXS: [0, 1], T.IQ2_XS: [0, 1, *range(66, 74)], T.IQ2_S: [0, 1, *range(74, 82)],
             T.IQ1_S: [0, 1], T.IQ1_M: list(range(48, 56)), T.IQ4_NL: [0, 1], T.IQ4_XS: list(range(8))}[qtype]
     assert (got[:, head] == base[:, head]).all()
-    assert _out_err(qtype, rows, got, m) / _out_err(qtype, rows, base, m) < 0.85
-    assert _out_err(qtype, rows, got, m_other) / _out_err(qtype, rows, base, m_other) < 0.95
+    assert out_err(qtype, rows, got, m) / out_err(qtype, rows, base, m) < 0.85
+    assert out_err(qtype, rows, got, m_other) / out_err(qtype, rows, base, m_other) < 0.95
 
 
 @pytest.mark.parametrize("qtype", GRID, ids=lambda t: t.name)

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from conftest import HELDOUT, LLAMA_BIN, TINY, run_cli
-from quant_helpers import diagonal_feedback, tiny_matrices
+from quant_helpers import diagonal_feedback, ffn_gate_moments, out_err, tiny_matrices
 from ggufq.quant import encode, row_nbytes
 from ggufq_ref import ggml_ref
 from ggufq.quant.iq3 import grid
@@ -171,32 +171,7 @@ def test_bytes_match_ggml_with_a_real_imatrix(qtype, tiny_rows, real_imatrix):
 
 @pytest.fixture(scope="module")
 def gate_moments(tmp_path_factory):
-    """blk.1.ffn_gate rows and the moments of its inputs over two disjoint pieces of held-out text
-    (collected by llama.cpp: ggufq.calib with given tokens)."""
-    pytest.importorskip("llama_cpp")
-    import sentencepiece as spm
-    from ggufq import calib
-    from ggufq.convert import prepare
-    text = HELDOUT.read_text() if HELDOUT.exists() else (TINY / "README.md").read_text() * 20
-    sp = spm.SentencePieceProcessor(model_file=str(TINY / "tokenizer.model"))
-    ids = np.array(sp.encode(text[:60000]), np.int64)
-    assert ids.size >= 2 * 8 * 127, ids.size
-    p = prepare(TINY)
-    out = []
-    for part in (ids[:8 * 127], ids[8 * 127:16 * 127]):
-        toks = np.concatenate([np.ones((8, 1), np.int64), part.reshape(8, 127)], axis=1)   # BOS + text
-        with calib.calibrate_folder(TINY, tmp_path_factory.mktemp("moments"), tokens=toks, jobs=1,
-                                    progress=False) as c:
-            out.append(np.array(c.moment("blk.1.ffn_gate.weight")))
-    with p.model:
-        rows = {t.name: t for t in p.tensors}["blk.1.ffn_gate.weight"].read(0, 256)
-    return rows.astype(np.float32), out[0], out[1]
-
-
-def _out_err(qtype, rows, blocks, m):
-    """E||(W - W_q) x||^2 summed over rows, x with second moment m."""
-    e = (rows - dequantize(blocks, qtype).reshape(rows.shape)).astype(np.float64)
-    return float(np.einsum("ij,jk,ik->", e, m, e))
+    return ffn_gate_moments(tmp_path_factory, 256)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -211,8 +186,8 @@ def test_error_feedback_lowers_the_output_error(qtype, gate_moments):
     assert got.shape == base.shape and got.dtype == np.uint8
     # the super-block scales are the start encoder's (first block: no error has reached it yet)
     assert (got[:, :2] == base[:, :2]).all()
-    assert _out_err(qtype, rows, got, m) / _out_err(qtype, rows, base, m) < 0.8
-    assert _out_err(qtype, rows, got, m_other) / _out_err(qtype, rows, base, m_other) < 0.95
+    assert out_err(qtype, rows, got, m) / out_err(qtype, rows, base, m) < 0.8
+    assert out_err(qtype, rows, got, m_other) / out_err(qtype, rows, base, m_other) < 0.95
 
 
 @pytest.mark.parametrize("qtype", TYPES)
