@@ -32,7 +32,7 @@ LAYER = (MT.ATTN_NORM, MT.ATTN_POST_NORM, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.AT
          MT.FFN_GATE_INP, MT.FFN_GATE_EXP, MT.FFN_UP_EXP, MT.FFN_DOWN_EXP)
 
 
-class Interleaved:
+class Interleaved(ExpertRows):
     """Every other row of a ``[n_expert, 2 ff, cols]`` source, from ``half`` (0: gate, 1: up), as a
     ``[n_expert, ff, cols]`` source; for an MXFP4 source also its block bytes (``raw``)."""
 
@@ -41,39 +41,21 @@ class Interleaved:
             raise GgufqError(f"tensor {src.name} has shape {list(src.shape)}; gpt-oss's gate_up_proj is "
                              f"[n_expert, 2 * ff, embd] (gate and up rows interleaved)")
         self.name, self.src, self.half, self.dtype = src.name, src, half, src.dtype
-        self.ff = src.shape[1] // 2
-        self.shape = (src.shape[0], self.ff, src.shape[2])
+        self.per = src.shape[1] // 2
+        self.shape = (src.shape[0], self.per, src.shape[2])
         self.native = getattr(src, "native", None)
 
-    @property
-    def row_len(self) -> int:
-        return self.shape[-1]
+    def _every_other(self, read, e: int, a: int, b: int) -> np.ndarray:
+        # source rows 2a+half .. 2(b-1)+half of expert e: read the span, keep every other row
+        base = e * 2 * self.per
+        return read(base + 2 * a + self.half, base + 2 * (b - 1) + self.half + 1)[::2]
 
-    @property
-    def n_rows(self) -> int:
-        return self.shape[0] * self.ff
-
-    def _gather(self, read, lo: int, hi: int, width: int, dtype) -> np.ndarray:
-        lo, hi = max(0, lo), min(hi, self.n_rows)
-        out = np.empty((hi - lo, width), dtype=dtype)
-        pos = lo
-        while pos < hi:
-            e = pos // self.ff
-            a = pos - e * self.ff
-            b = min(self.ff, hi - e * self.ff)
-            base = e * 2 * self.ff
-            # source rows 2a+half .. 2(b-1)+half of expert e: read the span, keep every other row
-            span = read(base + 2 * a + self.half, base + 2 * (b - 1) + self.half + 1)
-            out[pos - lo:pos - lo + b - a] = span[::2]
-            pos += b - a
-        return out
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        return self._gather(self.src.rows, lo, hi, self.row_len, np.float32)
+    def _expert_rows(self, e: int, a: int, b: int) -> np.ndarray:
+        return self._every_other(self.src.rows, e, a, b)
 
     def raw(self, lo: int, hi: int) -> np.ndarray:
-        width = self.row_len // 32 * 17
-        return self._gather(self.src.raw, lo, hi, width, np.uint8)
+        return self._gather(lambda e, a, b: self._every_other(self.src.raw, e, a, b), lo, hi,
+                            self.row_len // 32 * 17, np.uint8)
 
 
 class Transposed(ExpertRows):

@@ -64,14 +64,19 @@ class ExpertRows:
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """Rows ``[lo, hi)`` of the ``[n_expert * per, cols]`` view: expert ``e`` holds rows
         ``[e * per, (e + 1) * per)``; only those experts are read, only those rows of each."""
+        return self._gather(self._expert_rows, lo, hi, self.row_len, np.float32)
+
+    def _gather(self, fetch, lo: int, hi: int, width: int, dtype) -> np.ndarray:
+        """Rows ``[lo, hi)`` of the 2-D view, ``width`` values of ``dtype`` each, from ``fetch(e, a, b)``
+        (rows ``[a, b)`` of expert ``e``), expert by expert."""
         lo, hi = max(0, lo), min(hi, self.n_rows)
-        out = np.empty((hi - lo, self.row_len), dtype=np.float32)
+        out = np.empty((hi - lo, width), dtype=dtype)
         pos = lo
         while pos < hi:
             e = pos // self.per
             a = pos - e * self.per
             b = min(self.per, hi - e * self.per)
-            out[pos - lo:pos - lo + b - a] = self._expert_rows(e, a, b)
+            out[pos - lo:pos - lo + b - a] = fetch(e, a, b)
             pos += b - a
         return out
 
