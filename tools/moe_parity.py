@@ -59,7 +59,10 @@ def row(fam: str, work: Path, types, fp8=None) -> dict:
     f32 = work / f"{tag}-F32.gguf"
     _run([sys.executable, "-m", "ggufq", "convert", d, "-o", f32, "--type", "F32", "-q", "-f"], env=env)
     cfg = json.loads((d / "config.json").read_text())
-    ids = [cfg["bos_token_id"]] + list(np.random.default_rng(5).integers(3, 8000, 63))
+    bos = cfg.get("bos_token_id")
+    if bos is None:         # gpt-oss keeps it in generation_config.json only
+        bos = json.loads((d / "generation_config.json").read_text())["bos_token_id"]
+    ids = [bos] + list(np.random.default_rng(5).integers(3, 8000, 63))
     got = llama_logits(f32, ids)
     if fam in GPT_OSS:      # transformers' computation, and with llama.cpp's two deviations (ggufq_ref.forward)
         from ggufq_ref.forward import LlamaCppDeviations, Reference
