@@ -129,20 +129,21 @@ def importance_from_tensors(tensors: dict, n_head: int, n_head_kv: int, n_layer:
         # tied embeddings: token_embd is also the output projection, whose importance is kept
         put("token_embd.weight", on * on)
     else:
-        put("token_embd.weight", residual_readers(vec, n_layer))
+        put("token_embd.weight", residual_readers(vec, n_layer, ffn_norm))
     return out
 
 
-def residual_readers(vec, n_layer: int) -> np.ndarray:
+def residual_readers(vec, n_layer: int, ffn_norm: str = "ffn_norm") -> np.ndarray:
     """Column importance of ``token_embd`` (a lookup: no input moment exists for it). A row of it is
     added to the residual stream, and every reader of that stream -- each layer's ``attn_norm`` and
     ``ffn_norm``, then ``output_norm`` -- takes ``gamma * x / rms(x)``: an error in column j reaches
     each reader scaled by its gamma_j. The sum of the readers' gamma^2, each normalised to mean 1.
     On tinyllama's calibrated IQ3_M this cut KLD by 7% against no weights at all (same bytes
     otherwise); weighting by layer 0 alone, or also by the readers' column norms, did the same within
-    noise, and this needs the norm vectors only."""
+    noise, and this needs the norm vectors only. ``ffn_norm``: the MLP's norm as the arch names it
+    (gpt-oss: ``post_attention_norm``), as in :func:`importance_from_tensors`."""
     acc = None
-    names = [f"blk.{i}.{n}.weight" for i in range(n_layer) for n in ("attn_norm", "ffn_norm")] + ["output_norm.weight"]
+    names = [f"blk.{i}.{n}.weight" for i in range(n_layer) for n in ("attn_norm", ffn_norm)] + ["output_norm.weight"]
     for name in names:
         g = vec(name)
         if g is None:

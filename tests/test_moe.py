@@ -652,3 +652,18 @@ def test_gpt_oss_f32_logits_match_reference(tmp_path):
     assert _max_rel(got["bf16"], LlamaCppDeviations(d["bf16"]).logits(ids)) <= TOL
     assert _max_rel(got["mxfp4"], Reference(d["mxfp4"]).logits(ids)) > 1e-3
     assert _max_rel(got["mxfp4"], LlamaCppDeviations(d["mxfp4"]).logits(ids)) <= TOL
+
+
+def test_gpt_oss_token_embd_weights_read_its_mlp_norm(tmp_path):
+    """token_embd's data-free column weights (importance.residual_readers) sum every norm that reads the
+    residual stream; gpt-oss names its MLP's norm post_attention_norm, and that one counts too."""
+    from ggufq.convert import prepare
+    from ggufq.importance import importance_for
+    p = prepare(make_gpt_oss(tmp_path / "g", **GPT_OSS_SMALL))
+    ts = {t.name: t for t in p.tensors}
+    with p.model:
+        free = importance_for(p)
+        norms = [ts[n].read(0, 1).reshape(-1).astype(np.float64) ** 2 for n in ts
+                 if n.endswith(("attn_norm.weight", "post_attention_norm.weight")) or n == "output_norm.weight"]
+    assert len(norms) == 2 * p.info.n_layer + 1
+    np.testing.assert_allclose(free["token_embd.weight"], sum(g2 / g2.mean() for g2 in norms), rtol=1e-5)
