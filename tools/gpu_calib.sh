@@ -127,13 +127,14 @@ if [ "$CPU_RUN" = 1 ]; then
     --gpu-layers 0 -j "$NPROC"
 fi
 
-# 5. llama.cpp's calibrated path, when its tools are here
+# 5. llama.cpp's calibrated path, when its tools are here: on the GPU unless -G (then on the CPU cores)
+NGL=99; [ "$GPU_RUN" = 0 ] && NGL=0
 LB="${LLAMA_BIN:-}"
 if [ -n "$LB" ] && [ -x "$LB/llama-imatrix" ] && [ -x "$LB/llama-quantize" ]; then
   F16="$WORK/f16.gguf"
   timed "F16 GGUF (ggufq convert)" $(( $(left) - 10 )) $PY -m ggufq convert "$M" -o "$F16" -t F16 -j "$NPROC" -q -f \
-    && timed "llama-imatrix -ngl 99, $TOKENS tokens" $(( $(left) - 10 )) "$LB/llama-imatrix" -m "$F16" -f "$TEXT" \
-         -o "$WORK/imatrix.gguf" -c 512 --chunks $(( TOKENS / 512 )) -t "$NPROC" -ngl 99 --no-ppl \
+    && timed "llama-imatrix -ngl $NGL, $TOKENS tokens" $(( $(left) - 10 )) "$LB/llama-imatrix" -m "$F16" -f "$TEXT" \
+         -o "$WORK/imatrix.gguf" -c 512 --chunks $(( TOKENS / 512 )) -t "$NPROC" -ngl "$NGL" --no-ppl \
     && timed "llama-quantize --imatrix" $(( $(left) - 5 )) "$LB/llama-quantize" --imatrix "$WORK/imatrix.gguf" \
          "$F16" "$WORK/llama-$TYPE.gguf" "$TYPE" "$NPROC"
   rm -f "$F16"

@@ -5,7 +5,9 @@
 
 Shapes: 1B is Llama-3.2-1B (hidden 2048, 16 layers, 32 heads / 8 KV heads, FFN 8192, vocab
 128256, tied embeddings, rope_theta 500000 with llama3 rope scaling factor 32); 0.5B and 0.25B
-keep the vocabulary, head size 64, GQA, tying and rope and shrink width and depth.
+keep the vocabulary, head size 64, GQA, tying and rope and shrink width and depth; 135M has
+SmolLM2-135M's widths and depth (hidden 576, 30 layers, 9 heads / 3 KV heads, FFN 1536; pass
+--vocab 49152 for its vocabulary), for timing runs where the real model cannot be carried.
 
 Weights are seeded (same seed -> same bytes) and written streaming, tensor by tensor in row
 chunks, into safetensors shards with a ``model.safetensors.index.json``, so generating a
@@ -36,6 +38,7 @@ SIZES = {
     "1B": dict(hidden=2048, layers=16, heads=32, kv_heads=8, ff=8192),     # Llama-3.2-1B
     "0.5B": dict(hidden=1536, layers=12, heads=24, kv_heads=8, ff=4096),
     "0.25B": dict(hidden=1024, layers=8, heads=16, kv_heads=4, ff=4096),
+    "135M": dict(hidden=576, layers=30, heads=9, kv_heads=3, ff=1536),    # SmolLM2-135M (use --vocab 49152)
 }
 VOCAB = 128256
 LLAMA32_ROPE = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
