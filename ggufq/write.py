@@ -176,11 +176,17 @@ def _copy(job: Job, lo: int, hi: int) -> tuple[bytes, int, int]:
     return data.tobytes(), 0, 0
 
 
-def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights, allow_nonfinite: bool):
-    job = _FORKED_JOBS[i]
+def encode_chunk(encoder: Encoder, job: Job, lo: int, hi: int, weights, allow_nonfinite: bool):
+    """The job function of every executor: rows ``[lo, hi)`` of ``job`` read here and encoded (or
+    their block bytes copied); ``(bytes, non-finite, beyond F16)`` as :func:`_work`. A pure function
+    of the model files and its arguments, so a retried chunk gives the same bytes."""
     if job.copies:
         return _copy(job, lo, hi)
     return _work(encoder, job.qtype, _read(job, lo, hi), weights, allow_nonfinite)
+
+
+def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights, allow_nonfinite: bool):
+    return encode_chunk(encoder, _FORKED_JOBS[i], lo, hi, weights, allow_nonfinite)
 
 
 def _weights(job: Job):
@@ -215,13 +221,17 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
                 yield i, rows.size, _work(encoder, job.qtype, rows, _chunk_weights(job, wts, lo), allow_nonfinite)
         return
     window: deque[tuple[int, int, Future]] = deque()
-    limit = 2 * getattr(pool, "_max_workers", 2)
+    # a cluster executor (ggufq.cluster.RayExecutor) has its own window and its workers read by path
+    remote = getattr(pool, "submit_chunk", None)
+    limit = getattr(pool, "window", None) or 2 * getattr(pool, "_max_workers", 2)
     for i, job in enumerate(jobs):
         wts = None if job.copies else _weights(job)
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
             cw = _chunk_weights(job, wts, lo)
-            if job.copies and not workers_read:      # a plain read: no need to ship it to a worker
+            if remote is not None:
+                fut = remote(encoder, job, lo, hi, cw, allow_nonfinite)
+            elif job.copies and not workers_read:      # a plain read: no need to ship it to a worker
                 fut = Future()
                 fut.set_result(_copy(job, lo, hi))
             elif workers_read:
@@ -242,8 +252,13 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                split_max_tensors: int = 0, split_max_size: int = 0,
                progress: bool = True, label: str = "writing", allow_nonfinite: bool = False,
                before_commit: Optional[Callable[[list[Path], list[Path]], list[tuple[Path, Path]]]] = None,
-               protect: Sequence[Path] = (), notes: Optional[list] = None, final: bool = True) -> list[Path]:
+               protect: Sequence[Path] = (), notes: Optional[list] = None, final: bool = True,
+               executor=None) -> list[Path]:
     """Write a complete GGUF (or its shards) atomically; returns the final paths.
+
+    ``executor``: encode on it instead of ``n_jobs`` local processes (a :class:`ggufq.cluster.RayExecutor`:
+    ``submit_chunk``, ``window``, ``close``); the caller made it and closes it, this closes it early
+    (its tasks cancelled) when the write fails.
 
     ``final``: this file is the run's output, so once it is in place a signal changes nothing
     (:func:`ggufq.procs.finished`); ``False`` for intermediate files (the calibration model).
@@ -283,7 +298,7 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         fouts = [w.fout[where[j.tensor.name]] for j in jobs]
         for fout in w.fout:
             w.write_padding(fout, fout.tell())
-        pool, workers_read = _pool(n_jobs, jobs)
+        pool, workers_read = (executor, True) if executor is not None else _pool(n_jobs, jobs)
         total = sum(j.n_elements for j in jobs)
         allowed: list[str] = []
         with Progress(total, label, n_items=len(jobs), enabled=progress) as bar:
@@ -320,9 +335,9 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             os.fsync(fout.fileno())
         names = [Path(f.name) for f in w.fout]
         w.close()
-        if pool is not None:
+        if pool is not None and pool is not executor:
             pool.close(ok=True)
-            pool = None
+        pool = None
         finals = [path.parent / src.name for src in names]
         moves = list(zip(names, finals))
         if before_commit is not None:
