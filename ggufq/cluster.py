@@ -262,6 +262,22 @@ def _init(address: str) -> None:
             signal.signal(s, h)
 
 
+def check_probe(label: str, info: dict, mine: dict, model_dir: str) -> None:
+    """GgufqError (one line naming the node) unless a node's :func:`probe` answer matches this machine's."""
+    if info["version"] != mine["version"]:
+        raise GgufqError(f"Ray node {label} runs ggufq {info['version']}, this machine {mine['version']}; "
+                         "install the same ggufq on every node")
+    if info["code"] != mine["code"]:
+        raise GgufqError(f"Ray node {label} runs other ggufq code (digest {info['code']}, here "
+                         f"{mine['code']}) of the same version {mine['version']}; install the same ggufq on every node")
+    if "error" in info:
+        raise GgufqError(f"Ray node {label} cannot read the model at {model_dir}: {info['error']} "
+                         "(every node needs the folder at the same path)")
+    if info["model"] != mine["model"]:
+        raise GgufqError(f"Ray node {label} sees another model at {model_dir} (its tensors or file "
+                         "sizes differ from this machine's)")
+
+
 def connect(executor: str, model_dir: os.PathLike | str) -> RayExecutor:
     """Join the cluster and probe every node with CPUs; GgufqError (one line) when the cluster cannot be
     reached, a node cannot read ``model_dir``, or runs another ggufq. Nothing is written here.
@@ -299,18 +315,7 @@ def connect(executor: str, model_dir: os.PathLike | str) -> RayExecutor:
             except ray.exceptions.RayError as e:
                 raise GgufqError(f"Ray node {n.label}: the probe failed ({_one_line(getattr(e, 'cause', None) or e)}); "
                                  "is ggufq installed there?") from None
-            if info["version"] != mine["version"]:
-                raise GgufqError(f"Ray node {n.label} runs ggufq {info['version']}, this machine {mine['version']}; "
-                                 "install the same ggufq on every node")
-            if info["code"] != mine["code"]:
-                raise GgufqError(f"Ray node {n.label} runs other ggufq code (digest {info['code']}, here "
-                                 f"{mine['code']}) of the same version {mine['version']}; install the same ggufq on every node")
-            if "error" in info:
-                raise GgufqError(f"Ray node {n.label} cannot read the model at {model_dir}: {info['error']} "
-                                 "(every node needs the folder at the same path)")
-            if info["model"] != mine["model"]:
-                raise GgufqError(f"Ray node {n.label} sees another model at {model_dir} (its tensors or file "
-                                 "sizes differ from this machine's)")
+            check_probe(n.label, info, mine, model_dir)
         ex = RayExecutor(address, model_dir, mine["model"], nodes)
         ok = True
         return ex

@@ -132,7 +132,9 @@ class Options:
     of the output: written beside the temporary GGUF and placed with it. ``log(line)``: gets
     self-calibration's summary as soon as it is done (before the encoding). ``executor``: ``None``/
     ``"local"`` (``jobs`` processes here) or ``"ray"``/``"ray://HOST:PORT"`` (:mod:`ggufq.cluster`;
-    ``jobs`` still sizes the local work: self-calibration's temporary file)."""
+    ``jobs`` still sizes the local work: self-calibration's temporary file). ``resume``: keep the partial
+    file of an interrupted run in ``.NAME.partial`` beside the output and continue one found there
+    (:mod:`ggufq.resume`)."""
     ftype: str = "F16"
     method: str = "kquant"
     jobs: int = 1
@@ -162,6 +164,7 @@ class Options:
     importance: Optional[dict] = None
     damp: Optional[float] = None
     executor: Optional[str] = None
+    resume: bool = False
 
     @property
     def targets(self) -> bool:
@@ -412,7 +415,7 @@ def write_stage(p: Prepared, opts: Options, meth, plan: plans.Plan, path: Path, 
                            n_jobs=opts.jobs, force=opts.force, split_max_tensors=opts.split_max_tensors,
                            split_max_size=opts.split_max_size, progress=opts.progress, label=f"{plan.ftype}",
                            allow_nonfinite=opts.allow_nonfinite, before_commit=commit, protect=inputs, notes=notes,
-                           executor=executor)
+                           executor=executor, resume=opts.resume)
     if hessians is not None:
         notes.append(hessians.summary() if opts.log is None else f"peak RSS after encoding: {hessians.peak_rss_line()}")
     return paths

@@ -63,6 +63,9 @@ def parse_size(text: str) -> int:
               help="Where the encoding runs: local processes (--jobs), or tasks on a Ray cluster "
                    "(pip install 'ggufq[ray]'; ray = the cluster this machine is in, ray://HOST:PORT = its GCS "
                    "address); every node reads the model folder at the same path.")
+@click.option("--resume", is_flag=True,
+              help="Keep the partial file of an interrupted run (in .NAME.partial beside the output) and, "
+                   "when one is there, continue after its last tensor whose bytes verify (sha256).")
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="llama.cpp importance matrix (GGUF imatrix or legacy .dat) for the weighted quantizers.")
 @click.option("--split-max-size", default=None, metavar="SIZE",
@@ -88,7 +91,7 @@ def parse_size(text: str) -> int:
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, jobs, executor, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, jobs, executor, resume, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
             allow_nonfinite, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
@@ -144,7 +147,8 @@ def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, me
                   save_imatrix=save_imatrix, log=None if quiet else (lambda line: click.echo(line, err=True)),
                   split_max_size=sizes["split_max_size"], split_max_tensors=split_max_tensors or 0,
                   allow_nonfinite=allow_nonfinite, protect=protect, target_size=target_size, target_bpw=target_bpw,
-                  before_commit=before_commit if (ollama or validate) else None, executor=executor)
+                  before_commit=before_commit if (ollama or validate) else None, executor=executor,
+                  resume=resume)
     notes = list(res.notes) + extra_notes
     if not quiet:
         for line in notes:
