@@ -134,7 +134,8 @@ class Options:
     ``"local"`` (``jobs`` processes here) or ``"ray"``/``"ray://HOST:PORT"`` (:mod:`ggufq.cluster`;
     ``jobs`` still sizes the local work: self-calibration's temporary file). ``resume``: keep the partial
     file of an interrupted run in ``.NAME.partial`` beside the output and continue one found there
-    (:mod:`ggufq.resume`)."""
+    (:mod:`ggufq.resume`). ``rpc``: ``HOST:PORT`` of llama.cpp rpc-servers for the self-calibration's
+    forward (its offloaded layers, ``gpu_layers``, go there; :func:`ggufq.calib.check_rpc`)."""
     ftype: str = "F16"
     method: str = "kquant"
     jobs: int = 1
@@ -165,6 +166,7 @@ class Options:
     damp: Optional[float] = None
     executor: Optional[str] = None
     resume: bool = False
+    rpc: tuple = ()
 
     @property
     def targets(self) -> bool:
@@ -334,6 +336,9 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
         raise GgufqError("--save-imatrix needs a self-calibrated --method "
                          f"({', '.join(m.name for m in methods.METHODS.values() if m.moments)}) and --calib-tokens > 0")
     if not (calibrates and (plan_has_quantized(plan) or opts.targets or opts.save_imatrix is not None)):
+        if opts.rpc:
+            raise GgufqError("--rpc is for self-calibration's forward pass, which this conversion does not run "
+                             "(a self-calibrated --method, an i-quant mixture without --imatrix, or --target-size)")
         return None
     from . import calib
     if not calib.available():
@@ -341,7 +346,7 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
     hessians = calib.self_calibrate(
         p, vocab, functools.partial(write_header, p, md, vocab), path, opts.calib_tokens, jobs=opts.jobs,
         gpu_layers=opts.gpu_layers, kv_bytes=calib.KV_BYTES if opts.calib_cache is None else opts.calib_cache,
-        progress=opts.progress)
+        progress=opts.progress, rpc=tuple(opts.rpc))
     _expert_fallback(p, hessians, free)
     if opts.log is not None:
         opts.log(hessians.summary())

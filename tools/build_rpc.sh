@@ -23,8 +23,11 @@ SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 BUILD="$WORK/build-rpc"
 cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON \
   -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
+  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON \
+  -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' >/dev/null
 cmake --build "$BUILD" -j"$(nproc)" --target llama ggml-rpc-server >/dev/null
+# the libraries find each other beside themselves ($ORIGIN), not in the build folder: libllama and
+# ctypes callers (ggufq.llamalib, the RPC registration) must share one libggml and its backend registry
 mkdir -p "$OUT"
 cp -a "$BUILD/bin/." "$OUT/"
 echo "built libllama + libggml-rpc + rpc-server into $OUT"
