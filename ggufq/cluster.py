@@ -254,7 +254,8 @@ def _init(address: str) -> None:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, namespace="ggufq",
                  ignore_reinit_error=True)
     except ConnectionError as e:
-        raise GgufqError(f"cannot join a Ray cluster at {address}: {_one_line(e)}") from None
+        where = "(--executor ray: this machine's cluster, or $RAY_ADDRESS)" if address == "auto" else f"at {address}"
+        raise GgufqError(f"cannot join a Ray cluster {where}: {_one_line(e)}") from None
     except (RuntimeError, ValueError) as e:
         raise GgufqError(f"cannot join the Ray cluster at {address}: {_one_line(e)}") from None
     finally:

@@ -86,13 +86,12 @@ def moe(tmp_path_factory) -> Path:
                     shared_ff=0)
 
 
-@pytest.mark.parametrize("which,ftype", [("tiny", "Q4_K_M"), ("moe", "Q8_0")])
-def test_cluster_bytes_identical(cluster, moe, tmp_path, which, ftype):
-    model = TINY if which == "tiny" else moe
-    rc, err = _run(model, "-t", ftype, "-o", tmp_path / "ray.gguf", "--executor", f"ray://{cluster.address}")
+def test_cluster_bytes_identical(cluster, tmp_path):
+    """tinyllama on the cluster: the local run's bytes (the synthetic MoE is compared by the tests below)."""
+    rc, err = _run(TINY, "-t", "Q4_K_M", "-o", tmp_path / "ray.gguf", "--executor", f"ray://{cluster.address}")
     assert rc == 0, err
     assert "encoded on the Ray cluster" in err and "3 nodes, 3 CPUs" in err
-    assert (tmp_path / "ray.gguf").read_bytes() == _local(model, tmp_path / "local.gguf", ftype)
+    assert (tmp_path / "ray.gguf").read_bytes() == _local(TINY, tmp_path / "local.gguf", "Q4_K_M")
 
 
 def _busy_task(timeout: float) -> int:
