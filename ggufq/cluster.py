@@ -165,6 +165,8 @@ class _Result:
                 ray.exceptions.ObjectLostError) as e:
             raise GgufqError(f"an encoding task was lost {MAX_RETRIES + 1} times (workers or nodes died: "
                              f"{type(e).__name__}); nothing was written") from None
+        except ray.exceptions.RayError as e:
+            raise GgufqError(f"the Ray cluster failed an encoding task: {_one_line(e)}") from None
         finally:
             self.executor._inflight.discard(self.ref)
         return out
@@ -292,6 +294,9 @@ def connect(executor: str, model_dir: os.PathLike | str) -> RayExecutor:
         raise GgufqError(MISSING)
     if address != "auto":
         _reachable(address)
+    # Ray retries a GCS that accepts TCP but does not answer (a wrong port) ~20 times, each attempt
+    # waiting ~40 s, inside C++ (no Ctrl-C): one attempt here (~40 s), unless the user set the budget
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     model_dir = str(Path(model_dir).resolve())

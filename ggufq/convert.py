@@ -418,7 +418,8 @@ def write_stage(p: Prepared, opts: Options, meth, plan: plans.Plan, path: Path, 
     with p.model:
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=opts.encoder or meth.encoder or quant.encode,
                            n_jobs=opts.jobs, force=opts.force, split_max_tensors=opts.split_max_tensors,
-                           split_max_size=opts.split_max_size, progress=opts.progress, label=f"{plan.ftype}",
+                           split_max_size=opts.split_max_size, progress=opts.progress,
+                           label=f"{plan.ftype}" + (f" on {executor.cpus} Ray CPUs" if executor is not None else ""),
                            allow_nonfinite=opts.allow_nonfinite, before_commit=commit, protect=inputs, notes=notes,
                            executor=executor, resume=opts.resume)
     if hessians is not None:
