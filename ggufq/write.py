@@ -305,6 +305,9 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                 os.replace(tmpdir / path.name, old)      # the writer's new header goes to the name
         else:
             tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            if final and notes is not None and partial_dir(path).is_dir():
+                notes.append(f"note: {partial_dir(path)} holds the partial file of an interrupted --resume run "
+                             "(unused now: pass --resume to continue it, or remove it)")
     try:
         w = gguf.GGUFWriter(tmpdir / path.name, arch, split_max_tensors=split_max_tensors,
                             split_max_size=split_max_size)
