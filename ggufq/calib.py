@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -65,6 +65,34 @@ def available() -> bool:
 def missing_message() -> str:
     return ("self-calibration (--method hqq) runs the model with llama-cpp-python, which is not installed: "
             "pip install 'ggufq[eval]', or pass --calib-tokens 0 for the data-free method")
+
+
+def check_rpc(servers: Sequence[str]) -> None:
+    """One line unless every ``--rpc`` entry is ``HOST:PORT`` that accepts a connection and the llama.cpp
+    libraries (llamalib's folder: llama-cpp-python's, or ``$LLAMA_CPP_LIB_PATH``) have the RPC backend
+    (``libggml-rpc``; the worker checks the registry itself too)."""
+    import glob
+    for s in servers:
+        host, sep, port = s.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise GgufqError(f"--rpc {s}: expected HOST:PORT (of a running ggml-rpc-server)")
+    from . import llamalib
+    try:
+        d = llamalib.lib_dir()
+    except RuntimeError as e:
+        raise GgufqError(str(e)) from None
+    if not glob.glob(os.path.join(d, "libggml-rpc.*")):
+        raise GgufqError(f"--rpc: the llama.cpp libraries in {d} have no RPC backend (no libggml-rpc); build them "
+                         "with tools/build_rpc.sh and set LLAMA_CPP_LIB_PATH to its folder")
+    import socket
+    for s in servers:           # llama.cpp aborts the worker on a server it cannot reach: one line here instead
+        host, _, port = s.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+                pass
+        except OSError as e:
+            raise GgufqError(f"--rpc {s}: cannot connect ({e.strerror or type(e).__name__}); start "
+                             f"`ggml-rpc-server -H HOST -p PORT` there (tools/build_rpc.sh builds it)") from None
 
 
 def start_token(vocab) -> int:
@@ -289,17 +317,21 @@ def write_temp_model(prepared, add_metadata, path: Path, jobs: int, progress: bo
 def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_SEQ * N_TOK, *,
                    seq_len: int = N_TOK, seed: int = 0, temperature: float = 1.0, jobs: int = 1,
                    gpu_layers: Optional[int] = 0, kv_bytes: int = KV_BYTES, buffer_bytes: int = BUFFER_BYTES,
-                   progress: bool = True, tokens: Optional[np.ndarray] = None) -> SelfCalibration:
+                   progress: bool = True, tokens: Optional[np.ndarray] = None, rpc: Sequence[str] = ()) -> SelfCalibration:
     """Sample ``n_tokens`` (in sequences of ``seq_len``) with llama.cpp and collect the moments.
 
     ``add_metadata(plan, writer)`` writes the GGUF header keys (convert's). The temporary folder
     is created beside ``out`` and removed on any failure, or by ``SelfCalibration.close()``.
     ``tokens`` [n_seq, seq_len]: decode these instead of sampling (moments of a given text).
+    ``rpc``: ``HOST:PORT`` of llama.cpp rpc-servers that hold the offloaded layers (``gpu_layers``; the
+    libraries need the RPC backend: :func:`check_rpc`); the moments still accumulate here.
 
     Long because the temporary model, the worker process and its scratch share one cleanup."""
     from .progress import Progress
     if not available():
         raise GgufqError(missing_message())
+    if rpc:
+        check_rpc(rpc)
     n_seq = max(1, n_tokens // seq_len)
     if tokens is not None:
         tokens = np.asarray(tokens)
@@ -318,7 +350,8 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
         req = {"model": str(model), "gpu_layers": gpu_layers, "threads": jobs, "n_seq": n_seq, "n_tok": seq_len,
                "seed": seed, "temperature": temperature, "start": start_token(vocab),
                "scratch": str(tmpdir / "moments.f64"), "kv_bytes": kv_bytes, "buffer_bytes": buffer_bytes,
-               "weights": wanted(prepared.tensors), "tokens": None if tokens is None else tokens.tolist()}
+               "weights": wanted(prepared.tensors), "tokens": None if tokens is None else tokens.tolist(),
+               "rpc": list(rpc)}
         from .eval import proto
         env = dict(os.environ)
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -9,8 +9,9 @@ frames and one final frame on its original stdout (fd 1 points at stderr, so tha
 cannot corrupt the frames):
 
 * request ``{model, gpu_layers, threads, n_seq, n_tok, seed, temperature, start, scratch,
-  kv_bytes, buffer_bytes, weights: {name: "full"|"diag"}, tokens: None | [n_seq][n_tok]}``
-  (``tokens``: decode these instead of sampling)
+  kv_bytes, buffer_bytes, weights: {name: "full"|"diag"}, tokens: None | [n_seq][n_tok], rpc: [HOST:PORT]}``
+  (``tokens``: decode these instead of sampling; ``rpc``: llama.cpp ``rpc-server`` endpoints whose
+  devices take the offloaded layers, as llama.cpp's ``--rpc``: see :func:`add_rpc_servers`)
 * reply ``{keys: {key: [offset, n, kind]}, weight_key: {name: key}, count, n_par, offload,
   seconds, scratch_bytes, peak_rss}`` + int32 tokens ``[n_seq, n_tok]``, or ``{"error": msg}``.
 
@@ -347,10 +348,44 @@ def _sample_rows(pool, logits, gens, temperature):
     return np.concatenate(list(parts))
 
 
+RPC_MISSING = ("these llama.cpp libraries have no RPC backend (built without -DGGML_RPC=ON); build them with "
+               "tools/build_rpc.sh and set LLAMA_CPP_LIB_PATH to that folder")
+
+
+def add_rpc_servers(servers: list) -> None:
+    """Register each ``HOST:PORT`` rpc-server's devices in ggml's backend registry, as llama.cpp's
+    ``--rpc`` does (``common/arg.cpp`` ``add_rpc_devices``): ``ggml_backend_reg_by_name("RPC")``, its
+    ``ggml_backend_rpc_add_server`` through ``ggml_backend_reg_get_proc_address``, then
+    ``ggml_backend_register``. A model loaded afterwards (default ``devices``: all) puts its offloaded
+    layers on them, RPC devices first (``llama_model_load``). llama-cpp-python 0.3.36 has no argument for it."""
+    lib = llamalib.load("ggml")
+    lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_register.restype = None
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    if not reg:
+        raise RuntimeError(RPC_MISSING)
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server")
+    if not fn:
+        raise RuntimeError("this llama.cpp's RPC backend has no ggml_backend_rpc_add_server")
+    add = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(fn)
+    for server in servers:
+        r = add(server.encode())
+        if not r:
+            raise RuntimeError(f"the RPC server {server} did not answer (is ggml-rpc-server running there, "
+                               "of the same llama.cpp version?)")
+        lib.ggml_backend_register(r)
+
+
 def run(req: dict, send) -> tuple[dict, np.ndarray]:
     """Long because one llama.cpp model/context lifetime (load, eval callback, free) in one try/finally."""
     llama_cpp.llama_backend_init()
     log = _quiet()
+    if req.get("rpc"):
+        add_rpc_servers(list(req["rpc"]))
     mp = llama_cpp.llama_model_default_params()
     supports = bool(llama_cpp.llama_supports_gpu_offload())
     ngl = req.get("gpu_layers")

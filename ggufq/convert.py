@@ -130,7 +130,12 @@ class Options:
     ``before_commit``/``protect``: see :func:`ggufq.write.write_gguf` (the inputs -- every file of
     the model folder, the imatrix and ``protect`` -- are never overwritten). ``save_imatrix`` is part
     of the output: written beside the temporary GGUF and placed with it. ``log(line)``: gets
-    self-calibration's summary as soon as it is done (before the encoding)."""
+    self-calibration's summary as soon as it is done (before the encoding). ``executor``: ``None``/
+    ``"local"`` (``jobs`` processes here) or ``"ray"``/``"ray://HOST:PORT"`` (:mod:`ggufq.cluster`;
+    ``jobs`` still sizes the local work: self-calibration's temporary file). ``resume``: keep the partial
+    file of an interrupted run in ``.NAME.partial`` beside the output and continue one found there
+    (:mod:`ggufq.resume`). ``rpc``: ``HOST:PORT`` of llama.cpp rpc-servers for the self-calibration's
+    forward (its offloaded layers, ``gpu_layers``, go there; :func:`ggufq.calib.check_rpc`)."""
     ftype: str = "F16"
     method: str = "kquant"
     jobs: int = 1
@@ -159,6 +164,9 @@ class Options:
     encoder: Optional[Callable] = None
     importance: Optional[dict] = None
     damp: Optional[float] = None
+    executor: Optional[str] = None
+    resume: bool = False
+    rpc: tuple = ()
 
     @property
     def targets(self) -> bool:
@@ -190,9 +198,12 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
     if opts.targets:            # a budget outside the feasible range is refused before any weight is read
         from . import alloc
         budget = alloc.check_budget(p, opts, plan, md, vocab, im)
-    free = opts.importance if opts.importance is not None else data_free_importance(p, meth)
-    hessians = calibrate_stage(p, opts, meth, planned, vocab, md, path, notes, free)
+    # the cluster is joined and every node probed before any byte is written (calibration included)
+    cluster = connect_executor(p, opts)
+    hessians = None
     try:
+        free = opts.importance if opts.importance is not None else data_free_importance(p, meth)
+        hessians = calibrate_stage(p, opts, meth, planned, vocab, md, path, notes, free)
         qkeys = dict(opts.quantize_keys or {})
         if opts.targets:
             from . import alloc
@@ -205,10 +216,14 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
         enc_moments = hessians if (meth.moments or planned.self_imatrix) else None
         job_list = make_jobs(p, plan, im, free, enc_moments, planned.self_imatrix, opts.damp)
         paths = write_stage(p, opts, meth, plan, path, job_list, inputs, notes, hessians,
-                            lambda w: write_header(p, md, vocab, plan, w, im, qkeys))
+                            lambda w: write_header(p, md, vocab, plan, w, im, qkeys), cluster)
     finally:
         if hessians is not None and hessians is not opts.calibration:
             hessians.close()
+        if cluster is not None:
+            cluster.close()
+    if cluster is not None:
+        notes.append(f"encoded on the {cluster.describe()}")
     return Result(paths, plan, time.monotonic() - t0, sum(q.stat().st_size for q in paths), notes)
 
 
@@ -321,6 +336,9 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
         raise GgufqError("--save-imatrix needs a self-calibrated --method "
                          f"({', '.join(m.name for m in methods.METHODS.values() if m.moments)}) and --calib-tokens > 0")
     if not (calibrates and (plan_has_quantized(plan) or opts.targets or opts.save_imatrix is not None)):
+        if opts.rpc:
+            raise GgufqError("--rpc is for self-calibration's forward pass, which this conversion does not run "
+                             "(a self-calibrated --method, an i-quant mixture without --imatrix, or --target-size)")
         return None
     from . import calib
     if not calib.available():
@@ -328,7 +346,7 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
     hessians = calib.self_calibrate(
         p, vocab, functools.partial(write_header, p, md, vocab), path, opts.calib_tokens, jobs=opts.jobs,
         gpu_layers=opts.gpu_layers, kv_bytes=calib.KV_BYTES if opts.calib_cache is None else opts.calib_cache,
-        progress=opts.progress)
+        progress=opts.progress, rpc=tuple(opts.rpc))
     _expert_fallback(p, hessians, free)
     if opts.log is not None:
         opts.log(hessians.summary())
@@ -372,8 +390,16 @@ def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imat
     return job_list
 
 
+def connect_executor(p: Prepared, opts: Options):
+    """The cluster executor of ``opts.executor`` (joined, every node probed), or None for local processes."""
+    from . import cluster
+    if cluster.parse(opts.executor) is None:
+        return None
+    return cluster.connect(opts.executor, p.model.path)
+
+
 def write_stage(p: Prepared, opts: Options, meth, plan: plans.Plan, path: Path, job_list: list, inputs: list,
-                notes: list, hessians, add_metadata) -> list[Path]:
+                notes: list, hessians, add_metadata, executor=None) -> list[Path]:
     """Stream the GGUF (and the --save-imatrix file) into place."""
     commit = opts.before_commit
     before_commit = opts.before_commit
@@ -392,8 +418,10 @@ def write_stage(p: Prepared, opts: Options, meth, plan: plans.Plan, path: Path, 
     with p.model:
         paths = write_gguf(path, p.arch.name, add_metadata, job_list, encoder=opts.encoder or meth.encoder or quant.encode,
                            n_jobs=opts.jobs, force=opts.force, split_max_tensors=opts.split_max_tensors,
-                           split_max_size=opts.split_max_size, progress=opts.progress, label=f"{plan.ftype}",
-                           allow_nonfinite=opts.allow_nonfinite, before_commit=commit, protect=inputs, notes=notes)
+                           split_max_size=opts.split_max_size, progress=opts.progress,
+                           label=f"{plan.ftype}" + (f" on {executor.cpus} Ray CPUs" if executor is not None else ""),
+                           allow_nonfinite=opts.allow_nonfinite, before_commit=commit, protect=inputs, notes=notes,
+                           executor=executor, resume=opts.resume)
     if hessians is not None:
         notes.append(hessians.summary() if opts.log is None else f"peak RSS after encoding: {hessians.peak_rss_line()}")
     return paths

@@ -22,6 +22,7 @@ folder goes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import multiprocessing as mp
 import os
 import shutil
@@ -41,6 +42,7 @@ from . import GgufqError, blas, quant
 from .arch import OutTensor
 from .procs import WorkerPool, check as check_signals, deferred, finished, pending
 from .progress import Progress
+from .resume import Journal, partial_dir, verified
 
 if TYPE_CHECKING:
     from .quant.gptq import Hessian
@@ -176,11 +178,17 @@ def _copy(job: Job, lo: int, hi: int) -> tuple[bytes, int, int]:
     return data.tobytes(), 0, 0
 
 
-def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights, allow_nonfinite: bool):
-    job = _FORKED_JOBS[i]
+def encode_chunk(encoder: Encoder, job: Job, lo: int, hi: int, weights, allow_nonfinite: bool):
+    """The job function of every executor: rows ``[lo, hi)`` of ``job`` read here and encoded (or
+    their block bytes copied); ``(bytes, non-finite, beyond F16)`` as :func:`_work`. A pure function
+    of the model files and its arguments, so a retried chunk gives the same bytes."""
     if job.copies:
         return _copy(job, lo, hi)
     return _work(encoder, job.qtype, _read(job, lo, hi), weights, allow_nonfinite)
+
+
+def _read_and_encode(encoder: Encoder, i: int, lo: int, hi: int, weights, allow_nonfinite: bool):
+    return encode_chunk(encoder, _FORKED_JOBS[i], lo, hi, weights, allow_nonfinite)
 
 
 def _weights(job: Job):
@@ -201,11 +209,14 @@ def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[WorkerPool], bool]
 
 
 def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
-             workers_read: bool = False, allow_nonfinite: bool = False) -> Iterator[tuple[int, int, tuple]]:
-    """(job index, elements, (bytes, non-finite, beyond F16)) per chunk, in file order;
-    a bounded window of chunks in flight."""
+             workers_read: bool = False, allow_nonfinite: bool = False,
+             start: int = 0) -> Iterator[tuple[int, int, tuple]]:
+    """(job index, elements, (bytes, non-finite, beyond F16)) per chunk, in file order, from job
+    ``start`` on; a bounded window of chunks in flight."""
     if pool is None:
         for i, job in enumerate(jobs):
+            if i < start:
+                continue
             wts = None if job.copies else _weights(job)
             for lo, hi in _ranges(job):
                 if job.copies:
@@ -215,13 +226,19 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
                 yield i, rows.size, _work(encoder, job.qtype, rows, _chunk_weights(job, wts, lo), allow_nonfinite)
         return
     window: deque[tuple[int, int, Future]] = deque()
-    limit = 2 * getattr(pool, "_max_workers", 2)
+    # a cluster executor (ggufq.cluster.RayExecutor) has its own window and its workers read by path
+    remote = getattr(pool, "submit_chunk", None)
+    limit = getattr(pool, "window", None) or 2 * getattr(pool, "_max_workers", 2)
     for i, job in enumerate(jobs):
+        if i < start:
+            continue
         wts = None if job.copies else _weights(job)
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
             cw = _chunk_weights(job, wts, lo)
-            if job.copies and not workers_read:      # a plain read: no need to ship it to a worker
+            if remote is not None:
+                fut = remote(encoder, job, lo, hi, cw, allow_nonfinite)
+            elif job.copies and not workers_read:      # a plain read: no need to ship it to a worker
                 fut = Future()
                 fut.set_result(_copy(job, lo, hi))
             elif workers_read:
@@ -242,8 +259,17 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                split_max_tensors: int = 0, split_max_size: int = 0,
                progress: bool = True, label: str = "writing", allow_nonfinite: bool = False,
                before_commit: Optional[Callable[[list[Path], list[Path]], list[tuple[Path, Path]]]] = None,
-               protect: Sequence[Path] = (), notes: Optional[list] = None, final: bool = True) -> list[Path]:
+               protect: Sequence[Path] = (), notes: Optional[list] = None, final: bool = True,
+               executor=None, resume: bool = False) -> list[Path]:
     """Write a complete GGUF (or its shards) atomically; returns the final paths.
+
+    ``executor``: encode on it instead of ``n_jobs`` local processes (a :class:`ggufq.cluster.RayExecutor`:
+    ``submit_chunk``, ``window``, ``close``); the caller made it and closes it, this closes it early
+    (its tasks cancelled) when the write fails.
+
+    ``resume``: the temporary folder is :func:`ggufq.resume.partial_dir` and outlives a failed or
+    interrupted run; a partial file found there continues after its last tensor that verifies
+    (:mod:`ggufq.resume`). One file only (no splits).
 
     ``final``: this file is the run's output, so once it is in place a signal changes nothing
     (:func:`ggufq.procs.finished`); ``False`` for intermediate files (the calibration model).
@@ -263,11 +289,25 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         check_target(extra, force, protect)
     if not path.parent.is_dir():
         raise GgufqError(f"{path.parent}: no such directory")
+    if resume and (split_max_tensors or split_max_size):
+        raise GgufqError("--resume writes one file: leave out --split-max-size/--split-max-tensors "
+                         "(llama-gguf-split can split the result)")
     w = None
     pool = None
     ok = False
+    journal = None
     with deferred():                    # the folder exists only with the try that removes it
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        if resume:
+            tmpdir = partial_dir(path)
+            tmpdir.mkdir(exist_ok=True)
+            old = tmpdir / (path.name + ".old")
+            if not old.exists() and (tmpdir / path.name).exists():
+                os.replace(tmpdir / path.name, old)      # the writer's new header goes to the name
+        else:
+            tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            if final and notes is not None and partial_dir(path).is_dir():
+                notes.append(f"note: {partial_dir(path)} holds the partial file of an interrupted --resume run "
+                             "(unused now: pass --resume to continue it, or remove it)")
     try:
         w = gguf.GGUFWriter(tmpdir / path.name, arch, split_max_tensors=split_max_tensors,
                             split_max_size=split_max_size)
@@ -283,13 +323,20 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
         fouts = [w.fout[where[j.tensor.name]] for j in jobs]
         for fout in w.fout:
             w.write_padding(fout, fout.tell())
-        pool, workers_read = _pool(n_jobs, jobs)
+        start, offsets, hashes = 0, [], None
+        if resume:
+            start, offsets, journal = _resume(w, tmpdir / path.name, old, jobs, notes)
+            fouts = [w.fout[0]] * len(jobs)
+            hashes = hashlib.sha256()
+        pool, workers_read = (executor, True) if executor is not None else _pool(n_jobs, jobs)
         total = sum(j.n_elements for j in jobs)
         allowed: list[str] = []
         with Progress(total, label, n_items=len(jobs), enabled=progress) as bar:
             written = [0] * len(jobs)
             bad = [[0, 0] for _ in jobs]
             last = -1
+            if start:
+                bar.advance(sum(j.n_elements for j in jobs[:start]), items=start)
 
             def finish(k: int) -> None:
                 if any(bad[k]):
@@ -298,16 +345,23 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                         raise GgufqError(msg + "; fix the weights, or pass --allow-nonfinite to write them anyway")
                     allowed.append(msg)
                 _finish(w, fouts[k], jobs[k], written[k])
+                if journal is not None:              # the tensor's bytes first, then its journal line
+                    fouts[k].flush()
+                    journal.done(k, jobs[k].tensor.name, offsets[k], jobs[k].nbytes, hashes.hexdigest())
                 bar.advance(items=1)
 
-            for i, n, (data, n_bad, n_over) in _encoded(jobs, encoder, pool, workers_read, allow_nonfinite):
+            for i, n, (data, n_bad, n_over) in _encoded(jobs, encoder, pool, workers_read, allow_nonfinite, start):
                 if i != last:
                     if last >= 0:
                         finish(last)
                     last = i
+                    if hashes is not None:
+                        hashes = hashlib.sha256()
                 check_signals()
                 bad[i][0] += n_bad
                 bad[i][1] += n_over
+                if hashes is not None:
+                    hashes.update(data)
                 fouts[i].write(data)
                 written[i] += len(data)
                 bar.advance(n, nbytes=len(data), item=jobs[i].tensor.name)
@@ -320,9 +374,11 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
             os.fsync(fout.fileno())
         names = [Path(f.name) for f in w.fout]
         w.close()
-        if pool is not None:
+        if journal is not None:
+            journal.close()
+        if pool is not None and pool is not executor:
             pool.close(ok=True)
-            pool = None
+        pool = None
         finals = [path.parent / src.name for src in names]
         moves = list(zip(names, finals))
         if before_commit is not None:
@@ -346,7 +402,47 @@ def write_gguf(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], 
                 pool.close(ok=ok)
             if w is not None:
                 w.close()
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            if journal is not None:
+                journal.close()
+            if ok or not resume:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _resume(w: gguf.GGUFWriter, new: Path, old: Path, jobs: Sequence[Job], notes: Optional[list]):
+    """Put the verified part of a partial file (``old``) in place of the header just written to ``new``
+    (when it is the same header), positioned after its last good tensor; start the journal.
+    Returns (tensors kept, every tensor's offset, the journal)."""
+    fout = w.fout[0]
+    fout.flush()
+    data_start = fout.tell()
+    with open(new, "rb") as f:
+        header = f.read(data_start)
+    offsets, off = [], data_start
+    for j in jobs:
+        offsets.append(off)
+        off += gguf.GGUFWriter.ggml_pad(j.nbytes, w.data_alignment)
+    journal = Journal(new.parent)
+    kept = verified(old, journal, header, [j.tensor.name for j in jobs], offsets,
+                    [j.nbytes for j in jobs]) if old.exists() else []
+    if kept:
+        k = len(kept)
+        end = offsets[k] if k < len(jobs) else off
+        fout.close()
+        os.replace(old, new)
+        f = open(new, "r+b")
+        w.fout[0] = f
+        f.truncate(end)
+        f.seek(end)
+        if notes is not None:
+            notes.append(f"resumed {new.name} from {new.parent.name}: {k} of {len(jobs)} tensors verified "
+                         f"(sha256) and kept, {len(jobs) - k} to encode")
+    elif old.exists():
+        os.unlink(old)
+        if notes is not None:
+            notes.append(f"{new.parent.name}: the partial file does not match this conversion (or its first tensor "
+                         "does not verify); started over")
+    journal.begin(hashlib.sha256(header).hexdigest(), len(jobs), kept)
+    return len(kept), offsets, journal
 
 
 def _bad_values(job: Job, n_bad: int, n_over: int) -> str:

@@ -19,6 +19,7 @@ from ggufq.quant.floats import f32_to_bf16_bits  # noqa: F401  -- re-exported: r
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GGUFQ_CACHE", Path.home() / ".cache" / "ggufq"))
 LLAMA_BIN = Path(os.environ.get("GGUFQ_LLAMA_BIN", CACHE / "llama-bin"))
+LLAMA_RPC = Path(os.environ.get("GGUFQ_LLAMA_RPC", CACHE / "llama-rpc"))     # tools/build_rpc.sh
 LLAMA_CPP = Path(os.environ.get("GGUFQ_LLAMA_CPP", CACHE / "llama-src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"))
 LLAMA_CONVERT = Path(os.environ.get("GGUFQ_LLAMA_CONVERT", LLAMA_CPP / "convert_hf_to_gguf.py"))
 TINY = ROOT / "fixtures" / "tinyllama-spm-10m"

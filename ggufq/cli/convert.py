@@ -57,8 +57,19 @@ def parse_size(text: str) -> int:
 @click.option("--save-imatrix", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE",
               help="Also write the self-calibration's diagonal moments as a llama.cpp GGUF imatrix "
                    "(for llama-quantize --imatrix and other llama.cpp tools).")
+@click.option("--rpc", default=None, metavar="HOST:PORT,...",
+              help="Self-calibration's forward pass on llama.cpp rpc-servers (ggml-rpc-server on other machines) "
+                   "for a model larger than this machine's memory; needs llama.cpp libraries built with RPC "
+                   "(tools/build_rpc.sh, LLAMA_CPP_LIB_PATH).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Encoder processes (default: all cores).")
+@click.option("--executor", default="local", show_default=True, metavar="local|ray|ray://HOST:PORT",
+              help="Where the encoding runs: local processes (--jobs), or tasks on a Ray cluster "
+                   "(pip install 'ggufq[ray]'; ray = the cluster this machine is in, ray://HOST:PORT = its GCS "
+                   "address); every node reads the model folder at the same path.")
+@click.option("--resume", is_flag=True,
+              help="Keep the partial file of an interrupted run (in .NAME.partial beside the output) and, "
+                   "when one is there, continue after its last tensor whose bytes verify (sha256).")
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="llama.cpp importance matrix (GGUF imatrix or legacy .dat) for the weighted quantizers.")
 @click.option("--split-max-size", default=None, metavar="SIZE",
@@ -84,7 +95,7 @@ def parse_size(text: str) -> int:
 @click.option("--name", default=None, help="Model name for general.name and the default file name.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, jobs, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
+def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, method, calib_tokens, calib_cache, gpu_layers, save_imatrix, rpc, jobs, executor, resume, imatrix, split_max_size, split_max_tensors, vocab_pre, ollama, validate, val_text, val_chunks, val_ctx,
             allow_nonfinite, name, force, quiet):
     """Convert a Hugging Face model folder (config.json, safetensors, tokenizer) to GGUF.
 
@@ -140,7 +151,8 @@ def command(model_dir, out, ftype, preset, map_file, target_size, target_bpw, me
                   save_imatrix=save_imatrix, log=None if quiet else (lambda line: click.echo(line, err=True)),
                   split_max_size=sizes["split_max_size"], split_max_tensors=split_max_tensors or 0,
                   allow_nonfinite=allow_nonfinite, protect=protect, target_size=target_size, target_bpw=target_bpw,
-                  before_commit=before_commit if (ollama or validate) else None)
+                  before_commit=before_commit if (ollama or validate) else None, executor=executor,
+                  resume=resume, rpc=tuple(x.strip() for x in rpc.split(",") if x.strip()) if rpc else ())
     notes = list(res.notes) + extra_notes
     if not quiet:
         for line in notes:
