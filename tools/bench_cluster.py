@@ -79,19 +79,24 @@ def measure(cmd: list, env=None) -> dict:
     return {"wall": wall, "rss": peak[0] / 1024, "tree": tree.peak_rss / 1024}
 
 
-def models(work: Path, size: str) -> dict:
+def models(work: Path, size: str, which=("dense", "moe")) -> dict:
     dense, moe = work / f"dense-{size}", work / f"moe-{size}"
-    if not (dense / "config.json").is_file():
+    if "dense" in which and not (dense / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "tools.make_synthetic", dense, *DENSE[size], "-q"], check=True, cwd=ROOT)
-    if not (moe / "config.json").is_file():
+    if "moe" in which and not (moe / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "tools.synthetic_moe", moe, "--arch", "qwen3moe", *MOE[size]],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return {"dense": dense, "moe": moe}
+    return {k: v for k, v in (("dense", dense), ("moe", moe)) if k in which}
 
 
 def n_weights(model: Path) -> int:
     from ggufq.convert import prepare
     return prepare(model).n_params
+
+
+def _row(label, name, m, n, cpus, note) -> str:
+    return (f"| {label} | {name} | {m['wall']:.1f} | {m['rss']:.0f} | {m['tree']:.0f} | "
+            f"{n / m['wall'] / cpus / 1e6:.2f} | {note} |")
 
 
 def main() -> int:
@@ -105,6 +110,8 @@ def main() -> int:
     ap.add_argument("--convert-script", type=Path, default=LLAMA_CONVERT)
     ap.add_argument("--llama-bin", type=Path, default=LLAMA_BIN)
     ap.add_argument("--skip-llama", action="store_true", help="leave out convert_hf_to_gguf + llama-quantize")
+    ap.add_argument("--models", nargs="+", choices=["dense", "moe"], default=["dense", "moe"],
+                    help="which of the two models (default both; one each fits a 10-minute call better)")
     a = ap.parse_args()
     quantize = a.llama_bin / "llama-quantize"
     if not a.skip_llama and not (a.convert_script.is_file() and quantize.exists()):
@@ -115,7 +122,7 @@ def main() -> int:
     except ImportError:
         sys.exit("ray is not installed: pip install 'ggufq[ray]'")
     a.work.mkdir(parents=True, exist_ok=True)
-    ms = models(a.work, a.size)
+    ms = models(a.work, a.size, a.models)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_ADDRESS", None)
     per = max(1, a.cpus // a.nodes)
@@ -144,12 +151,14 @@ def main() -> int:
             rows.append((label, f"ggufq --executor ray ({a.nodes} nodes x {per} CPUs)", r, n, a.nodes * per,
                          "identical to --jobs" if same else "DIFFERENT from --jobs"))
             rows.append((label, f"ggufq --jobs {a.cpus}", j, n, a.cpus, ""))
+            print("row:", _row(*rows[-2]), "\nrow:", _row(*rows[-1]), flush=True)
             if not a.skip_llama:
                 cv = measure([sys.executable, a.convert_script, model, "--outtype", "f16", "--outfile", f16], env)
                 q = measure([quantize, f16, theirs, a.type, a.cpus])
                 both = {"wall": cv["wall"] + q["wall"], "rss": max(cv["rss"], q["rss"]), "tree": max(cv["tree"], q["tree"])}
                 rows.append((label, f"convert_hf_to_gguf f16 + llama-quantize {a.cpus} thr "
                              f"({cv['wall']:.1f} + {q['wall']:.1f} s)", both, n, a.cpus, ""))
+                print("row:", _row(*rows[-1]), flush=True)
             for p in (out_r, out_j, f16, theirs):
                 p.unlink(missing_ok=True)
     finally:
@@ -163,9 +172,8 @@ def main() -> int:
           f"Ray cluster start-up {t_up:.1f} s (not counted)\n")
     print("| model | pipeline | wall s | driver peak RSS MiB | local tree peak RSS MiB | M weights/s per CPU | note |")
     print("|---|---|---|---|---|---|---|")
-    for label, name, m, n, cpus, note in rows:
-        print(f"| {label} | {name} | {m['wall']:.1f} | {m['rss']:.0f} | {m['tree']:.0f} | "
-              f"{n / m['wall'] / cpus / 1e6:.2f} | {note} |")
+    for row in rows:
+        print(_row(*row))
     return 0
 
 
