@@ -181,6 +181,7 @@ class SelfCalibration:
             # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
             with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
                 self._key, self._h = k, Hessian.from_moment(m, damp, group)
+            self._h.spill = str(self.tmpdir)      # to encoder processes as a mapped file, not a pickled copy
         # an --imatrix file's entry picks the block scales; the moment steers the rounding
         return self._h if imatrix is None else dataclasses.replace(self._h, diag=np.asarray(imatrix, np.float32))
 
