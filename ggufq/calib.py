@@ -29,6 +29,7 @@ the temporary folder removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import importlib.util
@@ -187,11 +188,12 @@ class SelfCalibration:
             return np.diag(m).copy() if _diag_only(name) else m
         return self.mm[o:o + n] / self.count
 
-    def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None):
-        """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP)."""
-        return functools.partial(self.weights, name, imatrix, damp)
+    def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0):
+        """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP;
+        ``group``: the encoder's block-column width, for the sweep order -- gptq.sweep_group)."""
+        return functools.partial(self.weights, name, imatrix, damp, group)
 
-    def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None):
+    def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0):
         """``name``'s imatrix (write.Imatrix): a Hessian from full moments (its diag replaced by ``imatrix``
         when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it."""
         from .quant.gptq import Hessian
@@ -200,15 +202,16 @@ class SelfCalibration:
             return imatrix
         if m.ndim == 1:
             return imatrix if imatrix is not None else m.astype(np.float32)
-        k = (self.key(name), damp)
+        k = (self.key(name), damp, group)
         if k != self._key:
             self._key, self._h = None, None
             # below ~1k inputs BLAS threads do not pay: on a busy machine they spin (SmolLM2's 576:
             # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
             with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
-                self._key, self._h = k, Hessian.from_moment(m, damp)
+                self._key, self._h = k, Hessian.from_moment(m, damp, group)
+            self._h.spill = str(self.tmpdir)      # to encoder processes as a mapped file, not a pickled copy
         # an --imatrix file's entry picks the block scales; the moment steers the rounding
-        return self._h if imatrix is None else Hessian(np.asarray(imatrix, np.float32), self._h.u)
+        return self._h if imatrix is None else dataclasses.replace(self._h, diag=np.asarray(imatrix, np.float32))
 
     def importance(self, name: str) -> Optional[np.ndarray]:
         """float32 E[x_j^2] of ``name``'s inputs (an imatrix entry for the k-quant/i-quant encoders),

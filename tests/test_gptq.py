@@ -97,3 +97,62 @@ def test_blas_threads_set_and_restored():
         h = gptq.Hessian.from_moment(np.eye(64) + 0.1)
         assert np.allclose(h.u.T @ h.u, np.linalg.inv(np.eye(64) + 0.1 + gptq.DAMP * 1.1 * np.eye(64)))
     assert blas.get_threads() == before
+
+
+def test_sweep_order_factor_and_edges(gate):
+    """group=256: U factors the permuted (H + damp)^-1; the order stays inside each block-column."""
+    _, m = gate
+    h = gptq.Hessian.from_moment(m, group=256)
+    p = h.perm
+    assert sorted(p) == list(range(len(m)))
+    assert all(set(p[i:i + 256]) == set(range(i, i + 256)) for i in range(0, len(m), 256))
+    d = np.diag(m)
+    assert all(np.all(np.diff(d[p[i:i + 256]]) <= 0) for i in range(0, len(m), 256))
+    lam = gptq.DAMP * d.mean()
+    inv = np.linalg.inv(m[np.ix_(p, p)] + lam * np.eye(len(m)))
+    assert np.allclose(h.u.T @ h.u, inv, rtol=1e-6, atol=1e-8 * np.abs(inv).max())
+    assert np.array_equal(h.diag, gptq.Hessian.from_moment(m).diag)      # the importance stays in column order
+    assert np.array_equal(h.order(256), p)
+    with pytest.raises(ValueError):
+        h.order(32)                           # a 32-wide block's scale would be chosen after its weights moved
+    with pytest.raises(ValueError):
+        gptq.sweep_inputs(T.IQ3_XXS, np.zeros((2, len(m)), np.float32), h, 256)
+
+
+@pytest.mark.parametrize("qtype", [t for t in sorted(TRAITS, key=lambda t: t.name) if gptq.sweep_group(t)]
+                         + [T.IQ4_XS], ids=lambda t: t.name)
+def test_sweep_in_importance_order_lowers_the_output_error(qtype, gate):
+    """Same scales' rules, same bytes per row: taking each block-column's columns in falling E[x^2]
+    leaves less product error than column order (tinyllama: 3-7% at 256-wide block-columns)."""
+    from ggufq.quant import iq4_gptq
+    rows, m = gate
+    mod = iq4_gptq if qtype == T.IQ4_XS else gptq
+    plain = mod.encode(qtype, rows, gptq.Hessian.from_moment(m), start=quant.encode)
+    ordered = mod.encode(qtype, rows, gptq.Hessian.from_moment(m, group=gptq.sweep_group(qtype)), start=quant.encode)
+    assert ordered.shape == plain.shape and not np.array_equal(ordered, plain)
+    assert _out_err(qtype, rows, ordered, m) < 0.99 * _out_err(qtype, rows, plain, m)
+    # rows stay independent in either order
+    parts = np.concatenate([mod.encode(qtype, rows[:70], gptq.Hessian.from_moment(m, group=256), start=quant.encode),
+                            mod.encode(qtype, rows[70:], gptq.Hessian.from_moment(m, group=256), start=quant.encode)])
+    assert np.array_equal(parts, ordered)
+
+
+def test_hessian_travels_as_a_file(gate, tmp_path):
+    """Pickled with ``spill``, U goes once to a file there (not into every job's pickle); the copy maps
+    it and encodes the same bytes; the file goes with the parent's object."""
+    import gc
+    import pickle
+    rows, m = gate
+    h = gptq.Hessian.from_moment(m, group=256)
+    h.spill = str(tmp_path)
+    blob = pickle.dumps(h)
+    assert len(blob) < h.u.nbytes // 4 and len(pickle.dumps(h)) == len(blob)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1                            # written once, whatever the number of jobs
+    h2 = pickle.loads(blob)
+    assert isinstance(h2.u, np.memmap) and np.array_equal(h2.u, h.u) and np.array_equal(h2.perm, h.perm)
+    assert np.array_equal(gptq.encode(T.Q4_K, rows, h2, start=quant.encode),
+                          gptq.encode(T.Q4_K, rows, h, start=quant.encode))
+    del h, h2
+    gc.collect()
+    assert not files[0].exists()

@@ -11,6 +11,10 @@ nearest table value under its block's scale, and its error ``(w - q) / U_jj`` is
 columns not yet quantized along ``U``'s row (``U`` the upper Cholesky factor of ``H^-1``); a
 block-column's errors reach the later ones in one product.
 
+With a permuted Hessian (:meth:`ggufq.quant.gptq.Hessian.order`) the columns of each block-column
+are taken in its order (falling importance) instead of left to right; the scales are still chosen
+on the whole block-column before its first weight is rounded.
+
 Only the codes change; the scale bytes are those ``start`` wrote, so the file is read as any
 IQ4 file is.
 """
@@ -21,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .gptq import Hessian, sweep_inputs
+from .gptq import Hessian
 from .iq4 import KVALUES
 
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
@@ -51,21 +55,30 @@ def _pack_codes(L: np.ndarray) -> np.ndarray:
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] -> uint8 [n, k/qk * block bytes] of IQ4_NL or IQ4_XS, the contract of
-    :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales)."""
+    :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales; the
+    columns in ``h``'s sweep order)."""
     qk, bsz = _FMT[qtype]
-    W, imp = sweep_inputs(qtype, rows, h, qk, importance)
-    n, k = W.shape
+    n, k = rows.shape
+    if k != h.n or k % qk:
+        raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {qk}")
+    perm = h.order(qk)
+    W = np.array(rows if h.perm is None else np.asarray(rows)[:, perm], np.float64)    # sweep order
+    imp = h.diag if importance is None else np.asarray(importance, np.float32)
     U = h.u
     nb = qk // 32
     out = np.empty((n, k // qk, bsz), np.uint8)
     L = np.empty((n, nb, 32), np.uint8)
+    nat = np.empty((n, qk))
     for b, c0 in enumerate(range(0, k, qk)):
         c1 = c0 + qk
-        blk = start(qtype, W[:, c0:c1].astype(np.float32), imp[c0:c1])
+        col = perm[c0:c1] - c0                               # sweep position -> column in the block-column
+        nat[:, col] = W[:, c0:c1]
+        blk = start(qtype, nat.astype(np.float32), imp[c0:c1])
         dl = _scales(qtype, blk).reshape(n, nb)
         E = np.empty((n, qk))
         for c in range(qk):
-            s, j = c // 32, c0 + c
+            j, cc = c0 + c, col[c]
+            s = cc // 32
             w = W[:, j]
             d = dl[:, s]
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -75,7 +88,7 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
             if c + 1 < qk:
                 W[:, j + 1:c1] -= np.outer(e, U[j, j + 1:c1])
             E[:, c] = e
-            L[:, s, c % 32] = q
+            L[:, s, cc % 32] = q
         if c1 < k:
             W[:, c1:] -= E @ U[c0:c1, c1:]
         o = out[:, b]
