@@ -29,6 +29,7 @@ chunk's importance vector, and returns the encoded bytes. No weight goes through
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -87,6 +88,15 @@ def model_digest(model_dir: str) -> str:
     rows = [[t.name, list(t.shape), int(t.native) if t.native is not None else None] for t in p.tensors]
     files = [[f.name, f.stat().st_size] for f in p.model.input_files()]
     return hashlib.sha256(json.dumps([rows, files]).encode()).hexdigest()[:16]
+
+
+def for_object_store(weights):
+    """``weights`` as a task's argument: a Hessian without its spill folder, so that its U travels in
+    Ray's object store (put once per matrix) rather than as a path to this machine's temporary folder,
+    which another node need not see (gptq.Hessian.__getstate__)."""
+    if getattr(weights, "spill", None) is not None:
+        return dataclasses.replace(weights, spill=None)
+    return weights
 
 
 def _one_line(e: BaseException) -> str:
@@ -197,7 +207,9 @@ class RayExecutor:
         if weights is not None and not isinstance(weights, (int, float)):
             obj, ref = self._weights           # one object per importance (a Hessian is large), not per chunk
             if obj is not weights:
-                ref = ray.put(weights)
+                # a Hessian's U goes through the object store: its spill file (gptq.Hessian.__getstate__)
+                # sits in this machine's temporary folder, which another node need not see
+                ref = ray.put(for_object_store(weights))
                 self._weights = (weights, ref)
             weights = ref
         ref = self._remote.remote(self.model_dir, self.digest, encoder, job.tensor.name, tuple(job.tensor.shape),

@@ -200,6 +200,32 @@ def test_probe_mismatches(tmp_path):
         assert str(e.value).startswith("Ray node n1 ") and "\n" not in str(e.value)
 
 
+def test_hessian_goes_through_the_object_store(tmp_path):
+    """A self-calibrated matrix's Hessian is put in the object store whole: the spill file (a path into
+    the driver's temporary folder) would not exist on another node."""
+    import pickle
+    import numpy as np
+    from ggufq.cluster import for_object_store
+    from ggufq.quant.gptq import Hessian
+    m = np.cov(np.random.default_rng(0).standard_normal((64, 512))) + np.eye(64)
+    h = Hessian.from_moment(m)
+    h.spill = str(tmp_path)
+    sent = pickle.loads(pickle.dumps(for_object_store(h)))
+    assert not list(tmp_path.iterdir())                       # nothing written to the local folder
+    assert not isinstance(sent.u, np.memmap) and np.array_equal(sent.u, h.u)
+    assert for_object_store(h.diag) is h.diag
+
+
+def test_cluster_calibrated_identical(cluster, tmp_path):
+    """--method calibrated on the cluster (Hessians through the object store) gives the local run's bytes."""
+    args = ("-t", "Q4_K_M", "--method", "calibrated", "--calib-tokens", "256", "-q")
+    rc, err = _run(TINY, *args, "-o", tmp_path / "ray.gguf", "--executor", f"ray://{cluster.address}")
+    assert rc == 0, err
+    rc, err = _run(TINY, *args, "-o", tmp_path / "local.gguf", "-j", "2")
+    assert rc == 0, err
+    assert (tmp_path / "ray.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
 def test_no_ray_process_survives(cluster, request):
     """Runs last: shut the module's cluster down and check that none of its processes is left."""
     cluster.shutdown()
@@ -208,3 +234,4 @@ def test_no_ray_process_survives(cluster, request):
         time.sleep(0.5)
     left = _ray_pids() - cluster.pids_before
     assert not left, f"Ray processes left after shutdown: {sorted(left)}"
+
