@@ -93,8 +93,9 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] float -> uint8 blocks [n, row_nbytes] of ``qtype``.
 
-    ``start(qtype, cols, importance)`` picks the block scales of one block-column;
-    ``importance`` (default ``h.diag``) is what it weights by.
+    ``start(qtype, cols, importance)`` picks the block scales of one block-column (its bytes, or
+    its :class:`~ggufq.quant.layout.Fields` as unpacking them gives); ``importance`` (default
+    ``h.diag``) is what it weights by.
 
     The sweep works on ``W^T`` (one contiguous row per column) and pushes errors in three
     tiers: column by column only inside a sub-block (its scale is fixed, 16 or 32 columns),
@@ -116,7 +117,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     Qt = np.empty((qk, n))             # its codes minus zq
     for b, c0 in enumerate(range(0, k, qk)):
         c1 = c0 + qk
-        f = layout.unpack(qtype, start(qtype, np.ascontiguousarray(Wt[c0:c1].T, np.float32), imp[c0:c1]))
+        f = start(qtype, np.ascontiguousarray(Wt[c0:c1].T, np.float32), imp[c0:c1])
+        f = f if isinstance(f, layout.Fields) else layout.unpack(qtype, f)
         A, B = layout.affine(f)
         At = np.ascontiguousarray(A.T, np.float64)                     # [n_sub, n]
         Bt = np.ascontiguousarray(B.T, np.float64)
