@@ -136,9 +136,11 @@ def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional
     beta = None
     hist = []
     for _ in range(prm.iters):
-        Wq = np.clip(np.rint(W / a[:, None]), lo_code, hi_code)
-        Wr = a[:, None] * Wq
-        err = np.abs(W - Wr).mean(-1)
+        Wq = W / a[:, None]                   # clip(rint(W / a)), in place
+        np.rint(Wq, out=Wq)
+        np.clip(Wq, lo_code, hi_code, out=Wq)
+        D = W - a[:, None] * Wq               # W - Wr, once for the error and the shrink
+        err = np.abs(D).mean(-1)
         err_all = err_all.astype(err.dtype)
         err_all[rows] = err
         hist.append(float(err_all.mean()))
@@ -151,10 +153,11 @@ def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional
             if not better.all():
                 if not better.any():
                     break
-                rows, W, w, Wq, Wr, a, beta = (x[better] for x in (rows, W, w, Wq, Wr, a, beta))
-        We = shrink_lp(W - Wr, beta[:, None], prm.p)
-        num = (w * Wq * (W - We)).sum(-1)
-        den = (w * Wq * Wq).sum(-1)
+                rows, W, w, Wq, D, a, beta = (x[better] for x in (rows, W, w, Wq, D, a, beta))
+        We = shrink_lp(D, beta[:, None], prm.p)
+        wq = w * Wq                           # (w * Wq) * ..., the products' order as before
+        num = (wq * (W - We)).sum(-1)
+        den = (wq * Wq).sum(-1)
         a_new = np.where(den > 0, num / np.maximum(den, 1e-30), a)
         a = np.where(a_new != 0, a_new, a)
         beta = beta * prm.kappa
