@@ -44,9 +44,11 @@ import llama_cpp  # noqa: I001  -- must come before numpy (see module docstring)
 
 import contextlib
 import ctypes
+import gc
 import os
 import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -316,6 +318,7 @@ class Collector:
 
 
 _BLOCK = 256
+_BUFS = threading.local()
 
 
 def _sample(logits: np.ndarray, gens: list, temperature: float) -> np.ndarray:
@@ -323,10 +326,19 @@ def _sample(logits: np.ndarray, gens: list, temperature: float) -> np.ndarray:
     uniform from each row's own generator, found block by block (two short cumulative sums
     instead of one over the vocabulary)."""
     n, v = logits.shape
-    z = logits * np.float32(1.0 / temperature)
-    z -= z.max(1, keepdims=True)
-    p = np.zeros((n, -(-v // _BLOCK) * _BLOCK), np.float32)
-    np.exp(z, out=p[:, :v])
+    # p: kept per thread and shape (two fresh [n, vocab] arrays per step cost page faults); its padding
+    # columns stay zero, exp(z) is written into the first v
+    key = (n, -(-v // _BLOCK) * _BLOCK)
+    p = getattr(_BUFS, "p", None)
+    if p is None or p.shape != key:
+        p = _BUFS.p = np.zeros(key, np.float32)
+    z = p[:, :v]
+    if temperature == 1.0:     # logits * 1 is the logits: the same z without the product
+        np.subtract(logits, logits.max(1, keepdims=True), out=z)
+    else:
+        np.multiply(logits, np.float32(1.0 / temperature), out=z)
+        z -= z.max(1, keepdims=True)
+    np.exp(z, out=z)
     blocks = p.reshape(n, -1, _BLOCK).sum(2, dtype=np.float64)
     cb = np.cumsum(blocks, 1)
     u = np.array([g.random() for g in gens]) * cb[:, -1]
@@ -431,36 +443,37 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     pool = ThreadPoolExecutor(min(8, int(req["threads"]))) if int(req["threads"]) > 1 else None
     send(("start", -(-n_seq // n_par) * n_tok, n_par), None)
     mem = llama_cpp.llama_get_memory(ctx)
-    for s0 in range(0, n_seq, n_par):
-        s1 = min(n_seq, s0 + n_par)
-        llama_cpp.llama_memory_clear(mem, True)
-        for t in range(n_tok):
-            batch.n_tokens = s1 - s0
-            for j in range(s1 - s0):
-                batch.token[j] = int(toks[s0 + j, t])
-                batch.pos[j] = t
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = j
-                batch.logits[j] = 1
-            tick = (time.monotonic(), time.process_time())
-            rc = llama_cpp.llama_decode(ctx, batch)
-            tick = _lap(times, "decode", tick)
-            if col.error is not None:
-                raise col.error
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc})" + (f": {log()}" if log() else ""))
-            if t + 1 < n_tok and given is None:
-                lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(s1 - s0, n_vocab))
-                toks[s0:s1, t + 1] = _sample_rows(pool, lg, gens[s0:s1], float(req["temperature"]))
-                tick = _lap(times, "sample", tick)
-            if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
-                flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
-                col.reserve_rows = flush_rows + n_par     # a flush's rows and the decode that crosses it
-            if col.buffered_tokens() >= flush_rows:
-                col.flush()
-                tick = _lap(times, "sums", tick)
-            step += 1
-            send(("progress", step), None)
+    with _no_gc():
+        for s0 in range(0, n_seq, n_par):
+            s1 = min(n_seq, s0 + n_par)
+            llama_cpp.llama_memory_clear(mem, True)
+            for t in range(n_tok):
+                batch.n_tokens = s1 - s0
+                for j in range(s1 - s0):
+                    batch.token[j] = int(toks[s0 + j, t])
+                    batch.pos[j] = t
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = j
+                    batch.logits[j] = 1
+                tick = (time.monotonic(), time.process_time())
+                rc = llama_cpp.llama_decode(ctx, batch)
+                tick = _lap(times, "decode", tick)
+                if col.error is not None:
+                    raise col.error
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed ({rc})" + (f": {log()}" if log() else ""))
+                if t + 1 < n_tok and given is None:
+                    lg = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(s1 - s0, n_vocab))
+                    toks[s0:s1, t + 1] = _sample_rows(pool, lg, gens[s0:s1], float(req["temperature"]))
+                    tick = _lap(times, "sample", tick)
+                if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
+                    flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
+                    col.reserve_rows = flush_rows + n_par     # a flush's rows and the decode that crosses it
+                if col.buffered_tokens() >= flush_rows:
+                    col.flush()
+                    tick = _lap(times, "sums", tick)
+                step += 1
+                send(("progress", step), None)
     tick = (time.monotonic(), time.process_time())
     col.flush(final=True)
     if col.mm is not None:
@@ -476,6 +489,21 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
     return out, toks
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """The garbage collector off (what exists frozen) for the decode loop: it makes no cyclic garbage, but
+    the callback's ctypes objects trigger collections that walk every object of llama_cpp and NumPy: ~3 %
+    of the decode's CPU in a perf profile (docs/CALIB_SPEED.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def _lap(times: dict, key: str, since: tuple[float, float]) -> tuple[float, float]:

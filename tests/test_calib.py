@@ -136,8 +136,8 @@ class _Collect(Reference):
 
 
 def test_moments_equal_the_reference_inputs(tiny, tmp_path):
-    """Given tokens decoded by llama.cpp (the F16 temporary model) vs the NumPy reference forward
-    of the HF weights: every matrix's E[x x^T] (E[x^2] for ffn_down) agrees to F16 precision."""
+    """Given tokens decoded by llama.cpp (the temporary model: BF16, as the source) vs the NumPy reference forward
+    of the HF weights: every matrix's E[x x^T] (E[x^2] for ffn_down) agrees to 16-bit precision."""
     toks = np.random.default_rng(2).integers(3, 8192, (2, 48))
     toks[:, 0] = 1
     ref = _Collect(tiny)
@@ -151,6 +151,15 @@ def test_moments_equal_the_reference_inputs(tiny, tmp_path):
             want = (x * x).mean(0) if name.endswith("ffn_down.weight") else x.T @ x / len(x)
             assert got.shape == want.shape, name
             assert _rel(got, want) < 2e-2, (name, _rel(got, want))
+
+
+def test_temporary_model_type(tiny_p, sample, tmp_path):
+    """BF16 weights stay BF16 in the temporary model (exact, and llama.cpp's faster matmuls); any
+    other source dtype gets F16; the model llama.cpp loads is that type."""
+    from synth import make_model
+    assert calib.temp_type(tiny_p) == "BF16" and sample.stats["model_type"] == "BF16"
+    assert calib.temp_type(prepare(make_model(tmp_path / "f32", dtype="F32"))) == "F16"
+    assert calib.temp_type(prepare(make_model(tmp_path / "f16", dtype="F16"))) == "F16"
 
 
 def test_weights_hand_out_hessians_and_diagonals(sample):

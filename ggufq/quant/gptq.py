@@ -171,8 +171,9 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] float -> uint8 blocks [n, row_nbytes] of ``qtype``.
 
-    ``start(qtype, cols, importance)`` picks the block scales of one block-column;
-    ``importance`` (default ``h.diag``) is what it weights by.
+    ``start(qtype, cols, importance)`` picks the block scales of one block-column (its bytes, or
+    its :class:`~ggufq.quant.layout.Fields` as unpacking them gives); ``importance`` (default
+    ``h.diag``) is what it weights by.
 
     The sweep works on ``W^T`` (one contiguous row per column), in ``h``'s order (column order,
     or falling importance inside each block-column), and pushes errors in three tiers: column
@@ -199,7 +200,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
         c1 = c0 + qk
         col = perm[c0:c1] - c0                                          # sweep position -> column in block
         nat[col] = Wt[c0:c1]
-        f = layout.unpack(qtype, start(qtype, np.ascontiguousarray(nat.T, np.float32), imp[c0:c1]))
+        f = start(qtype, np.ascontiguousarray(nat.T, np.float32), imp[c0:c1])
+        f = f if isinstance(f, layout.Fields) else layout.unpack(qtype, f)
         A, B = layout.affine(f)
         At = np.ascontiguousarray(A.T, np.float64)                     # [n_sub, n]
         Bt = np.ascontiguousarray(B.T, np.float64)

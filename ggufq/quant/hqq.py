@@ -136,9 +136,11 @@ def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional
     beta = None
     hist = []
     for _ in range(prm.iters):
-        Wq = np.clip(np.rint(W / a[:, None]), lo_code, hi_code)
-        Wr = a[:, None] * Wq
-        err = np.abs(W - Wr).mean(-1)
+        Wq = W / a[:, None]                   # clip(rint(W / a)), in place
+        np.rint(Wq, out=Wq)
+        np.clip(Wq, lo_code, hi_code, out=Wq)
+        D = W - a[:, None] * Wq               # W - Wr, once for the error and the shrink
+        err = np.abs(D).mean(-1)
         err_all = err_all.astype(err.dtype)
         err_all[rows] = err
         hist.append(float(err_all.mean()))
@@ -151,10 +153,11 @@ def solve_symmetric(W: np.ndarray, lo_code: int, hi_code: int, weights: Optional
             if not better.all():
                 if not better.any():
                     break
-                rows, W, w, Wq, Wr, a, beta = (x[better] for x in (rows, W, w, Wq, Wr, a, beta))
-        We = shrink_lp(W - Wr, beta[:, None], prm.p)
-        num = (w * Wq * (W - We)).sum(-1)
-        den = (w * Wq * Wq).sum(-1)
+                rows, W, w, Wq, D, a, beta = (x[better] for x in (rows, W, w, Wq, D, a, beta))
+        We = shrink_lp(D, beta[:, None], prm.p)
+        wq = w * Wq                           # (w * Wq) * ..., the products' order as before
+        num = (wq * (W - We)).sum(-1)
+        den = (wq * Wq).sum(-1)
         a_new = np.where(den > 0, num / np.maximum(den, 1e-30), a)
         a = np.where(a_new != 0, a_new, a)
         beta = beta * prm.kappa
@@ -231,7 +234,7 @@ def _hessian_aware(enc):
                 return iq4_gptq.encode(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
-            return _gptq.encode(qtype, rows, imatrix, start=enc)
+            return _gptq.encode(qtype, rows, imatrix, start=_AS_FIELDS.get(enc, enc))
         return enc(qtype, rows, imatrix)
     return wrapped
 
@@ -287,13 +290,15 @@ def encode_hqq_max(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = N
     lower weighted error wins."""
     if (done := _passthrough(qtype, rows, imatrix)) is not None:
         return done
+    return layout.pack(_max_fields(qtype, rows, imatrix)).reshape(rows.shape[0], -1)
+
+
+def _max_fields(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> Fields:
     rows, x, w = _blocks(qtype, rows, imatrix)
     f0 = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w)
     f1 = _refine.refine_fields(hqq_fields(qtype, x, w if imatrix is not None else None, SCALED), x, w)
     e0, e1 = _refine.block_err(f0, x, w), _refine.block_err(f1, x, w)
-    b0, b1 = layout.pack(f0), layout.pack(f1)
-    out = np.where((e1 < e0)[:, None], b1, b0)
-    return out.reshape(rows.shape[0], -1)
+    return _stored(_select(e1 < e0, f1, f0))
 
 
 @_hessian_aware
@@ -301,9 +306,12 @@ def encode_refined(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = N
     """The k-quant encoder's bytes, refined (one start only)."""
     if (done := _passthrough(qtype, rows, imatrix)) is not None:
         return done
+    return layout.pack(_refined_fields(qtype, rows, imatrix)).reshape(rows.shape[0], -1)
+
+
+def _refined_fields(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> Fields:
     rows, x, w = _blocks(qtype, rows, imatrix)
-    f = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w)
-    return layout.pack(f).reshape(rows.shape[0], -1)
+    return _stored(_refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w))
 
 
 @_hessian_aware
@@ -311,10 +319,28 @@ def encode_hqq_fast(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = 
     """Cheaper ``hqq``: the k-quant start only, 2 refinement passes, separable +-1 integer search."""
     if (done := _passthrough(qtype, rows, imatrix)) is not None:
         return done
+    return layout.pack(_fast_fields(qtype, rows, imatrix)).reshape(rows.shape[0], -1)
+
+
+def _fast_fields(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> Fields:
     rows, x, w = _blocks(qtype, rows, imatrix)
-    f = _refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w,
-                              iters=2, radius=1, separable=True)
-    return layout.pack(f).reshape(rows.shape[0], -1)
+    return _stored(_refine.refine_fields(layout.unpack(qtype, _start(qtype, rows, imatrix)), x, w,
+                                         iters=2, radius=1, separable=True))
+
+
+def _select(sel: np.ndarray, a: Fields, b: Fields) -> Fields:
+    """Per block, ``a``'s fields where ``sel`` else ``b``'s (what np.where on their packed bytes gives)."""
+    def pick(u, v):
+        return None if u is None else np.where(sel.reshape(-1, *([1] * (u.ndim - 1))), u, v)
+    return Fields(a.qtype, pick(a.d, b.d), pick(a.q, b.q), pick(a.dmin, b.dmin), pick(a.sc, b.sc), pick(a.mn, b.mn))
+
+
+def _stored(f: Fields) -> Fields:
+    """``f`` as unpacking its packed bytes gives it back (the fp16 fields rounded as stored)."""
+    f.d = _fp16(f.d)
+    if f.dmin is not None:
+        f.dmin = _fp16(f.dmin)
+    return f
 
 
 @_hessian_aware
@@ -325,3 +351,15 @@ def encode_hqq(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None)
     if TRAITS.get(qtype) is not None and TRAITS[qtype].n_sub > 1:
         return encode_hqq_fast(qtype, rows, imatrix)
     return encode_hqq_max(qtype, rows, imatrix)
+
+
+def _hqq_fields(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> Fields:
+    if TRAITS[qtype].n_sub > 1:
+        return _fast_fields(qtype, rows, imatrix)
+    return _max_fields(qtype, rows, imatrix)
+
+
+# an encoder -> the same encoder giving its Fields instead of bytes: the error-feedback sweep's start,
+# called once per block-column, skips a pack and an unpack per call (SmolLM2 Q4_K_M: ~8 % of the encoding)
+_AS_FIELDS = {encode_hqq_max.__wrapped__: _max_fields, encode_refined.__wrapped__: _refined_fields,
+              encode_hqq_fast.__wrapped__: _fast_fields, encode_hqq.__wrapped__: _hqq_fields}
