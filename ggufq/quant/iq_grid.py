@@ -187,9 +187,12 @@ def best_neighbour(g: Grid, u: np.ndarray, xval: np.ndarray, weight: np.ndarray,
         terms *= diff                                                     # [m, dim, nlev]
         terms[np.isnan(terms)] = np.inf             # NaN never passes ``d2 < best``; inf neither
         # running sums over the first P coordinates for every combination of their levels
-        part = np.zeros((m, 1), dtype=F32) + terms[:, 0, :]              # d2 = 0; d2 += t0
+        # built with the queries along the last axis (long inner loops), then one transpose
+        partT = np.zeros((1, m), dtype=F32) + np.ascontiguousarray(terms[:, 0, :].T)   # d2 = 0; d2 += t0
         for i in range(1, P):
-            part = (part[:, :, None] + terms[:, i, None, :]).reshape(m, -1)
+            tT = np.ascontiguousarray(terms[:, i, :].T)                   # [nlev, m]
+            partT = (partT[:, None, :] + tT[None, :, :]).reshape(-1, m)
+        part = np.ascontiguousarray(partT.T)                              # [m, nlev**P]
         d2 = np.take(part, np.repeat(np.arange(0, m * part.shape[1], part.shape[1], dtype=np.int64), cnt)
                      + g.flat_prefix(P)[pos])
         base = np.repeat(np.arange(0, m * dim * nlev, dim * nlev, dtype=np.int64), cnt)
