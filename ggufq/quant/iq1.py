@@ -111,7 +111,7 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
         score /= sq                                         # sq <= 0: -inf, nan or huge; checked below
         M = np.fmax.reduce(score, axis=0)                   # nan (0/0) is skipped
         # products best*sumq2 stay in float32's normal range
-        sqmin = np.where(sq > 0, sq, F32(np.inf)).min(axis=0)
+        sqmin = np.min(sq, axis=0, where=sq > 0, initial=F32(np.inf))
         sane = np.isfinite(M) & (M > 1e-30) & (M * sqmin >= 1e-30) & (M * sq.max(axis=0) <= 1e36)
         near = np.zeros((n, G), dtype=bool)
         todo = np.flatnonzero(sane)
@@ -121,9 +121,11 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
             sc = score if todo.size == G else score[:, todo]
             thr = M[todo] * F32(1 - t)
             nr = sc >= thr
-            lo = np.where(nr, F32(-np.inf), sc)
-            lo = np.fmax.reduce(lo, axis=0)
+            lo = np.fmax.reduce(sc, axis=0, where=~nr, initial=F32(-np.inf))
             ok = ~(lo >= thr * F32(1 - _GAP))               # nan: no other candidate
+            if todo.size == G and ok.all():
+                near = nr                                   # the usual case: every group settled at once
+                break
             near[:, todo[ok]] = nr[:, ok]
             todo = todo[~ok]
         rest = np.r_[todo, np.flatnonzero(~sane)]
