@@ -111,7 +111,7 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
         score /= sq                                         # sq <= 0: -inf, nan or huge; checked below
         M = np.fmax.reduce(score, axis=0)                   # nan (0/0) is skipped
         # products best*sumq2 stay in float32's normal range
-        sqmin = np.min(sq, axis=0, where=sq > 0, initial=F32(np.inf))
+        sqmin = np.where(sq > 0, sq, F32(np.inf)).min(axis=0)
         sane = np.isfinite(M) & (M > 1e-30) & (M * sqmin >= 1e-30) & (M * sq.max(axis=0) <= 1e36)
         near = np.zeros((n, G), dtype=bool)
         todo = np.flatnonzero(sane)
@@ -121,11 +121,9 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
             sc = score if todo.size == G else score[:, todo]
             thr = M[todo] * F32(1 - t)
             nr = sc >= thr
-            lo = np.fmax.reduce(sc, axis=0, where=~nr, initial=F32(-np.inf))
+            lo = np.where(nr, F32(-np.inf), sc)
+            lo = np.fmax.reduce(lo, axis=0)
             ok = ~(lo >= thr * F32(1 - _GAP))               # nan: no other candidate
-            if todo.size == G and ok.all():
-                near = nr                                   # the usual case: every group settled at once
-                break
             near[:, todo[ok]] = nr[:, ok]
             todo = todo[~ok]
         rest = np.r_[todo, np.flatnonzero(~sane)]
@@ -331,15 +329,11 @@ def _iq1m_search(xb: np.ndarray, weight: np.ndarray, xp, xm):
             sx = X[I1] + X[I2]
             qx_p.append(txs[h, sl] * p2 - sx)
             qx_m.append(txs[h, sl] * m2 - sx)
-            W1, W2 = W[I1], W[I2]
-            q2_p.append((tws[h, sl] * p2) * p2 + W1 * cp1 + W2 * cp2)
-            q2_m.append((tws[h, sl] * m2) * m2 + W1 * cm1 + W2 * cm2)
-        # k = 0: (+,+), 1: (+,-), 2: (-,+), 3: (-,-), written in place of a stack
-        sumqx = np.empty((len(I1), 4, g), dtype=F32)
-        sumq2 = np.empty((len(I1), 4, g), dtype=F32)
-        for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            np.add((qx_p, qx_m)[a][0], (qx_p, qx_m)[b][1], out=sumqx[:, k])
-            np.add((q2_p, q2_m)[a][0], (q2_p, q2_m)[b][1], out=sumq2[:, k])
+            q2_p.append((tws[h, sl] * p2) * p2 + W[I1] * cp1 + W[I2] * cp2)
+            q2_m.append((tws[h, sl] * m2) * m2 + W[I1] * cm1 + W[I2] * cm2)
+        # k = 0: (+,+), 1: (+,-), 2: (-,+), 3: (-,-)
+        sumqx = np.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], axis=1)
+        sumq2 = np.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], axis=1)
         win, sc = _record_scan(sumqx.reshape(-1, g), sumq2.reshape(-1, g))
         ok = win >= 0
         pair = np.where(ok, win // 4, 0)
