@@ -160,6 +160,9 @@ def best_neighbour(g: Grid, u: np.ndarray, xval: np.ndarray, weight: np.ndarray,
     combination of their levels); each candidate then costs one lookup of that
     partial sum plus the remaining terms, added in the C order -- the same
     float32 operations on the same values.
+
+    Long because the scan is one flat vectorised pass over every query's list (tables, lookups,
+    first minimum per list), each step kept in ggml's float32 order.
     """
     m = u.shape[0]
     if m == 0:
