@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if multi:
             list(procs.map(_ours_task, [(int(T.Q4_K), np.ones((1, 256), np.float32), None)] * jobs))   # warm workers
         print(f"imatrix: {a.imatrix}; all cores = {jobs if multi else '-'}; "
-              f"Mw/s = million weights per second, best of {a.repeat}\n")
+              f"Mw/s = million weights per second, best of {a.repeat}; {_load()} at the start\n")
         print("| tensors | type | imatrix | ours 1 core | ggml 1 core | ratio | ours all cores | ggml all cores | ratio |")
         print("|---|---|---|---|---|---|---|---|---|")
         for label, mats in sets:
@@ -125,7 +125,16 @@ def main(argv=None) -> int:
                 else:
                     row += "| - | - | - |"
                 print(row, flush=True)
+    print(f"\n{_load()} at the end")
     return 0
+
+
+def _load() -> str:
+    """The machine's load average (the one-core columns are CPU time, but a loaded machine shares caches)."""
+    try:
+        return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ def best_neighbour(g: Grid, u: np.ndarray, xval: np.ndarray, weight: np.ndarray,
     combination of their levels); each candidate then costs one lookup of that
     partial sum plus the remaining terms, added in the C order -- the same
     float32 operations on the same values.
+
+    Long because the scan is one flat vectorised pass over every query's list (tables, lookups,
+    first minimum per list), each step kept in ggml's float32 order.
     """
     m = u.shape[0]
     if m == 0:
@@ -178,18 +181,23 @@ def best_neighbour(g: Grid, u: np.ndarray, xval: np.ndarray, weight: np.ndarray,
     # flat candidate list: query j's neighbours at seg[j] .. seg[j]+cnt[j]; pos indexes the neighbour table
     pos = np.arange(total, dtype=np.int64)
     pos += np.repeat(g.nbr_start[row] - seg, cnt)
-    # terms[j, i, l] = (w*diff)*diff, diff = scale*q(l) - x
+    # terms[j, i, l] = (w*diff)*diff, diff = scale*q(l) - x; computed with the queries along the
+    # last axis (long inner loops over 3-8 levels would cost more than the arithmetic), then
+    # transposed once to [m, dim, nlev] for the per-candidate lookups
     qv = np.asarray(qv, dtype=F32)
-    qv = qv[None, None, :] if qv.ndim == 1 else qv[:, None, :]
+    sc = scale.astype(F32)
+    sq = (sc[None, :] * qv[:, None]) if qv.ndim == 1 else np.ascontiguousarray((sc[:, None] * qv).T)  # [nlev, m]
     with np.errstate(invalid="ignore", over="ignore"):
-        diff = scale.astype(F32)[:, None, None] * qv - xval.astype(F32)[:, :, None]
-        terms = weight.astype(F32)[:, :, None] * diff
-        terms *= diff                                                     # [m, dim, nlev]
-        terms[np.isnan(terms)] = np.inf             # NaN never passes ``d2 < best``; inf neither
+        diffT = sq[None, :, :] - np.ascontiguousarray(xval.astype(F32).T)[:, None, :]   # [dim, nlev, m]
+        termsT = np.ascontiguousarray(weight.astype(F32).T)[:, None, :] * diffT
+        termsT *= diffT
+        np.copyto(termsT, np.inf, where=np.isnan(termsT))   # NaN never passes ``d2 < best``; inf neither
         # running sums over the first P coordinates for every combination of their levels
-        part = np.zeros((m, 1), dtype=F32) + terms[:, 0, :]              # d2 = 0; d2 += t0
+        partT = np.zeros((1, m), dtype=F32) + termsT[0]                   # d2 = 0; d2 += t0
         for i in range(1, P):
-            part = (part[:, :, None] + terms[:, i, None, :]).reshape(m, -1)
+            partT = (partT[:, None, :] + termsT[i][None, :, :]).reshape(-1, m)
+        part = np.ascontiguousarray(partT.T)                              # [m, nlev**P]
+        terms = np.ascontiguousarray(termsT.transpose(2, 0, 1))          # [m, dim, nlev]
         d2 = np.take(part, np.repeat(np.arange(0, m * part.shape[1], part.shape[1], dtype=np.int64), cnt)
                      + g.flat_prefix(P)[pos])
         base = np.repeat(np.arange(0, m * dim * nlev, dim * nlev, dtype=np.int64), cnt)

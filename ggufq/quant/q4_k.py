@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import qkx, register
-from .common import fp16_bytes, fp16_round, transpose_u8
+from .common import clip_ufunc, fp16_bytes, fp16_round, transpose_u8
 from .qkx import make_qkx_T
 from .qx import make_qp_quants
 
@@ -152,7 +152,7 @@ def _requantize_T(xT: np.ndarray, LT: np.ndarray, d: np.ndarray, dmin: np.ndarra
     q = np.add(xT, dm, out=buf[:xT.size].reshape(xT.shape))
     q /= np.where(ok, dd, F32(1))
     np.rint(q, out=q)
-    np.clip(q, F32(0), F32(nmax), out=q)
+    clip_ufunc(q, F32(0), F32(nmax), out=q)
     out = q.astype(np.uint8)
     if not ok.all():
         bad = ~ok

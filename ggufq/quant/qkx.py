@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .common import transpose_u8
+from .common import clip_ufunc, transpose_u8
 
 F32 = np.float32
 CHUNK_GROUPS = 8192
@@ -36,7 +36,7 @@ def _codes(xT, mn, isc, fnmax, out):
     np.subtract(xT, mn, out=out)
     out *= isc
     np.rint(out, out=out)
-    return np.clip(out, F32(0), fnmax, out=out)
+    return clip_ufunc(out, F32(0), fnmax, out=out)
 
 
 def _error(xT, wT, la, scale, mn, use_mad, out):

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .common import transpose_u8
+from .common import clip_ufunc, transpose_u8
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -43,16 +43,17 @@ def nearest_f(q: np.ndarray, lo, hi, tmp: np.ndarray) -> np.ndarray:
 
     Where every finite ``|q|`` is at most 4194303 (ggml's own bound), nearest_int is
     round-half-even, done here in float (``(q + 12582912) - 12582912``); otherwise
-    (rare: a ratio with a divisor close to 0) the bit-exact integer path."""
+    (rare: a ratio with a divisor close to 0) the bit-exact integer path. ``tmp``
+    (scratch of q's shape) may hold the result."""
     np.abs(q, out=tmp)
     if np.fmax.reduce(tmp, axis=None) <= F32(4194303):
-        r = q + _MAGIC
+        r = np.add(q, _MAGIC, out=tmp)
         r -= _MAGIC
     else:
         r = nearest_int_exact(q).astype(F32)
     if lo is None:
-        return np.clip(r, F32(-np.inf), hi, out=r)   # (np.clip is ~3x faster than np.minimum by a scalar)
-    return np.clip(r, lo, hi, out=r)
+        return clip_ufunc(r, F32(-np.inf), hi, out=r)   # (clip is ~3x faster than np.minimum by a scalar)
+    return clip_ufunc(r, lo, hi, out=r)
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
@@ -135,32 +136,39 @@ def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None)
     cols = None                                 # columns of the compacted copy (None: all)
     fz = F32(0)
     lo, hi = (None, F32(nmax)) if qp else (F32(-nmax), F32(nmax - 1))
-    tmp = np.empty(n, F32)
+    bufs = np.empty((4, n), F32)
+    okbuf = np.empty((2, n), bool)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(5):
             if p1 is None:
                 p1 = wx * Lc
                 p2 = w * Lc
                 p2 *= Lc
-            changed = np.zeros(x.shape[1], dtype=bool)
+            m = x.shape[1]
+            changed = np.zeros(m, dtype=bool)
             sxx = sx * sx
+            slx, sl2, q, t = (buf[:m] for buf in bufs)
+            ok, pos = okbuf[0][:m], okbuf[1][:m]
             for i in range(gs):
-                slx = sx - p1[i]
-                sl2 = s2 - p2[i]
-                q = x[i] * sl2
+                np.subtract(sx, p1[i], out=slx)
+                np.subtract(s2, p2[i], out=sl2)
+                np.multiply(x[i], sl2, out=q)
                 q /= slx
-                nlf = nearest_f(q, lo, hi, tmp[:q.size])
-                ok = nlf != Lc[i]
-                ok &= slx > fz
+                nlf = nearest_f(q, lo, hi, t)
+                Li = Lc[i]
+                np.not_equal(nlf, Li, out=ok)
+                np.greater(slx, fz, out=pos)
+                ok &= pos
                 if qp:
-                    ok &= sl2 > fz
+                    np.greater(sl2, fz, out=pos)
+                    ok &= pos
                 j = np.flatnonzero(ok)               # the few positions whose code would change
                 if j.size == 0:
                     continue
                 nlj = nlf[j]
-                slx_n = wx[i, j] * nlj
+                slx_n = wx[i][j] * nlj
                 slx_n += slx[j]
-                sl2_n = w[i, j] * nlj
+                sl2_n = w[i][j] * nlj
                 sl2_n *= nlj
                 sl2_n += sl2[j]
                 a = slx_n * slx_n
@@ -172,7 +180,7 @@ def _refine(xT, wT, wxT, L, sumlx, suml2, nmax: int, qp: bool, p1=None, p2=None)
                     continue
                 j = j[acc]
                 # make_qp_quants stores the code in a uint8 buffer
-                Lc[i, j] = (nlj[acc].astype(np.int32) & 0xFF).astype(F32) if qp else nlj[acc]
+                Li[j] = (nlj[acc].astype(np.int32) & 0xFF).astype(F32) if qp else nlj[acc]
                 sx[j] = slx_n[acc]
                 s2[j] = sl2_n[acc]
                 sxx[j] = sx[j] * sx[j]
@@ -220,7 +228,7 @@ def make_qx_quants_T(xT: np.ndarray, nmax: int, rmse_type: int = 1, wT: Optional
     def codes(isc):
         t = np.multiply(xT, isc, out=lbuf)
         np.rint(t, out=t)
-        return np.clip(t, lo, hi, out=t)
+        return clip_ufunc(t, lo, hi, out=t)
 
     if rmse_type == 0:
         best_isc = iscale0
@@ -296,7 +304,7 @@ def make_q3_quants_T(xT: np.ndarray, nmax: int, do_rmse: bool = True):
     iscale = (-fnmax) / mx
     L = xT * iscale
     np.rint(L, out=L)
-    np.clip(L, lo, hi, out=L)
+    clip_ufunc(L, lo, hi, out=L)
     if not do_rmse:
         scale = F32(1) / iscale
     else:
