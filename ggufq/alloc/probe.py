@@ -29,7 +29,7 @@ from .loss import output_error
 
 PROBE_TYPE = T.Q2_K
 PROBE_SEQS = 1            # self-calibration sequences the probe decodes per set (the second half is scored)
-PROBE_SETS = "layer"      # "layer": every layer and every role, fitted s[layer] x c[role]; "tensor": every free tensor alone
+PROBE_SETS = "tensor"     # every free tensor alone ("layer": every layer and every role, fitted s[layer] x c[role])
 FLOOR = 1e-6              # KLD below this is noise: the group's scale uses this floor
 
 
