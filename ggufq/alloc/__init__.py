@@ -315,7 +315,7 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
         pr = P.probe(p, groups, enc_weights, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),
                      jobs=opts.jobs, log=None, roles=roles or None,
                      probe_type=probe_type, samples={r.name: r.sample for r in rows if r.sample is not None},
-                     seqs=kw.get("seqs", P.PROBE_SEQS), encoder=encoder)
+                     seqs=kw.get("seqs", P.PROBE_SEQS), encoder=encoder, ctx=kw.get("ctx"))
         scales.update(pr.scales)
         times["probe"] = time.monotonic() - t1
     for r in rows:

@@ -153,7 +153,8 @@ def product_scales(res: ProbeResult) -> dict[str, float]:
 def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable, tokens: np.ndarray,
           add_metadata: Callable, workdir: Path, *, jobs: int = 1, log: Optional[Callable] = None,
           probe_type: T = PROBE_TYPE, fresh: bool = False, roles: Optional[dict] = None,
-          samples: Optional[dict] = None, seqs: int = PROBE_SEQS, encoder: Optional[Callable] = None) -> ProbeResult:
+          samples: Optional[dict] = None, seqs: int = PROBE_SEQS, encoder: Optional[Callable] = None,
+          ctx: Optional[int] = None) -> ProbeResult:
     """Measure every group's and role's KLD and fit the per-tensor scales (:func:`fit_scales`).
     ``groups``: group -> tensors (one layer's attention, ...); ``roles``: role -> tensors (one role in
     every layer; None: one scale per group); ``weights_of(name)``: the importance the encoder gets;
@@ -162,7 +163,8 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
     ``samples``: name -> :class:`ggufq.alloc.loss.Sample` at the probe type, the rows the error table
     encoded: such a tensor is perturbed in those rows only (its error is theirs), the others whole;
     ``seqs``: how many of ``tokens``' sequences are decoded; ``encoder``: the method's encoder the
-    tensors encoded whole go through with ``weights_of``'s weights (None: the k-quant search).
+    tensors encoded whole go through with ``weights_of``'s weights (None: the k-quant search); ``ctx``:
+    the first ``ctx`` tokens of each sequence only (None: all; the second half is scored).
 
     Long because one llama.cpp process and two F16 files (the model, its probe-type copy) live through
     every set's patch/measure/restore, in one try/finally."""
@@ -173,7 +175,7 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
 
     from ..plan import rules as R
     t0 = time.monotonic()
-    tokens = np.asarray(tokens)[:seqs]
+    tokens = np.asarray(tokens)[:seqs, :ctx]
     tmp = Path(tempfile.mkdtemp(prefix=".ggufq-probe-", dir=workdir))
     path, qpath = tmp / "probe-F16.gguf", tmp / "probe-Q.gguf"
     res = ProbeResult({}, {}, {}, probe_type=probe_type)
