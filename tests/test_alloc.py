@@ -185,3 +185,40 @@ def test_fit_scales_recovers_group_and_role_factors():
     g0 = "blk.0.attn"
     tot = sum(e for n, e in err.items() if L.group_of(n) == g0)
     assert flat["blk.0.attn_q.weight"] == pytest.approx(kld[g0] / tot)
+    # a per-tensor probe (one set per tensor): each scale is the tensor's KLD over its error, and
+    # product_scales fits those measurements back as s[layer] x c[role] (exact when they are of that form)
+    by_tensor = {n: truth[n] * e for n, e in err.items()}
+    own = P.fit_scales(list(err.items()), lambda n: n, by_tensor, {})
+    assert all(own[n] == pytest.approx(truth[n], rel=1e-9) for n in err)
+    s2 = {i: rng.uniform(0.2, 5) for i in range(4)}
+    prod = {n: s2[int(n.split(".")[1])] * c[P.role_of(n)] if P.role_of(n) else 0.7 for n in err}
+    res = P.ProbeResult({}, {n: prod[n] * e for n, e in err.items()}, {}, rows=list(err.items()), sets="tensor")
+    got = P.product_scales(res)
+    for n in err:
+        assert got[n] == pytest.approx(prod[n], rel=1e-3), n
+
+
+def test_calibrated_table_is_the_error_feedback_encoders_error(tmp_path_factory):
+    """--method calibrated: the table's tr(E H E^T) per type is what the method's encoder (error-feedback
+    rounding against the held-out moments, llama.cpp-collected) leaves on the sampled rows, below the
+    k-quant search's at every candidate, and the same number the file's encoder gives those rows."""
+    from quant_helpers import ffn_gate_moments, out_err
+
+    from ggufq.alloc import loss as L
+    from ggufq.quant import gptq, methods
+    rows, m, _ = ffn_gate_moments(tmp_path_factory, 96)
+
+    class Rows:       # the row reader a table estimate reads (the first 96 rows of blk.1.ffn_gate)
+        n_rows, row_len = rows.shape
+
+        def read(self, lo, hi):
+            return rows[lo:hi]
+
+    h = gptq.Hessian.from_moment(m)
+    enc = methods.get("calibrated").encoder
+    types = [T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K]
+    fb = L.tensor_losses(Rows(), types, h, m, encoder=enc)
+    ks = L.tensor_losses(Rows(), types, h.diag, m)
+    assert (fb < ks).all(), (fb, ks)
+    for t, e in zip(types, fb):
+        assert e == pytest.approx(out_err(t, rows, enc(t, rows, h), m), rel=1e-4)

@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     ap.add_argument("--label", default=None, help="model name in the plot title")
     ap.add_argument("--ablation", action="store_true",
-                    help="also allocate without the probe's scales (scale 1 everywhere) and without its role factors "
-                         "(one scale per layer group), first method only")
+                    help="also allocate with the probe's measurements fitted as s[layer] x c[role], as one scale per "
+                         "layer, and without the probe (scale 1 everywhere); first method only")
     a = ap.parse_args()
     binp = llama_bin(a.llama_bin)
     work = Path(a.work)
@@ -136,7 +136,10 @@ def main() -> None:
             measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
             if m == a.methods[0] and a.ablation:     # the same table without the probe's scales / role factors
                 for kind, tag, scales in (("target no probe", "noprobe", {g: 1.0 for g in table.scales}),
-                                          ("target no roles", "noroles", group_scales(table))):
+                                          ("target no roles", "noroles", group_scales(table)),
+                                          ("target layer x role", "product", product_scales(table))):
+                    if scales is None:
+                        continue
                     flat = alloc.resolve(dataclasses.replace(table, scales=scales), sizes[pr])
                     ft = {e.name: e.qtype for e in flat.plan.entries}
                     out = work / f"gt-{tag}-{m}-{pr}.gguf"
@@ -149,11 +152,13 @@ def main() -> None:
     print_table(rows, a.presets, a.methods)
     if a.ablation:
         m = a.methods[0]
-        print(f"\nablation ({m} table): | size of | target | target, no role factors | target, no probe |")
+        print(f"\nablation ({m} table): | size of | target | target, layer x role fit | target, one scale per layer "
+              f"| target, no probe |")
         for pr in a.presets:
             got = {r["kind"]: r["kld"] for r in rows if r["preset"] == pr and r["method"] == m}
             print(f"| {pr} | " + " | ".join(f"{got[k]:.5f}" if k in got else "-" for k in
-                                            ("ggufq target", "target no roles", "target no probe")) + " |")
+                                            ("ggufq target", "target layer x role", "target no roles",
+                                             "target no probe")) + " |")
     enc = {r["method"]: r["cpu_s"] for r in rows if r["kind"] == "ggufq preset" and r["preset"] == "Q4_K_M"}
     for m in a.methods:
         line = (f"time ({m}): calibration {cpu['calibration']:.1f} CPU s, allocation (row-sample table + probe + solve) "
@@ -181,11 +186,24 @@ def main() -> None:
 
 def group_scales(table) -> dict:
     """The table's scales refitted from the same probe without the role measurements: one scale per
-    probed layer set (every tensor of a layer weighed alike per unit of tr(E H E^T), as before the
-    role sets were added)."""
+    probed layer (every tensor of a layer weighed alike per unit of tr(E H E^T), as before the role
+    sets were added); from a per-tensor probe, each layer's KLD is the sum of its tensors'."""
     from ggufq.alloc import probe as P
     pr = table.probe
-    return P.fit_scales(pr.rows, P.probe_group, {g: k for g, k in pr.kld.items() if not g.startswith("role:")}, {})
+    if pr.sets == "tensor":
+        kld: dict = {}
+        for n, k in pr.kld.items():
+            kld[P.probe_group(n)] = kld.get(P.probe_group(n), 0.0) + k
+    else:
+        kld = {g: k for g, k in pr.kld.items() if not g.startswith("role:")}
+    return P.fit_scales(pr.rows, P.probe_group, kld, {})
+
+
+def product_scales(table):
+    """A per-tensor probe's measurements fitted as s[layer] x c[role] (what one scale per tensor adds
+    over the layer x role model); None for a layer/role probe (that model is its default)."""
+    from ggufq.alloc import probe as P
+    return P.product_scales(table.probe) if table.probe.sets == "tensor" else None
 
 
 def print_table(rows, presets, methods) -> None:

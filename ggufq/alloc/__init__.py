@@ -8,8 +8,8 @@
    fixed by a ``--map``/``--preset`` rule) plus each free tensor at its cheapest candidate, up to
    the F32 file;
 2. every free tensor gets a predicted loss per candidate type (:mod:`.loss`): ``tr(E H E^T)``
-   from encoding a row sample, times a measured KLD scale (:mod:`.probe`): its layer group's,
-   times its role's relative weight (attention q/k/v/output, ffn gate/up/down);
+   from encoding a row sample with the file's encoder, times a measured KLD scale (:mod:`.probe`):
+   the KLD of the tensor alone at the probe type over its output error there;
 3. :func:`.solve.solve` picks one type per tensor: least predicted KLD within the budget.
 
 The resulting plan has one entry per tensor with the reason ``target-size``; the recipe goes into
@@ -68,6 +68,7 @@ class Allocation:
     hi: int = 0
     seconds: dict = field(default_factory=dict)
     presets: dict = field(default_factory=dict)     # llama-quantize mixture name -> Plan
+    encoder_errors: bool = False                     # E from the method's encoder (calibrated), not the k-quant search
 
     @property
     def file_bytes(self) -> int:
@@ -107,9 +108,11 @@ class Allocation:
     def recipe(self) -> dict:
         return {"tool": "ggufq", "target_bytes": self.target, "method": self.method,
                 "candidates": [t.name for t in L.CANDIDATES],
-                "loss": "sum over tensors of scale[layer group] * weight[role] * tr(E H E^T) (self-calibration moments)",
+                "loss": "sum over tensors of scale[tensor] * tr(E H E^T) (self-calibration moments; E from "
+                        + ("the method's encoder" if self.encoder_errors else "the k-quant search") + ")",
                 "probe": None if self.probe is None else
-                f"{self.probe.probe_type.name} per layer group and per role, {self.probe.n_tokens} self-generated tokens",
+                f"{self.probe.probe_type.name}, {len(self.probe.kld)} sets ({self.probe.sets}), "
+                f"{self.probe.n_tokens} self-generated tokens each",
                 "predicted_kld": round(self.predicted_kld, 6), "dual_gap": round(self.solution.gap, 6),
                 "types": self.plan.type_counts()}
 
@@ -189,9 +192,11 @@ def nearest_preset(presets: dict, nbytes: int) -> str:
 
 
 def build_table(p, free: list, weights_of: Callable, moment_of: Callable, log=None,
-                probe_type: Optional[T] = None) -> list[Row]:
+                probe_type: Optional[T] = None, encoder: Optional[Callable] = None) -> list[Row]:
     """One :class:`Row` per free tensor; with ``probe_type``, layer tensors keep their sampled rows at
-    that type (the probe perturbs those rows: no second encoding)."""
+    that type (the probe perturbs those rows: no second encoding). ``encoder``/``weights_of``: what
+    the file's writer encodes each tensor with (None: the k-quant search; a calibrated method's
+    encoder with a Hessian: the error-feedback rounding's own error on the sampled rows)."""
     from .. import blas
     rows = []
     # small products: one BLAS thread is faster than waiting for a second (set once: each change reads /proc)
@@ -203,7 +208,7 @@ def build_table(p, free: list, weights_of: Callable, moment_of: Callable, log=No
             costs = np.array([L.padded_bytes(q, int(np.prod(t.shape))) for q in types], np.int64)
             keep = R.fallback(probe_type, t.row_len)[0] if probe_type is not None and P.role_of(t.name) else None
             keep = keep if keep in types else None
-            err = L.tensor_losses(t, types, weights_of(t.name), moment_of(t.name), keep=keep)
+            err = L.tensor_losses(t, types, weights_of(t.name), moment_of(t.name), keep=keep, encoder=encoder)
             err, sample = err if keep is not None else (err, None)
             rows.append(Row(t.name, L.group_of(t.name), types, costs, err, sample))
     return rows
@@ -273,26 +278,44 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
             return hessians.importance(name)
         return (free or {}).get(name)
 
+    # the table's encoder is the file's: a calibrated method's error-feedback rounding leaves a different
+    # error per type than the k-quant search (alloc_kw {"table": "kquant"}: the search's error instead)
+    encoder = meth.encoder if meth.moments and hessians is not None and kw.get("table") != "kquant" else None
+
+    def enc_weights(name):
+        """What the writer's jobs give the method's encoder (convert.make_jobs): a Hessian where the
+        self-calibration has the tensor's full input moment."""
+        if encoder is None or not hessians.covers(name):
+            return weights_of(name)
+        t = next(t for t in p.tensors if t.name == name)
+        real = im.for_tensor(name, t.row_len, t.shape[0] if len(t.shape) == 3 else 1) if im is not None else None
+        return hessians.weights(name, real, opts.damp)
+
     free_names = {e.name for e in plan.entries if e.name not in fixed}
     probe_type = T[kw.get("probe_type", P.PROBE_TYPE.name)]
     probing = probe_groups and hessians is not None
-    rows = build_table(p, free_names, weights_of, moment_of, log, probe_type if probing and kw.get("reuse", True) else None)
+    rows = build_table(p, free_names, enc_weights, moment_of, log,
+                       probe_type if probing and kw.get("reuse", True) else None, encoder)
     times["table"] = time.monotonic() - t0
     pr = None
     scales = {r.name: 1.0 for r in rows}
     if probing:
         t1 = time.monotonic()
+        # the sets: every free tensor alone (the default), or (alloc_kw {"sets": "layer"}) every layer and
+        # every role in all layers at once, fitted as s[layer] x c[role]
+        per_tensor = kw.get("sets", P.PROBE_SETS) == "tensor"
         groups: dict = {}
         roles: dict = {}
         for t in p.tensors:
             if t.name in free_names:
-                groups.setdefault(P.probe_group(t.name, kw.get("by_layer", True)), []).append(t)
-                if P.role_of(t.name) is not None:
+                g = t.name if per_tensor else P.probe_group(t.name, kw.get("by_layer", True))
+                groups.setdefault(g, []).append(t)
+                if P.role_of(t.name) is not None and not per_tensor and kw.get("roles", True):
                     roles.setdefault(P.role_of(t.name), []).append(t)
-        pr = P.probe(p, groups, weights_of, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),
-                     jobs=opts.jobs, log=None, roles=roles if kw.get("roles", True) else None,
+        pr = P.probe(p, groups, enc_weights, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),
+                     jobs=opts.jobs, log=None, roles=roles or None,
                      probe_type=probe_type, samples={r.name: r.sample for r in rows if r.sample is not None},
-                     seqs=kw.get("seqs", P.PROBE_SEQS))
+                     seqs=kw.get("seqs", P.PROBE_SEQS), encoder=encoder, ctx=kw.get("ctx"))
         scales.update(pr.scales)
         times["probe"] = time.monotonic() - t1
     for r in rows:
@@ -309,7 +332,8 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
     times["solve"] = time.monotonic() - t2
     presets = preset_plans(p.specs, p.info)
     new = target_plan(plan, types, presets)
-    return Allocation(new, target, header, fixed_b, rows, scales, sol, meth.name, pr, lo, hi, times, presets)
+    return Allocation(new, target, header, fixed_b, rows, scales, sol, meth.name, pr, lo, hi, times, presets,
+                      encoder is not None)
 
 
 def resolve(a: Allocation, target: int) -> Allocation:

@@ -75,16 +75,22 @@ def output_error(e: np.ndarray, h: Optional[np.ndarray]) -> float:
     return float(np.einsum("ij,ij->", e @ h.astype(e.dtype, copy=False), e, dtype=np.float64))
 
 
-def error_of(qtype: T, rows: np.ndarray, weights: Optional[np.ndarray], h: Optional[np.ndarray]) -> float:
-    """Output error of ``rows`` [n, k] encoded as ``qtype`` (by ggufq's k-quant / i-quant search)."""
-    return output_error(encoded(qtype, rows, weights) - rows, h)
+def error_of(qtype: T, rows: np.ndarray, weights: Optional[np.ndarray], h: Optional[np.ndarray],
+             encoder=None) -> float:
+    """Output error of ``rows`` [n, k] encoded as ``qtype`` (by ``encoder``, default ggufq's k-quant /
+    i-quant search)."""
+    return output_error(encoded(qtype, rows, weights, encoder) - rows, h)
 
 
-def encoded(qtype: T, rows: np.ndarray, weights: Optional[np.ndarray]) -> np.ndarray:
-    """``rows`` [n, k] after encoding as ``qtype`` and decoding (float32)."""
+def encoded(qtype: T, rows: np.ndarray, weights, encoder=None) -> np.ndarray:
+    """``rows`` [n, k] after encoding as ``qtype`` and decoding (float32). ``encoder``: a method's
+    ``(qtype, rows, weights) -> blocks`` (:mod:`ggufq.quant.methods`; ``weights`` may then be a
+    :class:`~ggufq.quant.gptq.Hessian`: error-feedback rounding, rows independent of each other),
+    None: ggufq's k-quant / i-quant search with ``weights`` as its imatrix."""
     if qtype in (T.F32, T.F16, T.BF16):
         return rows
-    return dequantize(quant.encode(qtype, rows, weights), qtype).reshape(rows.shape)
+    blocks = (quant.encode if encoder is None else encoder)(qtype, rows, weights)
+    return dequantize(blocks, qtype).reshape(rows.shape)
 
 
 @dataclass
@@ -96,19 +102,25 @@ class Sample:
     error: float
 
 
-def tensor_losses(tensor, types: list[T], weights: Optional[np.ndarray], h: Optional[np.ndarray],
-                  n_sample: int = SAMPLE_ROWS, keep: Optional[T] = None):
+def tensor_losses(tensor, types: list[T], weights, h: Optional[np.ndarray],
+                  n_sample: int = SAMPLE_ROWS, keep: Optional[T] = None, encoder=None):
     """Predicted ``tr(E H E^T)`` of the whole tensor for each of ``types`` (sampled rows, scaled);
-    with ``keep`` (one of ``types``) also that type's :class:`Sample`: (errors, sample)."""
+    with ``keep`` (one of ``types``) also that type's :class:`Sample`: (errors, sample). ``encoder``
+    and ``weights``: what the file's writer will encode with (:func:`encoded`); a Hessian as
+    ``weights`` goes to ``encoder`` as it is (error-feedback rounding of the sampled rows)."""
+    from ..quant.gptq import Hessian
     runs = sample_rows(tensor.n_rows, n_sample)
     rows = np.concatenate([tensor.read(lo, hi) for lo, hi in runs]).astype(np.float32)
     scale = tensor.n_rows / rows.shape[0]
-    w = None if weights is None else np.asarray(weights, np.float32).reshape(-1)[:tensor.row_len] \
-        if np.asarray(weights).ndim == 1 else None
+    if isinstance(weights, Hessian):
+        w = weights if encoder is not None else weights.diag
+    else:
+        w = None if weights is None else np.asarray(weights, np.float32).reshape(-1)[:tensor.row_len] \
+            if np.asarray(weights).ndim == 1 else None
     hh = None if h is None else np.asarray(h, np.float32)
     out, sample = [], None
     for t in types:
-        d = encoded(t, rows, w)
+        d = encoded(t, rows, w, encoder)
         e = output_error(d - rows, hh)
         out.append(e * scale)
         if t == keep:

@@ -5,10 +5,11 @@ a layer near the output, the embedding, attention's value/output against its que
 down projection against its gate weigh differently per unit of output error. The probe perturbs a
 set of tensors to ``PROBE_TYPE`` (their dequantized weights written in place into one F16 file,
 restored afterwards), runs llama.cpp on a few of the model's own self-calibration sequences and
-measures the mean KLD against the F16 model's logits. The sets: every layer (:func:`probe_group`;
-the embedding and the output on their own) and every role (``attn_v``, ``ffn_down`` ... in all layers
-at once). :func:`fit_scales` turns the measurements into one scale per tensor, ``s[layer] * c[role]``:
-predicted KLD = scale x output error.
+measures the mean KLD against the F16 model's logits. The sets (:data:`PROBE_SETS`): every free
+tensor alone, its scale its KLD over its output error at the probe type; or every layer
+(:func:`probe_group`; the embedding and the output on their own) and every role (``attn_v``,
+``ffn_down`` ... in all layers at once), which :func:`fit_scales` turns into ``s[layer] * c[role]``
+(fewer sets: L + 2 + roles instead of one per tensor). Predicted KLD = scale x output error.
 Layer tensors are perturbed in the rows the error table already encoded (no second encoding);
 the embedding and output whole (their rows are tokens, not interchangeable).
 """
@@ -28,6 +29,7 @@ from .loss import output_error
 
 PROBE_TYPE = T.Q2_K
 PROBE_SEQS = 1            # self-calibration sequences the probe decodes per set (the second half is scored)
+PROBE_SETS = "tensor"     # every free tensor alone ("layer": every layer and every role, fitted s[layer] x c[role])
 FLOOR = 1e-6              # KLD below this is noise: the group's scale uses this floor
 
 
@@ -41,6 +43,7 @@ class ProbeResult:
     seconds: float = 0.0
     rows: list = field(default_factory=list)       # (tensor, error of what was perturbed) at PROBE_TYPE
     whole: set = field(default_factory=set)        # tensors perturbed whole (their row validates the row sample)
+    sets: str = PROBE_SETS                         # "tensor": one set per tensor; "layer": layers and roles
 
 
 def _open(path: Path, n_ctx: int, threads: int):
@@ -131,10 +134,27 @@ def fit_scales(rows: list, group_of: Callable, kld: dict, roles: dict) -> dict[s
     return {n: s.get(grp[n], 0.0) * c.get(rol[n], 1.0) for n in err}
 
 
+def product_scales(res: ProbeResult) -> dict[str, float]:
+    """Scales ``s[layer] x c[role]`` fitted to a per-tensor probe's measurements (each layer's and each
+    role's summed KLD matched, :func:`fit_scales`): what the per-tensor scales add over a layer x role
+    model (tools/pareto.py's ablation)."""
+    err = dict(res.rows)
+    kld: dict = {}
+    roles: dict = {}
+    for n in err:
+        g = probe_group(n)
+        kld[g] = kld.get(g, 0.0) + res.kld.get(n, 0.0)
+        if role_of(n) is not None:
+            kld["role:" + role_of(n)] = kld.get("role:" + role_of(n), 0.0) + res.kld.get(n, 0.0)
+            roles[role_of(n)] = []
+    return fit_scales(res.rows, probe_group, kld, roles)
+
+
 def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable, tokens: np.ndarray,
           add_metadata: Callable, workdir: Path, *, jobs: int = 1, log: Optional[Callable] = None,
           probe_type: T = PROBE_TYPE, fresh: bool = False, roles: Optional[dict] = None,
-          samples: Optional[dict] = None, seqs: int = PROBE_SEQS) -> ProbeResult:
+          samples: Optional[dict] = None, seqs: int = PROBE_SEQS, encoder: Optional[Callable] = None,
+          ctx: Optional[int] = None) -> ProbeResult:
     """Measure every group's and role's KLD and fit the per-tensor scales (:func:`fit_scales`).
     ``groups``: group -> tensors (one layer's attention, ...); ``roles``: role -> tensors (one role in
     every layer; None: one scale per group); ``weights_of(name)``: the importance the encoder gets;
@@ -142,7 +162,9 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
     ``fresh``: a new llama.cpp process per set (what the shared one is checked against in the tests);
     ``samples``: name -> :class:`ggufq.alloc.loss.Sample` at the probe type, the rows the error table
     encoded: such a tensor is perturbed in those rows only (its error is theirs), the others whole;
-    ``seqs``: how many of ``tokens``' sequences are decoded.
+    ``seqs``: how many of ``tokens``' sequences are decoded; ``encoder``: the method's encoder the
+    tensors encoded whole go through with ``weights_of``'s weights (None: the k-quant search); ``ctx``:
+    the first ``ctx`` tokens of each sequence only (None: all; the second half is scored).
 
     Long because one llama.cpp process and two F16 files (the model, its probe-type copy) live through
     every set's patch/measure/restore, in one try/finally."""
@@ -153,7 +175,7 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
 
     from ..plan import rules as R
     t0 = time.monotonic()
-    tokens = np.asarray(tokens)[:seqs]
+    tokens = np.asarray(tokens)[:seqs, :ctx]
     tmp = Path(tempfile.mkdtemp(prefix=".ggufq-probe-", dir=workdir))
     path, qpath = tmp / "probe-F16.gguf", tmp / "probe-Q.gguf"
     res = ProbeResult({}, {}, {}, probe_type=probe_type)
@@ -184,8 +206,11 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
                 w = t.read(0, t.n_rows).astype(np.float32)
                 qt, _ = R.fallback(probe_type, t.row_len)
                 wts = weights_of(t.name)
-                d = dequantize(quant.encode(qt, w, wts if wts is not None and np.ndim(wts) == 1 else None),
-                               qt).reshape(w.shape)
+                if encoder is None:
+                    blocks = quant.encode(qt, w, wts if wts is not None and np.ndim(wts) == 1 else None)
+                else:
+                    blocks = encoder(qt, w, wts)
+                d = dequantize(blocks, qt).reshape(w.shape)
                 full[t.name] = output_error(d - w, moment_of(t.name))
                 res.whole.add(t.name)
                 fq.seek(off)
@@ -230,6 +255,7 @@ def probe(p, groups: dict[str, list], weights_of: Callable, moment_of: Callable,
             worker.close()
         shutil.rmtree(tmp, ignore_errors=True)
     in_group = {t.name: g for g, ts in groups.items() for t in ts}
+    res.sets = "tensor" if all(len(ts) == 1 and ts[0].name == g for g, ts in groups.items()) and not roles else "layer"
     res.scales = fit_scales(res.rows, in_group.get, res.kld, roles or {})
     res.n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1 - tokens.shape[1] // 2))
     res.seconds = time.monotonic() - t0

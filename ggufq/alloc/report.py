@@ -39,10 +39,19 @@ def format_allocation(a) -> str:
         pt = a.probe.probe_type.name
         layers = sorted(((g, k) for g, k in a.probe.kld.items() if not g.startswith("role:")), key=lambda kv: -kv[1])
         roles = sorted(((g[5:], k) for g, k in a.probe.kld.items() if g.startswith("role:")), key=lambda kv: -kv[1])
-        lines.append(f"probe ({a.probe.n_tokens} self-generated tokens per set, {a.probe.seconds:.1f} s), most sensitive "
-                     f"layer sets at {pt}: " + ", ".join(f"{g} {k:.4f}" for g, k in layers[:5]))
+        what = "tensors alone" if a.probe.sets == "tensor" else "layer sets"
+        lines.append(f"probe ({len(a.probe.kld)} sets, {a.probe.n_tokens} self-generated tokens each, "
+                     f"{a.probe.seconds:.1f} s), most sensitive {what} at {pt}: "
+                     + ", ".join(f"{g} {k:.4f}" for g, k in layers[:5]))
         if roles:
             lines.append(f"  roles at {pt} (all layers at once): " + ", ".join(f"{g} {k:.4f}" for g, k in roles))
+        elif a.probe.sets == "tensor":      # each role's tensors' KLDs summed over the layers
+            by: dict = {}
+            for g, k in layers:
+                if P.role_of(g) is not None:
+                    by[P.role_of(g)] = by.get(P.role_of(g), 0.0) + k
+            lines.append(f"  roles at {pt} (sum over layers of one tensor at a time): "
+                         + ", ".join(f"{r} {k:.4f}" for r, k in sorted(by.items(), key=lambda kv: -kv[1])))
     chk = a.sample_check()
     if chk:
         q = sorted(v for _, v in chk)
