@@ -222,3 +222,14 @@ def test_calibrated_table_is_the_error_feedback_encoders_error(tmp_path_factory)
     assert (fb < ks).all(), (fb, ks)
     for t, e in zip(types, fb):
         assert e == pytest.approx(out_err(t, rows, enc(t, rows, h), m), rel=1e-4)
+
+
+def test_probe_sets_follow_the_calibration_size():
+    """"auto": a probe set per tensor while their decoded tokens fit the self-calibration's, layer and role
+    sets beyond (the probe's cost stays about a calibration pass as the model grows); explicit choices stand."""
+    from ggufq.alloc.probe import PROBE_SETS, choose_sets
+    assert PROBE_SETS == "auto"
+    assert choose_sets("auto", 58, 512, 32768) == "tensor"          # tinyllama at the default calibration
+    assert choose_sets("auto", 212, 512, 32768) == "layer"          # SmolLM2: 108k tokens of probe
+    assert choose_sets("auto", 212, 512, 212 * 512) == "tensor"
+    assert choose_sets("tensor", 212, 512, 2048) == "tensor" and choose_sets("layer", 2, 512, 1 << 20) == "layer"

@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--png", default=None, help="plot file (needs matplotlib)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
     ap.add_argument("--label", default=None, help="model name in the plot title")
+    ap.add_argument("--probe-sets", choices=["auto", "tensor", "layer"], default="auto",
+                    help="the probe's sets (ggufq.alloc.probe.PROBE_SETS): auto = per tensor while their tokens fit "
+                         "the self-calibration's, else per layer and role")
     ap.add_argument("--ablation", action="store_true",
                     help="also allocate with the probe's measurements fitted as s[layer] x c[role], as one scale per "
                          "layer, and without the probe (scale 1 everywhere); first method only")
@@ -95,7 +98,8 @@ def main() -> None:
     tables = {}
     for m in a.methods:
         c0 = _cpu()
-        opts = Options(method=m, jobs=a.jobs, calibration=cal, progress=False, target_size=min(sizes.values()))
+        opts = Options(method=m, jobs=a.jobs, calibration=cal, progress=False, target_size=min(sizes.values()),
+                       alloc_kw={"sets": a.probe_sets})
         tables[m] = allocation(a.model, opts, work)
         cpu[f"allocation {m}"] = _cpu() - c0
         chk = sorted(v for _, v in tables[m].sample_check())

@@ -301,9 +301,13 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
     scales = {r.name: 1.0 for r in rows}
     if probing:
         t1 = time.monotonic()
-        # the sets: every free tensor alone (the default), or (alloc_kw {"sets": "layer"}) every layer and
-        # every role in all layers at once, fitted as s[layer] x c[role]
-        per_tensor = kw.get("sets", P.PROBE_SETS) == "tensor"
+        # the sets: every free tensor alone, or every layer and every role in all layers at once, fitted as
+        # s[layer] x c[role]; by default (alloc_kw {"sets": "auto"}) per tensor while that decodes no more
+        # tokens than the self-calibration did
+        seqs = kw.get("seqs", P.PROBE_SEQS)
+        tok = hessians.tokens
+        per_set = seqs * (min(kw["ctx"], tok.shape[1]) if kw.get("ctx") else tok.shape[1])
+        per_tensor = P.choose_sets(kw.get("sets", P.PROBE_SETS), len(free_names), per_set, tok.size) == "tensor"
         groups: dict = {}
         roles: dict = {}
         for t in p.tensors:
@@ -315,7 +319,7 @@ def allocate(p, opts, meth, plan: Plan, *, im=None, hessians=None, free=None, vo
         pr = P.probe(p, groups, enc_weights, moment_of, hessians.tokens, add_header, Path(workdir or tempfile.gettempdir()),
                      jobs=opts.jobs, log=None, roles=roles or None,
                      probe_type=probe_type, samples={r.name: r.sample for r in rows if r.sample is not None},
-                     seqs=kw.get("seqs", P.PROBE_SEQS), encoder=encoder, ctx=kw.get("ctx"))
+                     seqs=seqs, encoder=encoder, ctx=kw.get("ctx"))
         scales.update(pr.scales)
         times["probe"] = time.monotonic() - t1
     for r in rows:

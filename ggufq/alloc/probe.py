@@ -9,7 +9,10 @@ measures the mean KLD against the F16 model's logits. The sets (:data:`PROBE_SET
 tensor alone, its scale its KLD over its output error at the probe type; or every layer
 (:func:`probe_group`; the embedding and the output on their own) and every role (``attn_v``,
 ``ffn_down`` ... in all layers at once), which :func:`fit_scales` turns into ``s[layer] * c[role]``
-(fewer sets: L + 2 + roles instead of one per tensor). Predicted KLD = scale x output error.
+(fewer sets: L + 2 + roles instead of one per tensor). By default (``"auto"``) a set per tensor where
+their decoded tokens together stay within the self-calibration's (tinyllama: 58 sets x 512 tokens
+within 32768), the layer and role sets beyond (SmolLM2's 212 tensors would decode 108k tokens, 3.3x
+the calibration: 471 CPU-s of probe against its 2048-token calibration's 30). Predicted KLD = scale x output error.
 Layer tensors are perturbed in the rows the error table already encoded (no second encoding);
 the embedding and output whole (their rows are tokens, not interchangeable).
 """
@@ -29,7 +32,16 @@ from .loss import output_error
 
 PROBE_TYPE = T.Q2_K
 PROBE_SEQS = 1            # self-calibration sequences the probe decodes per set (the second half is scored)
-PROBE_SETS = "tensor"     # every free tensor alone ("layer": every layer and every role, fitted s[layer] x c[role])
+PROBE_SETS = "auto"       # "tensor": every free tensor alone; "layer": every layer and every role, fitted
+                          # s[layer] x c[role]; "auto": "tensor" while its tokens fit the calibration's
+
+
+def choose_sets(sets: str, n_free: int, tokens_per_set: int, calib_tokens: int) -> str:
+    """``"auto"`` -> ``"tensor"`` when one set per free tensor decodes no more tokens than the
+    self-calibration did (the probe then costs at most about a calibration pass), else ``"layer"``."""
+    if sets != "auto":
+        return sets
+    return "tensor" if n_free * tokens_per_set <= calib_tokens else "layer"
 FLOOR = 1e-6              # KLD below this is noise: the group's scale uses this floor
 
 
@@ -43,7 +55,7 @@ class ProbeResult:
     seconds: float = 0.0
     rows: list = field(default_factory=list)       # (tensor, error of what was perturbed) at PROBE_TYPE
     whole: set = field(default_factory=set)        # tensors perturbed whole (their row validates the row sample)
-    sets: str = PROBE_SETS                         # "tensor": one set per tensor; "layer": layers and roles
+    sets: str = "tensor"                           # "tensor": one set per tensor; "layer": layers and roles
 
 
 def _open(path: Path, n_ctx: int, threads: int):
