@@ -188,12 +188,14 @@ class SelfCalibration:
             return np.diag(m).copy() if _diag_only(name) else m
         return self.mm[o:o + n] / self.count
 
-    def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0):
+    def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0,
+             unit: int = 1):
         """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP;
-        ``group``: the encoder's block-column width, for the sweep order -- gptq.sweep_group)."""
-        return functools.partial(self.weights, name, imatrix, damp, group)
+        ``group``, ``unit``: the encoder's sweep order, gptq.sweep_order)."""
+        return functools.partial(self.weights, name, imatrix, damp, group, unit)
 
-    def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0):
+    def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0,
+                unit: int = 1):
         """``name``'s imatrix (write.Imatrix): a Hessian from full moments (its diag replaced by ``imatrix``
         when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it."""
         from .quant.gptq import Hessian
@@ -202,13 +204,13 @@ class SelfCalibration:
             return imatrix
         if m.ndim == 1:
             return imatrix if imatrix is not None else m.astype(np.float32)
-        k = (self.key(name), damp, group)
+        k = (self.key(name), damp, group, unit)
         if k != self._key:
             self._key, self._h = None, None
             # below ~1k inputs BLAS threads do not pay: on a busy machine they spin (SmolLM2's 576:
             # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
             with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
-                self._key, self._h = k, Hessian.from_moment(m, damp, group)
+                self._key, self._h = k, Hessian.from_moment(m, damp, group, unit)
             self._h.spill = str(self.tmpdir)      # to encoder processes as a mapped file, not a pickled copy
         # an --imatrix file's entry picks the block scales; the moment steers the rounding
         return self._h if imatrix is None else dataclasses.replace(self._h, diag=np.asarray(imatrix, np.float32))

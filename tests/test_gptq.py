@@ -116,24 +116,33 @@ def test_sweep_order_factor_and_edges(gate):
     with pytest.raises(ValueError):
         h.order(32)                           # a 32-wide block's scale would be chosen after its weights moved
     with pytest.raises(ValueError):
-        gptq.sweep_inputs(T.IQ3_XXS, np.zeros((2, len(m)), np.float32), h, 256)
+        gptq.sweep_inputs(T.IQ1_S, np.zeros((2, len(m)), np.float32), h, 256)      # a column-order sweep
+    with pytest.raises(ValueError):
+        gptq.sweep_inputs(T.IQ3_XXS, np.zeros((2, len(m)), np.float32), h, 256, unit=8)   # units of 8 split
+    h8 = gptq.Hessian.from_moment(m, group=256, unit=8)
+    u = h8.perm.reshape(-1, 8)
+    assert np.all(u == u[:, :1] + np.arange(8)) and np.all(u[:, 0] % 8 == 0)         # whole units, in order
+    sums = d[h8.perm].reshape(-1, 32, 8).sum(axis=2)
+    assert np.all(np.diff(sums, axis=1) <= 1e-12 * sums.max())
 
 
 @pytest.mark.parametrize("qtype", [t for t in sorted(TRAITS, key=lambda t: t.name) if gptq.sweep_group(t)]
-                         + [T.IQ4_XS], ids=lambda t: t.name)
+                         + [T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S], ids=lambda t: t.name)
 def test_sweep_in_importance_order_lowers_the_output_error(qtype, gate):
     """Same scales' rules, same bytes per row: taking each block-column's columns in falling E[x^2]
     leaves less product error than column order (tinyllama: 3-7% at 256-wide block-columns)."""
-    from ggufq.quant import iq4_gptq
+    from ggufq.quant import iq2_gptq, iq3_gptq, iq4_gptq
     rows, m = gate
-    mod = iq4_gptq if qtype == T.IQ4_XS else gptq
+    mod = {T.IQ4_XS: iq4_gptq, T.IQ3_XXS: iq3_gptq, T.IQ3_S: iq3_gptq}.get(qtype, iq2_gptq if "IQ2" in qtype.name else gptq)
+    group, unit = gptq.sweep_order(qtype) if gptq.sweep_group(qtype) else (256, 8)   # IQ2: supported, not the default
     plain = mod.encode(qtype, rows, gptq.Hessian.from_moment(m), start=quant.encode)
-    ordered = mod.encode(qtype, rows, gptq.Hessian.from_moment(m, group=gptq.sweep_group(qtype)), start=quant.encode)
+    ordered = mod.encode(qtype, rows, gptq.Hessian.from_moment(m, group=group, unit=unit), start=quant.encode)
     assert ordered.shape == plain.shape and not np.array_equal(ordered, plain)
     assert _out_err(qtype, rows, ordered, m) < 0.99 * _out_err(qtype, rows, plain, m)
     # rows stay independent in either order
-    parts = np.concatenate([mod.encode(qtype, rows[:70], gptq.Hessian.from_moment(m, group=256), start=quant.encode),
-                            mod.encode(qtype, rows[70:], gptq.Hessian.from_moment(m, group=256), start=quant.encode)])
+    h = gptq.Hessian.from_moment(m, group=group, unit=unit)
+    parts = np.concatenate([mod.encode(qtype, rows[:70], h, start=quant.encode),
+                            mod.encode(qtype, rows[70:], h, start=quant.encode)])
     assert np.array_equal(parts, ordered)
 
 

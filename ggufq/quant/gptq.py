@@ -40,6 +40,7 @@ class Hessian:
     u: np.ndarray               # float64 [n, n]: upper Cholesky factor U of (H + damp)^-1 = U^T U, in sweep order
     perm: Optional[np.ndarray] = None   # sweep order: column perm[j] is rounded j-th (None: 0, 1, 2, ...)
     group: int = 0              # perm only reorders columns inside each run of ``group`` columns
+    unit: int = 1               # ... and moves them in whole runs of ``unit`` columns, each kept in order
     spill: Optional[str] = None  # a directory: pickled, ``u`` travels as a file there (see __getstate__)
 
     def __getstate__(self) -> dict:
@@ -73,7 +74,7 @@ class Hessian:
         return path
 
     @classmethod
-    def from_moment(cls, m: np.ndarray, damp: Optional[float] = None, group: int = 0) -> "Hessian":
+    def from_moment(cls, m: np.ndarray, damp: Optional[float] = None, group: int = 0, unit: int = 1) -> "Hessian":
         """``m``: E[x x^T] [n, n]. Dead inputs (never non-zero) get a unit diagonal.
 
         ``group`` > 0: the sweep takes the columns of each run of ``group`` (an encoder's
@@ -81,7 +82,9 @@ class Hessian:
         falling ``E[x_j^2]`` -- GPTQ's act-order, kept inside the block-column so that every
         block's scale is still chosen before any of its weights is rounded. The columns rounded
         first push their error onto the less important ones (tinyllama, held-out moments: output
-        error 0.831 -> 0.813 of round-to-nearest at Q4_K, 0.806 -> 0.788 at IQ4_XS)."""
+        error 0.831 -> 0.813 of round-to-nearest at Q4_K, 0.806 -> 0.788 at IQ4_XS). ``unit`` > 1: the
+        codebook sweeps round ``unit`` columns together (one sign byte, one or two grid points), so whole
+        units move, in order of their summed ``E[x_j^2]``."""
         h = np.array(m, np.float64)
         d = np.diag(h).copy()
         dead = d <= 0
@@ -89,10 +92,12 @@ class Hessian:
         lam = (DAMP if damp is None else damp) * float(d[~dead].mean()) if (~dead).any() else 1.0
         h[np.diag_indices_from(h)] += lam
         perm = None
-        if group and len(d) % group == 0 and group > 1:
-            # falling importance inside each run of `group` columns (stable: ties keep column order)
-            perm = (np.argsort(-d.reshape(-1, group), axis=1, kind="stable")
-                    + np.arange(0, len(d), group)[:, None]).reshape(-1)
+        if group and len(d) % group == 0 and group > 1 and group % unit == 0:
+            # falling importance of the units inside each run of `group` columns (stable: ties keep order)
+            per = group // unit
+            u_order = np.argsort(-d.reshape(-1, per, unit).sum(axis=2), axis=1, kind="stable")    # [runs, per]
+            first = (u_order * unit + np.arange(0, len(d), group)[:, None]).reshape(-1)            # units' first columns
+            perm = (first[:, None] + np.arange(unit)).reshape(-1)
             h = h[np.ix_(perm, perm)]
         # U = P L'^-1 P with P H P = L' L'^T (P reverses the order): U is upper triangular with a
         # positive diagonal and U^T U = P (P H P)^-1 P = H^-1, so it is the upper Cholesky factor of
@@ -100,20 +105,22 @@ class Hessian:
         lo = np.linalg.cholesky(h[::-1, ::-1])
         u = np.linalg.inv(lo)[::-1, ::-1]
         u = np.triu(u)
-        return cls(np.maximum(d, 0).astype(np.float32), np.ascontiguousarray(u), perm, group if perm is not None else 0)
+        return cls(np.maximum(d, 0).astype(np.float32), np.ascontiguousarray(u), perm,
+                   group if perm is not None else 0, unit if perm is not None else 1)
 
     @property
     def n(self) -> int:
         return self.diag.size
 
-    def order(self, qk: int) -> np.ndarray:
-        """The sweep order for an encoder whose block-columns are ``qk`` wide (ValueError when the
-        order crosses a block-column's edge: a block's weights would be rounded before its scale
-        is chosen)."""
+    def order(self, qk: int, unit: int = 1) -> np.ndarray:
+        """The sweep order for an encoder whose block-columns are ``qk`` wide and which rounds ``unit``
+        columns together (ValueError when the order crosses a block-column's edge -- a block's weights
+        would be rounded before its scale is chosen -- or splits such a unit)."""
         if self.perm is None:
             return np.arange(self.n)
-        if qk % self.group:
-            raise ValueError(f"sweep order within {self.group} columns vs block-columns of {qk}")
+        if qk % self.group or self.unit % unit:
+            raise ValueError(f"sweep order within {self.group} columns in units of {self.unit} vs block-columns "
+                             f"of {qk} in units of {unit}")
         return self.perm
 
 
@@ -132,26 +139,39 @@ def sweep_group(qtype: T) -> int:
     tinyllama's output error by under 1% either way (Q4_0 0.98, Q4_1 1.00, Q5_0 1.00, IQ4_NL 1.00 of
     column order; Q4_K 0.93, Q6_K 0.94, IQ4_XS 0.95), and the codebook sweeps (IQ1-IQ3) round whole
     groups of 4 or 8 columns."""
-    if qtype in TRAITS and TRAITS[qtype].qk == 256:
-        return 256
-    return 256 if qtype == T.IQ4_XS else 0
+    return sweep_order(qtype)[0]
+
+
+def sweep_order(qtype: T) -> tuple[int, int]:
+    """(group, unit) of :meth:`Hessian.from_moment` for the error-feedback sweep into ``qtype``: 256-wide
+    block-columns for the K-quants and IQ4_XS (single columns) and IQ3_XXS/IQ3_S (units of 8: a sign byte
+    and two grid points); (0, 1), column order, for the rest. tinyllama, paired KLD of the calibrated
+    mixtures: IQ3_M 0.1055 -> 0.1034 with the IQ3 units ordered; IQ2_M 0.3125 -> 0.3173 with the IQ2 units
+    ordered too (their sweep supports it: ``iq2_gptq`` with a ``unit=8`` Hessian), so IQ2 keeps column order."""
+    if (qtype in TRAITS and TRAITS[qtype].qk == 256) or qtype == T.IQ4_XS:
+        return 256, 1
+    if qtype in (T.IQ3_XXS, T.IQ3_S):
+        return 256, 8
+    return 0, 1
 
 
 Encoder = Callable[[T, np.ndarray, Optional[np.ndarray]], np.ndarray]
 
 
-def sweep_inputs(qtype: T, rows: np.ndarray, h: Hessian, qk: int,
-                 importance: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """The checks and inputs every error-feedback sweep starts from (this module's and the
-    i-quants' ``iq*_gptq``): ``rows`` as float64 ``W`` [n, k] (a copy the sweep updates) and the
-    importance the ``start`` encoder weights by (default ``h.diag``)."""
-    W = np.array(rows, np.float64)
-    k = W.shape[1]
+def sweep_inputs(qtype: T, rows: np.ndarray, h: Hessian, qk: int, importance: Optional[np.ndarray] = None,
+                 unit: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checks and inputs a codebook sweep (``iq*_gptq``) starts from: ``rows`` as float64 ``W``
+    [n, k] in ``h``'s sweep order (a copy the sweep updates), the importance the ``start`` encoder
+    weights by (default ``h.diag``, column order), and the order (``perm[j]``: the column at sweep
+    position ``j``). ``unit``: the columns the sweep rounds together (0: it takes column order only)."""
+    k = rows.shape[1]
     if k != h.n or k % qk:
         raise ValueError(f"{qtype.name}: row length {k} vs Hessian {h.n} / block {qk}")
-    if h.perm is not None:
+    if not unit and h.perm is not None:
         raise ValueError(f"{qtype.name}: this sweep takes the columns in order; the Hessian is permuted")
-    return W, (h.diag if importance is None else np.asarray(importance, np.float32))
+    perm = h.order(qk, unit or 1)
+    W = np.array(rows if h.perm is None else np.asarray(rows)[:, perm], np.float64)
+    return W, (h.diag if importance is None else np.asarray(importance, np.float32)), perm
 
 
 def push_group(W: np.ndarray, E: np.ndarray, U: np.ndarray, ui: np.ndarray, err: np.ndarray,

@@ -73,7 +73,7 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)              # [2048, 8], values -1/0/1
     gT = np.ascontiguousarray(grid.T)
     g2T = np.ascontiguousarray((grid[:, :, None] * grid[:, None, :]).reshape(grid.shape[0], 64).T)
-    W, imp = sweep_inputs(qtype, rows, h, QK_K, importance)
+    W, imp, _ = sweep_inputs(qtype, rows, h, QK_K, importance)
     n, k = W.shape
     U = h.u
     out = np.empty((n, k // QK_K, _BYTES[qtype]), np.uint8)

@@ -87,27 +87,32 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     # start-up costs more than the product in a busy encoder process
     gT = np.ascontiguousarray(grid.T)                                        # [8, ng]
     g2T = np.ascontiguousarray((grid[:, :, None] * grid[:, None, :]).reshape(grid.shape[0], 64).T)
-    W, imp = sweep_inputs(qtype, rows, h, QK_K, importance)
+    W, imp, perm = sweep_inputs(qtype, rows, h, QK_K, importance, unit=8)
     n, k = W.shape
     U = h.u
     out = np.empty((n, k // QK_K, bsz), np.uint8)
     P = np.empty((256, grid.shape[0]))
     for b, c0 in enumerate(range(0, k, QK_K)):
         c1 = c0 + QK_K
-        blk = start(qtype, W[:, c0:c1].astype(np.float32), imp[c0:c1])
+        col = perm[c0:c1] - c0                               # sweep position -> column in the block-column
+        nat = np.empty((n, QK_K))
+        nat[:, col] = W[:, c0:c1]
+        blk = start(qtype, nat.astype(np.float32), imp[c0:c1])
         db = _group_scales(qtype, blk).astype(np.float64)
         gidx = np.zeros((n, 32), np.int64)
         sbytes = np.zeros((n, 32), np.uint8)
         E = np.empty((n, QK_K))
-        for unit in range(32):
-            j0 = c0 + 8 * unit
+        for pos in range(32):                                # units in h's order; `unit` is the block's own
+            j0 = c0 + 8 * pos
+            unit = col[8 * pos] // 8
+            n0 = c0 + 8 * unit
             w = W[:, j0:j0 + 8]
             neg = w < 0
             if parity:
                 odd = np.flatnonzero(neg.sum(axis=1) % 2 == 1)
                 if odd.size:
                     w8 = w[odd]
-                    imin = np.argmin(imp[j0:j0 + 8] * w8 * w8, axis=1)
+                    imin = np.argmin(imp[n0:n0 + 8] * w8 * w8, axis=1)
                     neg[odd, imin] = ~neg[odd, imin]
             pat = neg.astype(np.int64) @ _BIT8
             sbytes[:, unit] = pat

@@ -61,26 +61,31 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     xxs = qtype == T.IQ3_XXS
     cls.init_grid()
     grid = cls.grid.reshape(cls.grid_shape).astype(np.float64)              # [ng, 4] decoded values
-    W, imp = sweep_inputs(qtype, rows, h, QK_K, importance)
+    W, imp, perm = sweep_inputs(qtype, rows, h, QK_K, importance, unit=8)
     n, k = W.shape
     U = h.u
     bit8 = (1 << np.arange(8)).astype(np.uint8)
     out = np.empty((n, k // QK_K, bsz), np.uint8)
     for b, c0 in enumerate(range(0, k, QK_K)):
         c1 = c0 + QK_K
-        blk = start(qtype, W[:, c0:c1].astype(np.float32), imp[c0:c1])
+        col = perm[c0:c1] - c0                               # sweep position -> column in the block-column
+        nat = np.empty((n, QK_K))
+        nat[:, col] = W[:, c0:c1]
+        blk = start(qtype, nat.astype(np.float32), imp[c0:c1])
         db = _group_scales(qtype, blk).astype(np.float64)                      # [n, 8]
         gidx = np.zeros((n, 64), np.int64)
         sbytes = np.zeros((n, 32), np.uint8)
         E = np.empty((n, QK_K))
-        for unit in range(32):                                                   # 8 weights, one sign byte
-            u0 = c0 + 8 * unit
+        for pos in range(32):                          # 8 weights, one sign byte; units in h's order
+            u0 = c0 + 8 * pos
+            unit = col[8 * pos] // 8                   # the unit's place in the block
+            n0 = c0 + 8 * unit
             neg = W[:, u0:u0 + 8] < 0
             if xxs:
                 odd = np.flatnonzero(neg.sum(axis=1) % 2 == 1)
                 if odd.size:
                     w8 = W[odd, u0:u0 + 8]
-                    imin = np.argmin(imp[u0:u0 + 8] * w8 * w8, axis=1)
+                    imin = np.argmin(imp[n0:n0 + 8] * w8 * w8, axis=1)
                     neg[odd, imin] = ~neg[odd, imin]
             sbytes[:, unit] = (neg.astype(np.uint8) * bit8).sum(axis=1, dtype=np.uint8)
             dq = db[:, unit // 4]
