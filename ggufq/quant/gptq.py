@@ -200,6 +200,8 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
     by column inside a run of ``sub_len`` columns, a finished run's errors onto the rest of its
     block-column in one product, and a finished block-column's onto every later column in one
     product. The arithmetic is GPTQ's; only the order of the updates differs.
+
+    Long because the three tiers share the block-column's buffers, the sweep order and the scales.
     """
     tr = TRAITS[qtype]
     qk, sub, zq = tr.qk, tr.sub_len, tr.zq
