@@ -39,6 +39,30 @@ def smollm2() -> Path:
     return SMOLLM2
 
 
+def journaled(out: Path, more_than: int):
+    """A ``ready`` for :func:`interrupt_when`: the ``--resume`` journal of ``out`` has more than ``more_than``
+    lines (its header line and one per finished tensor)."""
+    journal = out.parent / f".{out.name}.partial" / "journal.jsonl"
+    return lambda: journal.exists() and len(journal.read_text().splitlines()) > more_than
+
+
+def interrupt_when(p, ready, timeout: float = 120) -> str:
+    """SIGINT the process ``p`` (stderr piped, text) once ``ready()`` holds, it has ended, or ``timeout``
+    seconds passed; its stderr. A process still there 60 s after the signal is killed."""
+    import signal
+    import time
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end and p.poll() is None and not ready():
+            time.sleep(0.005)
+        p.send_signal(signal.SIGINT)
+        return p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def run_cli(*args: str, cwd=None):
     """Run the real CLI in a subprocess; returns CompletedProcess."""
     import subprocess

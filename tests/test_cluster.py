@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, interrupt_when, journaled
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ggufq[ray]'); the cluster tests need it")
 
@@ -126,14 +126,9 @@ def test_cluster_worker_killed_mid_run(cluster, moe, tmp_path):
 def test_cluster_interrupt_leaves_nothing(cluster, moe, tmp_path):
     """Ctrl-C while tasks run: exit 130, no output, no temporary folder, no task left running."""
     p = _cli(moe, "-t", "Q4_K_M", "-o", tmp_path / "out.gguf", "--executor", f"ray://{cluster.address}")
-    try:
-        assert _busy_task(120), "no encoding task seen running"
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    seen = []
+    err = interrupt_when(p, lambda: seen.append(_busy_task(0.2)) or seen[-1])
+    assert seen and seen[-1], "no encoding task seen running"
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "ggufq: interrupted"
     assert list(tmp_path.iterdir()) == []
@@ -144,20 +139,9 @@ def test_cluster_interrupt_leaves_nothing(cluster, moe, tmp_path):
 def test_cluster_resume(cluster, moe, tmp_path):
     """--resume over the cluster: interrupted after a few tensors, continued, the local run's bytes."""
     out = tmp_path / "m.gguf"
-    journal = tmp_path / ".m.gguf.partial" / "journal.jsonl"
     addr = f"ray://{cluster.address}"
     p = _cli(moe, "-t", "Q4_K_M", "-o", out, "--executor", addr, "--resume")
-    try:
-        end = time.monotonic() + 120
-        while time.monotonic() < end and p.poll() is None and not (
-                journal.exists() and len(journal.read_text().splitlines()) > 3):
-            time.sleep(0.005)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    err = interrupt_when(p, journaled(out, 3))
     assert p.returncode == 130, err
     rc, err = _run(moe, "-t", "Q4_K_M", "-o", out, "--executor", addr, "--resume")
     assert rc == 0, err

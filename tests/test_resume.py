@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, interrupt_when, journaled, run_cli
 
 
 def _interrupted(out: Path, ftype: str = "Q4_K_M", after: int = 10, extra=()) -> list[dict]:
@@ -22,18 +20,7 @@ def _interrupted(out: Path, ftype: str = "Q4_K_M", after: int = 10, extra=()) ->
                           "-j", "1", "--resume", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     journal = out.parent / f".{out.name}.partial" / "journal.jsonl"
-    try:
-        end = time.monotonic() + 120
-        while time.monotonic() < end and p.poll() is None:
-            if journal.exists() and len(journal.read_text().splitlines()) > after:
-                break
-            time.sleep(0.005)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    err = interrupt_when(p, journaled(out, after))
     assert p.returncode == 130, err
     assert not out.exists()
     lines = [json.loads(x) for x in journal.read_text().splitlines()]
