@@ -126,7 +126,7 @@ def test_sweep_order_factor_and_edges(gate):
     assert np.all(np.diff(sums, axis=1) <= 1e-12 * sums.max())
 
 
-@pytest.mark.parametrize("qtype", [t for t in sorted(TRAITS, key=lambda t: t.name) if gptq.sweep_group(t)]
+@pytest.mark.parametrize("qtype", [t for t in sorted(TRAITS, key=lambda t: t.name) if gptq.sweep_order(t)[0]]
                          + [T.IQ4_XS, T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S], ids=lambda t: t.name)
 def test_sweep_in_importance_order_lowers_the_output_error(qtype, gate):
     """Same scales' rules, same bytes per row: taking each block-column's columns in falling E[x^2]
@@ -134,7 +134,7 @@ def test_sweep_in_importance_order_lowers_the_output_error(qtype, gate):
     from ggufq.quant import iq2_gptq, iq3_gptq, iq4_gptq
     rows, m = gate
     mod = {T.IQ4_XS: iq4_gptq, T.IQ3_XXS: iq3_gptq, T.IQ3_S: iq3_gptq}.get(qtype, iq2_gptq if "IQ2" in qtype.name else gptq)
-    group, unit = gptq.sweep_order(qtype) if gptq.sweep_group(qtype) else (256, 8)   # IQ2: supported, not the default
+    group, unit = gptq.sweep_order(qtype) if gptq.sweep_order(qtype)[0] else (256, 8)   # IQ2: supported, not the default
     plain = mod.encode(qtype, rows, gptq.Hessian.from_moment(m), start=quant.encode)
     ordered = mod.encode(qtype, rows, gptq.Hessian.from_moment(m, group=group, unit=unit), start=quant.encode)
     assert ordered.shape == plain.shape and not np.array_equal(ordered, plain)

@@ -132,21 +132,12 @@ def _unlink(path: str) -> None:
         pass
 
 
-def sweep_group(qtype: T) -> int:
-    """The run of columns inside which an error-feedback sweep into ``qtype`` takes them in order of
-    falling importance (:meth:`Hessian.from_moment`'s ``group``): its 256-wide block-column for the
-    K-quants and IQ4_XS; 0 (column order) for the rest. Inside a 32-wide block the order moved
-    tinyllama's output error by under 1% either way (Q4_0 0.98, Q4_1 1.00, Q5_0 1.00, IQ4_NL 1.00 of
-    column order; Q4_K 0.93, Q6_K 0.94, IQ4_XS 0.95), and the codebook sweeps (IQ1-IQ3) round whole
-    groups of 4 or 8 columns."""
-    return sweep_order(qtype)[0]
-
-
 def sweep_order(qtype: T) -> tuple[int, int]:
     """(group, unit) of :meth:`Hessian.from_moment` for the error-feedback sweep into ``qtype``: 256-wide
     block-columns for the K-quants and IQ4_XS (single columns) and IQ3_XXS/IQ3_S (units of 8: a sign byte
-    and two grid points); (0, 1), column order, for the rest. tinyllama, paired KLD of the calibrated
-    mixtures: IQ3_M 0.1055 -> 0.1034 with the IQ3 units ordered; IQ2_M 0.3125 -> 0.3173 with the IQ2 units
+    and two grid points); (0, 1), column order, for the rest. Inside a 32-wide block the order moved
+    tinyllama's output error by under 1% either way (Q4_0 0.98, Q4_1 1.00, Q5_0 1.00, IQ4_NL 1.00 of column
+    order; Q4_K 0.93, Q6_K 0.94, IQ4_XS 0.95). Paired KLD of tinyllama's calibrated mixtures: IQ3_M 0.1055 -> 0.1034 with the IQ3 units ordered; IQ2_M 0.3125 -> 0.3173 with the IQ2 units
     ordered too (their sweep supports it: ``iq2_gptq`` with a ``unit=8`` Hessian), so IQ2 keeps column order."""
     if (qtype in TRAITS and TRAITS[qtype].qk == 256) or qtype == T.IQ4_XS:
         return 256, 1
