@@ -11,13 +11,7 @@ TOOLS=(llama-quantize llama-perplexity llama-imatrix llama-gguf-split)
 have=1
 for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || have=0; done
 if [ "$have" = 1 ]; then echo "llama.cpp tools already in $BIN"; exit 0; fi
-WORK="${GGUFQ_LLAMA_SRC:-$HOME/.cache/ggufq/llama-src}"
-mkdir -p "$WORK"
-if [ ! -d "$WORK/llama_cpp_python-$VERSION" ]; then
-  python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK"
-  tar xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
-fi
-SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+. "$(dirname "$0")/llama_src.sh"     # WORK, SRC
 cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
 cmake --build "$WORK/build" -j"$(nproc)" --target "${TOOLS[@]}" >/dev/null

@@ -13,13 +13,7 @@ OUT="${1:-${GGUFQ_LLAMA_RPC:-$HOME/.cache/ggufq/llama-rpc}}"
 if [ -x "$OUT/ggml-rpc-server" ] && ls "$OUT"/libggml-rpc.so* >/dev/null 2>&1 && [ -e "$OUT/libllama.so" ]; then
   echo "llama.cpp with RPC already in $OUT"; exit 0
 fi
-WORK="${GGUFQ_LLAMA_SRC:-$HOME/.cache/ggufq/llama-src}"
-mkdir -p "$WORK"
-if [ ! -d "$WORK/llama_cpp_python-$VERSION" ]; then
-  python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK"
-  tar xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK"
-fi
-SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+. "$(dirname "$0")/llama_src.sh"     # WORK, SRC
 BUILD="$WORK/build-rpc"
 cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON \
   -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
