@@ -1,4 +1,5 @@
-"""The thread count of NumPy's BLAS, set at run time (what threadpoolctl does, for OpenBLAS only).
+"""The thread count of NumPy's BLAS, set at run time (what threadpoolctl does, for OpenBLAS only),
+and the one LAPACK routine NumPy does not offer (a triangular inverse), from the same library.
 
 Encoder processes run side by side, one per core (``-j``): each one's BLAS spawning a thread per
 core as well over-subscribes the machine, and OpenBLAS's idle threads spin. On a loaded 2-core
@@ -6,6 +7,10 @@ machine a 576x576 Hessian factorization cost 0.44 CPU-s with the default threads
 with one. :func:`set_threads` finds the OpenBLAS that NumPy loaded (``scipy_openblas``/``openblas``
 among the process's shared libraries) and calls its ``*_set_num_threads``; with another BLAS, or
 where the libraries cannot be listed, it does nothing.
+
+:func:`inv_lower` inverts a lower-triangular matrix with LAPACK's ``dtrtri`` from that OpenBLAS
+(n^3/3 flops; ``numpy.linalg.inv``, the fallback where no ``LAPACKE_dtrtri`` is found, solves a
+general system: 2n^3, 5x the CPU at n = 2048 and 4096 on one thread).
 """
 from __future__ import annotations
 
@@ -75,3 +80,45 @@ def threads(n: int):
 def one_thread() -> None:
     """Worker initializer: one BLAS thread (the processes are the parallelism)."""
     set_threads(1)
+
+
+# LAPACKE_dtrtri under the names NumPy's OpenBLAS builds export (scipy-openblas64 of NumPy 2, the
+# openblas64_ of NumPy 1.2x, a plain LP64 OpenBLAS); the 64_ ones take 64-bit integers
+_TRTRI = (("scipy_LAPACKE_dtrtri64_", ctypes.c_int64), ("LAPACKE_dtrtri64_", ctypes.c_int64),
+          ("scipy_LAPACKE_dtrtri", ctypes.c_int32), ("LAPACKE_dtrtri", ctypes.c_int32))
+_trtri_fn: list = []
+
+
+def _trtri():
+    if not _trtri_fn:
+        import numpy  # noqa: F401  (loads the BLAS)
+        found = None
+        for path in _loaded_openblas():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name, it in _TRTRI:
+                fn = getattr(lib, name, None)
+                if fn is not None:
+                    fn.restype = it
+                    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, it, ctypes.c_void_p, it]
+                    found = fn
+                    break
+            if found is not None:
+                break
+        _trtri_fn.append(found)
+    return _trtri_fn[0]
+
+
+def inv_lower(lo):
+    """The inverse of the lower-triangular float64 matrix ``lo`` (its upper triangle is ignored), as
+    a new C-contiguous lower-triangular array; ``numpy.linalg.inv`` where no LAPACK dtrtri is found."""
+    import numpy as np
+    fn = _trtri()
+    if fn is not None:
+        a = np.array(lo, np.float64, order="C")
+        info = fn(101, b"L", b"N", a.shape[0], a.ctypes.data, a.shape[0])     # LAPACK_ROW_MAJOR
+        if info == 0:
+            return np.tril(a)
+    return np.tril(np.linalg.inv(lo))

@@ -15,7 +15,8 @@ tokens by default (why, with the measurements: docs/HQQ.md). :func:`self_calibra
    memory-mapped scratch file beside the output;
 3. removes the temporary GGUF; the writer then asks :class:`SelfCalibration` for each tensor's
    weights in file order: a :class:`~ggufq.quant.gptq.Hessian` (one shared input at a time is
-   factored and kept) or the diagonal. :meth:`SelfCalibration.close` removes the scratch.
+   factored and kept, and the next one is factored ahead on a thread while the encoders work:
+   :meth:`SelfCalibration.prefetch`) or the diagonal. :meth:`SelfCalibration.close` removes the scratch.
 
 Nothing here is per architecture: weights sharing an input (q/k/v, gate/up) are found from
 the graph (they read the same graph tensor), so every arch llama.cpp runs is calibrated.
@@ -38,7 +39,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -141,8 +144,11 @@ class SelfCalibration:
         scratch = tmpdir / "moments.f64"
         self.mm = (np.memmap(scratch, np.float64, "r") if index["scratch_bytes"] else np.zeros(0))
         self.count = int(index["count"])
-        self._key = None
-        self._h = None
+        # factored Hessians by (input key, damp, group, unit), in the order asked for: the one in use and the
+        # next one, factored ahead on one thread (LAPACK releases the GIL) while the writer waits on encoders
+        self._hessians: dict[tuple, "Future"] = {}
+        self._lock = threading.Lock()
+        self._factor_pool: Optional[ThreadPoolExecutor] = None
         self.fallback: dict[str, np.ndarray] = {}
 
     def use_data_free(self, free: dict) -> None:
@@ -189,31 +195,65 @@ class SelfCalibration:
         return self.mm[o:o + n] / self.count
 
     def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0,
-             unit: int = 1):
+             unit: int = 1) -> "LazyWeights":
         """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP;
-        ``group``, ``unit``: the encoder's sweep order, gptq.sweep_order)."""
-        return functools.partial(self.weights, name, imatrix, damp, group, unit)
+        ``group``, ``unit``: the encoder's sweep order, gptq.sweep_order); its ``prefetch`` starts the
+        factorization early."""
+        return LazyWeights(self, name, imatrix, damp, group, unit)
+
+    def _hessian_key(self, name: str, damp, group: int, unit: int) -> Optional[tuple]:
+        """The factorization ``name`` needs, or None (no full moment: the diagonal, or nothing)."""
+        k = self.key(name)
+        if k is None or not self.count or self.index["keys"][k][2] != "full" or _diag_only(name):
+            return None
+        return (k, damp, group, unit)
+
+    def _factor(self, name: str, damp, group: int, unit: int):
+        from .quant.gptq import Hessian
+        m = self.moment(name)
+        # below ~1k inputs BLAS threads do not pay: on a busy machine they spin (SmolLM2's 576:
+        # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
+        with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
+            h = Hessian.from_moment(m, damp, group, unit)
+        h.spill = str(self.tmpdir)      # to encoder processes as a mapped file, not a pickled copy
+        return h
+
+    def prefetch(self, name: str, damp=None, group: int = 0, unit: int = 1) -> None:
+        """Start factoring ``name``'s Hessian on a thread (no-op when it is done or under way, or needs none)."""
+        hk = self._hessian_key(name, damp, group, unit)
+        if hk is None:
+            return
+        with self._lock:
+            if hk in self._hessians:
+                return
+            if self._factor_pool is None:
+                self._factor_pool = ThreadPoolExecutor(1, thread_name_prefix="ggufq-factor")
+            self._hessians[hk] = self._factor_pool.submit(self._factor, name, damp, group, unit)
 
     def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0,
                 unit: int = 1):
         """``name``'s imatrix (write.Imatrix): a Hessian from full moments (its diag replaced by ``imatrix``
-        when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it."""
-        from .quant.gptq import Hessian
-        m = self.moment(name)
-        if m is None:
-            return imatrix
-        if m.ndim == 1:
-            return imatrix if imatrix is not None else m.astype(np.float32)
-        k = (self.key(name), damp, group, unit)
-        if k != self._key:
-            self._key, self._h = None, None
-            # below ~1k inputs BLAS threads do not pay: on a busy machine they spin (SmolLM2's 576:
-            # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
-            with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
-                self._key, self._h = k, Hessian.from_moment(m, damp, group, unit)
-            self._h.spill = str(self.tmpdir)      # to encoder processes as a mapped file, not a pickled copy
+        when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it.
+        Factorizations asked for before this one are dropped (the writer goes in file order), and so is
+        one started ahead for another tensor when this one was not the one started."""
+        hk = self._hessian_key(name, damp, group, unit)
+        if hk is None:
+            m = self.moment(name)        # None, or a diagonal / per-expert diagonals
+            return imatrix if m is None or imatrix is not None else m.astype(np.float32)
+        with self._lock:
+            keys = list(self._hessians)
+            done = keys[:keys.index(hk)] if hk in keys else keys
+            for old in done:
+                self._hessians.pop(old).cancel()
+            fut = self._hessians.get(hk)
+        if fut is None:
+            fut = Future()
+            fut.set_result(self._factor(name, damp, group, unit))
+            with self._lock:
+                self._hessians[hk] = fut
+        h = fut.result()
         # an --imatrix file's entry picks the block scales; the moment steers the rounding
-        return self._h if imatrix is None else dataclasses.replace(self._h, diag=np.asarray(imatrix, np.float32))
+        return h if imatrix is None else dataclasses.replace(h, diag=np.asarray(imatrix, np.float32))
 
     def importance(self, name: str) -> Optional[np.ndarray]:
         """float32 E[x_j^2] of ``name``'s inputs (an imatrix entry for the k-quant/i-quant encoders),
@@ -280,8 +320,14 @@ class SelfCalibration:
         return f"worker {_mib(self.stats['worker_rss'])}, ggufq {_mib(_peak_rss())}"
 
     def close(self) -> None:
+        with self._lock:
+            for fut in self._hessians.values():
+                fut.cancel()
+            self._hessians.clear()
+            pool, self._factor_pool = self._factor_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)      # a factorization under way ends in seconds; none is left running
         self.mm = np.zeros(0)
-        self._h = None
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self):
@@ -491,3 +537,19 @@ def calibrate_folder(model_dir: os.PathLike | str, where: os.PathLike | str, n_t
     vocab = vocabs.load(p.model.path, p.model.config)
     return self_calibrate(p, vocab, functools.partial(write_header, p, metadata_for(p), vocab),
                           Path(where) / "calibrated.gguf", n_tokens, **kw)
+
+
+class LazyWeights:
+    """A writer job's importance, computed when the writer reaches the tensor (``__call__``, in file
+    order) and factored ahead on a thread when the writer reaches the tensor before it (``prefetch``).
+    ``factor_key``: which factorization it needs (None: none), so the writer can look for the next one."""
+
+    def __init__(self, cal: SelfCalibration, name: str, imatrix, damp, group: int, unit: int):
+        self.cal, self.name, self.imatrix, self.damp, self.group, self.unit = cal, name, imatrix, damp, group, unit
+        self.factor_key = cal._hessian_key(name, damp, group, unit)
+
+    def __call__(self):
+        return self.cal.weights(self.name, self.imatrix, self.damp, self.group, self.unit)
+
+    def prefetch(self) -> None:
+        self.cal.prefetch(self.name, self.damp, self.group, self.unit)

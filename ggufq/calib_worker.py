@@ -28,8 +28,13 @@ host when it lives on a GPU) is the matrix's input. Weights that read the same g
 (q/k/v read ``attn_norm-i``, gate/up read ``ffn_norm-i``) share one moment, keyed by that
 tensor's name, so nothing here knows an architecture. Rows of "full" inputs are buffered
 (``buffer_bytes``, at least 1024 rows: fewer passes over the n^2 sums) and their float32
-``X^T X`` (syrk) is added to float64 sums in a memory-mapped scratch file; "diag" inputs are
-summed (squares, float64) at once.
+``X^T X`` (syrk) is added to float64 sums in a memory-mapped scratch file, the inputs spread over
+``threads`` threads of one BLAS thread each (the ``+=`` into the sums is a pass over n^2 float64s
+as long as the product itself at 2048 wide: one thread doing it for every input was the sums' wall
+time on the GPU); "diag" inputs are summed (squares, float64) at once. With the layers offloaded to
+a GPU, a flush is summed on a background thread from a second set of buffers while the next tokens
+decode (the GPU waits on nothing), unless the 1024-row minimum already makes a buffer larger than
+``buffer_bytes``.
 
 Experts: ``MUL_MAT_ID`` (a stacked ``[n_expert, rows, cols]`` weight, the routed tokens' inputs in
 ``src1`` ``[cols, n_used or 1, n_tokens]``, the chosen experts in ``src[2]`` ``[n_used, n_tokens]``)
@@ -57,10 +62,6 @@ from . import blas, llamalib
 from .eval import proto
 
 _MAX_SRC = 10
-# inputs up to this wide have their X^T X on one BLAS thread (as calib.SMALL_FACTOR's factorizations):
-# SmolLM2's 576-wide sums at -j 2 on a loaded 2-core machine, 4096 tokens: 7.1 CPU-s on two OpenBLAS
-# threads (17.8 s wall) vs 1.7 CPU-s on one (10.0 s)
-SMALL_SUMS = 1024
 
 
 class _Tensor(ctypes.Structure):
@@ -125,6 +126,10 @@ class Collector:
         self.buffer_bytes = buffer_bytes
         self.acc: dict[bytes, np.ndarray] = {}
         self.offsets: dict[bytes, int] = {}
+        self.sum_pool = None                      # threads the inputs' sums are spread over (run() sets it)
+        self.background = None                    # a one-thread executor: flushes summed while decoding goes on
+        self.pending = None                       # (future, its buffers) of the flush being summed
+        self.spare: dict[bytes, np.ndarray] = {}  # the other set of buffers (background flushes)
         self.mm = None
         self.checked = False
         self.error = None
@@ -285,19 +290,46 @@ class Collector:
                              else self.mm[o:o + n * self.n_as[key]].reshape(-1, n) if self.kind[key] == "experts"
                              else self.mm[o:o + n])
 
+    def _sum(self, bufs: dict, fill: dict) -> None:
+        """``acc[key] += X^T X`` for every buffered input (float32 products of one flush, float64 sums),
+        the inputs spread over ``sum_pool``'s threads, one BLAS thread each (blas.set_threads(1) in run)."""
+        def one(key):
+            x = bufs[key][:fill[key]]
+            self.acc[key] += x.T @ x
+        keys = list(fill)
+        if self.sum_pool is not None and len(keys) > 1:
+            for f in [self.sum_pool.submit(one, k) for k in keys]:
+                f.result()
+        else:
+            for k in keys:
+                one(k)
+
+    def wait(self) -> None:
+        """Wait for the flush being summed in the background (its error raised here); its buffers
+        become the spare set."""
+        if self.pending is not None:
+            fut, bufs = self.pending
+            self.pending = None
+            fut.result()
+            self.spare = bufs
+
     def flush(self, final: bool = False) -> None:
+        self.wait()
         if self.mm is None and (self.fill or final):
             self._allocate()
         n = None
         for key, rows in self.fill.items():
-            x = self.bufs[key][:rows]
-            if n is not None and x.shape[0] != n:
-                raise RuntimeError(f"{key.decode()}: {x.shape[0]} rows vs {n} for the other inputs")
-            n = x.shape[0]
-            with blas.threads(1) if x.shape[1] <= SMALL_SUMS else contextlib.nullcontext():
-                self.acc[key] += x.T @ x          # float32 product of <= a flush of rows, float64 sum
+            if n is not None and rows != n:
+                raise RuntimeError(f"{key.decode()}: {rows} rows vs {n} for the other inputs")
+            n = rows
         self.count += n or 0
-        self.fill.clear()
+        if self.background is not None and not final and self.fill:
+            bufs, fill = self.bufs, self.fill
+            self.bufs, self.fill, self.spare = self.spare, {}, {}
+            self.pending = (self.background.submit(self._sum, bufs, fill), bufs)
+        else:
+            self._sum(self.bufs, self.fill)
+            self.fill = {}
         if final:
             for key, d in self.diag.items():
                 if self.mm is not None and self.count and self.diag_rows[key] != self.count:
@@ -308,6 +340,7 @@ class Collector:
             for key, d in self.experts.items():
                 self.acc[key][:] = d
             self.bufs.clear()
+            self.spare.clear()
 
     def index(self) -> dict:
         return {"keys": {k.decode(): [self.offsets[k], self.width[k], self.kind[k]] for k in self.kind},
@@ -441,6 +474,9 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     times = {k: 0.0 for k in ("decode", "sample", "sums", "cpu_decode", "cpu_sample", "cpu_sums")}
     from concurrent.futures import ThreadPoolExecutor
     pool = ThreadPoolExecutor(min(8, int(req["threads"]))) if int(req["threads"]) > 1 else None
+    blas.set_threads(1)                   # the sums are spread over threads by input instead
+    col.sum_pool = ThreadPoolExecutor(int(req["threads"])) if int(req["threads"]) > 1 else None
+    offload = bool(supports and mp.n_gpu_layers != 0)
     send(("start", -(-n_seq // n_par) * n_tok, n_par), None)
     mem = llama_cpp.llama_get_memory(ctx)
     with _no_gc():
@@ -469,6 +505,8 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
                 if flush_rows is None:    # at least 1024 rows per product, else the float64 sums dominate
                     flush_rows = max(1024, int(req["buffer_bytes"]) // max(1, col.per_token_bytes()))
                     col.reserve_rows = flush_rows + n_par     # a flush's rows and the decode that crosses it
+                    if offload and flush_rows * col.per_token_bytes() <= int(req["buffer_bytes"]):
+                        col.background = ThreadPoolExecutor(1)     # the CPU sums while the GPU decodes
                 if col.buffered_tokens() >= flush_rows:
                     col.flush()
                     tick = _lap(times, "sums", tick)
@@ -481,10 +519,11 @@ def run(req: dict, send) -> tuple[dict, np.ndarray]:
     _lap(times, "sums", tick)
     out = col.index()
     out.update(n_par=n_par, times=times, seconds=time.monotonic() - t0, peak_rss=_peak_rss(),
-               offload=bool(supports and mp.n_gpu_layers != 0),
+               offload=offload,
                system_info=llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip())
-    if pool is not None:
-        pool.shutdown()
+    for p in (pool, col.sum_pool, col.background):
+        if p is not None:
+            p.shutdown()
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)

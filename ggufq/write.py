@@ -197,6 +197,17 @@ def _weights(job: Job):
     return job.imatrix() if callable(job.imatrix) else job.imatrix
 
 
+def _prefetch_next(jobs: Sequence[Job], i: int, ahead: int = 8) -> None:
+    """Start the next different factorization among the ``ahead`` jobs after ``i`` (calib.LazyWeights),
+    so that the parent factors it while the encoders work through job ``i``'s chunks."""
+    key = getattr(jobs[i].imatrix, "factor_key", None)
+    for job in jobs[i + 1:i + 1 + ahead]:
+        k = getattr(job.imatrix, "factor_key", None)
+        if k is not None and k != key:
+            job.imatrix.prefetch()
+            return
+
+
 def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[WorkerPool], bool]:
     """(pool, whether its workers read rows themselves)."""
     global _FORKED_JOBS
@@ -233,6 +244,7 @@ def _encoded(jobs: Sequence[Job], encoder: Encoder, pool: Optional[Executor],
         if i < start:
             continue
         wts = None if job.copies else _weights(job)
+        _prefetch_next(jobs, i)
         for lo, hi in _ranges(job):
             n = (hi - lo) * job.tensor.row_len
             cw = _chunk_weights(job, wts, lo)
