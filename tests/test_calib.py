@@ -173,6 +173,27 @@ def test_weights_hand_out_hessians_and_diagonals(sample):
     assert np.array_equal(sample.weights("blk.1.attn_v.weight", real).diag, real)
 
 
+def test_prefetch_factors_ahead_once_and_drops_what_is_behind(sample):
+    """The writer starts the next factorization on a thread (calib.LazyWeights.prefetch); asking for it
+    then gives that Hessian (the one an inline factorization gives), and the ones asked for before it
+    are dropped."""
+    from ggufq import blas
+    from ggufq.quant.gptq import Hessian
+    q, o = sample.lazy("blk.0.attn_q.weight"), sample.lazy("blk.0.attn_output.weight")
+    assert q.factor_key is not None and q.factor_key != o.factor_key
+    assert sample.lazy("blk.0.ffn_down.weight").factor_key is None          # diagonal only: nothing to factor
+    hq = q()
+    o.prefetch()
+    o.prefetch()                                                            # once
+    assert list(sample._hessians) == [q.factor_key, o.factor_key]
+    ho = o()
+    assert list(sample._hessians) == [o.factor_key]                         # q's is behind: dropped
+    assert ho is o() and ho.n == 256 and not np.array_equal(ho.u, hq.u)
+    with blas.threads(1):                           # as calib factors inputs up to SMALL_FACTOR wide
+        assert np.array_equal(ho.u, Hessian.from_moment(sample.moment("blk.0.attn_output.weight")).u)
+    assert any(t.name.startswith("ggufq-factor") for t in __import__("threading").enumerate())
+
+
 def test_start_token(tiny, tiny_p, smollm2):
     assert calib.start_token(vocabs.load(tiny, tiny_p.model.config)) == 1              # SPM: BOS
     ps = prepare(smollm2)
@@ -394,3 +415,51 @@ def test_iq_mixture_without_any_importance_source_is_one_line(tmp_path, tiny):
     with pytest.raises(GgufqError, match=r"needs an importance matrix .* pass --imatrix FILE"):
         convert(tiny, tmp_path / "o.gguf", "IQ2_XXS", calib_tokens=0, progress=False)
     assert _leftovers(tmp_path) == []
+
+
+def test_worker_sums_the_same_in_the_background(tmp_path):
+    """The worker's moment sums (calib_worker.Collector, with llama.cpp's ggml loaded): spread over
+    threads by input, and summed on a background thread from a second set of buffers (GPU offload),
+    they are bit-equal to one thread summing every flush in line."""
+    from concurrent.futures import ThreadPoolExecutor
+    from ggufq import calib_worker
+    rng = np.random.default_rng(5)
+    keys = {b"attn_norm-0": 48, b"ffn_inp-0": 40, b"kqv_out-0": 48}
+    batches = [{k: rng.standard_normal((rows, n)).astype(np.float32) for k, n in keys.items()}
+               for rows in (300, 7, 256, 129, 64)]
+    out = []
+    for mode in ("inline", "threads", "background"):
+        col = calib_worker.Collector({}, str(tmp_path / f"{mode}.f64"), 1 << 20)
+        for k, n in keys.items():
+            col.kind[k], col.width[k] = "full", n
+        if mode != "inline":
+            col.sum_pool = ThreadPoolExecutor(3)
+        if mode == "background":
+            col.background = ThreadPoolExecutor(1)
+        for b in batches:
+            for k, a in b.items():
+                col._buffer(k, a)
+            col.flush()
+            if mode == "background":
+                assert col.pending is not None and not col.fill       # summing while the next rows buffer
+        col.flush(final=True)
+        assert col.pending is None and col.count == sum(len(b[b"attn_norm-0"]) for b in batches)
+        out.append({k: np.array(col.acc[k]) for k in keys})
+    for k in keys:
+        want = sum(b[k].T.astype(np.float64) @ b[k].astype(np.float64) for b in batches)
+        assert _rel(out[0][k], want) < 1e-5                                  # float32 products, float64 sums
+        assert np.array_equal(out[0][k], out[1][k]) and np.array_equal(out[0][k], out[2][k])
+
+
+def test_writer_prefetches_the_next_different_factorization(sample):
+    """write._prefetch_next: at q (whose k and v share its input) the writer starts attn_output's
+    factorization, the next different one, and nothing at the last tensor."""
+    from ggufq import write
+    names = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",
+             "blk.0.ffn_down.weight"]
+    jobs = [write.Job(None, None, sample.lazy(n)) for n in names]
+    jobs[0].imatrix()
+    write._prefetch_next(jobs, 0)
+    assert list(sample._hessians) == [jobs[0].imatrix.factor_key, jobs[3].imatrix.factor_key]
+    write._prefetch_next(jobs, 4)
+    assert len(sample._hessians) == 2

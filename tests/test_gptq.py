@@ -165,3 +165,21 @@ def test_hessian_travels_as_a_file(gate, tmp_path):
     del h, h2
     gc.collect()
     assert not files[0].exists()
+
+
+def test_inv_lower_is_the_inverse_and_from_moment_unchanged(monkeypatch):
+    """blas.inv_lower (LAPACK dtrtri from NumPy's OpenBLAS) inverts a lower-triangular matrix, ignoring
+    its upper triangle; where no dtrtri is found the NumPy fallback gives the same U."""
+    from ggufq import blas
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 97))
+    lo = np.linalg.cholesky(x.T @ x / 300 + np.eye(97))
+    junk = lo + np.triu(rng.standard_normal((97, 97)), 1)            # the upper triangle is not read
+    inv = blas.inv_lower(junk)
+    assert np.allclose(np.tril(inv), inv) and np.allclose(inv @ lo, np.eye(97), atol=1e-12)
+    m = x.T @ x / 300
+    h = gptq.Hessian.from_moment(m, group=0)
+    monkeypatch.setattr(blas, "_trtri_fn", [None])                   # as where NumPy's BLAS has no LAPACKE
+    h2 = gptq.Hessian.from_moment(m, group=0)
+    assert np.allclose(h.u, h2.u, rtol=0, atol=1e-12 * np.abs(h.u).max())
+    assert np.allclose(h.u.T @ h.u, np.linalg.inv(m + gptq.DAMP * np.diag(m).mean() * np.eye(97)))
