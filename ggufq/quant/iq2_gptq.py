@@ -76,12 +76,9 @@ def _pack(qtype: T, blk: np.ndarray, gidx: np.ndarray, signs: np.ndarray) -> np.
 
 
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
-           importance: Optional[np.ndarray] = None, scales: Optional[np.ndarray] = None) -> np.ndarray:
+           importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] -> uint8 [n, k/256 * block bytes] of IQ2_XXS, IQ2_XS or IQ2_S, the contract of
-    :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales).
-    ``scales``: blocks [n, bytes] of this type whose scale fields are used as they are instead of
-    ``start``'s (a second sweep under refitted scales, :mod:`ggufq.quant.scale_refit`).
-    """
+    :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales)."""
     cls, bsz, per_scale = _FMT[qtype]
     parity = qtype != T.IQ2_S
     cls.init_grid()
@@ -100,8 +97,7 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
         col = perm[c0:c1] - c0                               # sweep position -> column in the block-column
         nat = np.empty((n, QK_K))
         nat[:, col] = W[:, c0:c1]
-        blk = (start(qtype, nat.astype(np.float32), imp[c0:c1]) if scales is None
-               else scales.reshape(n, k // QK_K, -1)[:, b])
+        blk = start(qtype, nat.astype(np.float32), imp[c0:c1])
         db = _group_scales(qtype, blk).astype(np.float64)
         gidx = np.zeros((n, 32), np.int64)
         sbytes = np.zeros((n, 32), np.uint8)

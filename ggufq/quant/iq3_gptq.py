@@ -73,11 +73,9 @@ def _pack(qtype: T, blk: np.ndarray, gidx: np.ndarray, sbytes: np.ndarray) -> np
 
 
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
-           importance: Optional[np.ndarray] = None, scales: Optional[np.ndarray] = None) -> np.ndarray:
+           importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] -> uint8 [n, k/256 * block bytes] of IQ3_XXS or IQ3_S, same contract as
     :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales).
-    ``scales``: blocks [n, bytes] of this type whose scale fields are used as they are instead of
-    ``start``'s (a second sweep under refitted scales, :mod:`ggufq.quant.scale_refit`).
 
     Long because the GPTQ column loop holds the iq3 grid search inside it."""
     cls, bsz = _BLOCK[qtype]
@@ -94,8 +92,7 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
         col = perm[c0:c1] - c0                               # sweep position -> column in the block-column
         nat = np.empty((n, QK_K))
         nat[:, col] = W[:, c0:c1]
-        blk = (start(qtype, nat.astype(np.float32), imp[c0:c1]) if scales is None
-               else scales.reshape(n, k // QK_K, -1)[:, b])
+        blk = start(qtype, nat.astype(np.float32), imp[c0:c1])
         db = _group_scales(qtype, blk).astype(np.float64)                      # [n, 8]
         gidx = np.zeros((n, 64), np.int64)
         sbytes = np.zeros((n, 32), np.uint8)

@@ -53,13 +53,10 @@ def _pack_codes(L: np.ndarray) -> np.ndarray:
 
 
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
-           importance: Optional[np.ndarray] = None, scales: Optional[np.ndarray] = None) -> np.ndarray:
+           importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] -> uint8 [n, k/qk * block bytes] of IQ4_NL or IQ4_XS, the contract of
     :func:`ggufq.quant.gptq.encode` (``start(qtype, cols, importance)`` gives the scales; the
-    columns in ``h``'s sweep order).
-    ``scales``: blocks [n, bytes] of this type whose scale fields are used as they are instead of
-    ``start``'s (a second sweep under refitted scales, :mod:`ggufq.quant.scale_refit`).
-    """
+    columns in ``h``'s sweep order)."""
     qk, bsz = _FMT[qtype]
     n, k = rows.shape
     if k != h.n or k % qk:
@@ -76,8 +73,7 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
         c1 = c0 + qk
         col = perm[c0:c1] - c0                               # sweep position -> column in the block-column
         nat[:, col] = W[:, c0:c1]
-        blk = (start(qtype, nat.astype(np.float32), imp[c0:c1]) if scales is None
-               else scales.reshape(n, k // qk, -1)[:, b])
+        blk = start(qtype, nat.astype(np.float32), imp[c0:c1])
         dl = _scales(qtype, blk).reshape(n, nb)
         E = np.empty((n, qk))
         for c in range(qk):

@@ -15,14 +15,17 @@ small integer ``l_b`` per sub-block (IQ4_XS: ``d (l - 32)``, 6 bits per 32 weigh
 those fields, starting from the sweep's: coordinate descent over the ``l_b`` (each step is the exact
 integer minimum of a convex quadratic in one variable, so ``f`` never rises), then the least-squares
 ``d`` per super-block under the new ``l``, rounded to fp16 and kept only where ``f`` drops, then
-another descent. :func:`encode` runs the sweep, refits, and optionally sweeps again under the refitted
-scales and refits again, keeping per row whichever candidate has the least ``f``. The file keeps
-the format's bytes layout and size; only the scale fields (and, after a second sweep, the codes)
-differ from the sweep's.
+another descent.
+
+With the scales refitted the codes are no longer the best for them: :func:`polish_codes` (IQ4_XS,
+one table step up or down per weight) and :func:`polish_grid` (IQ2_S, IQ3_S, the whole grid per
+unit of 8 or 4 weights, signs kept) are coordinate descents over the codes under the full ``H``,
+each step taken only where it lowers ``f``. :func:`encode` chains sweep, refit and a format's preset
+number of (descent, refit) rounds; ``f`` never rises along the chain. The file keeps the format's
+bytes layout and size.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,6 +36,7 @@ from gguf import quants as gq
 from .gptq import Hessian
 
 QK_K = 256
+BATCH = 64       # columns per lazy update of the error's product with H in the code descents
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,13 @@ SCHEMES = {
 class RefitParams:
     passes: int = 3          # coordinate-descent passes over the l of a row, per round
     rounds: int = 2          # (descent, fp16 d refit) rounds
-    resweeps: int = 0        # sweeps again under the refitted scales (each followed by a refit)
-    polish: int = 0          # IQ4_XS: (code descent, refit) rounds after the first refit
+    polish: int = 0          # (code descent, refit) rounds after the first refit
     chunk: int = 1 << 22     # rows per G computation: at most this many float64 in G
 
 
 REFIT = RefitParams()
+# per format, as measured (paired KLD on tinyllama, docs/IQ.md): the code descents pay at every type
+PRESETS = {T.IQ4_XS: RefitParams(polish=2), T.IQ3_S: RefitParams(polish=1), T.IQ2_S: RefitParams(polish=1)}
 
 
 def _unit_values(qtype: T, sch: Scheme, blk: np.ndarray) -> np.ndarray:
@@ -212,22 +217,26 @@ def polish_codes(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     g = e @ H
     hd = np.diag(H)
     for _ in range(passes):
-        for j in range(k):
-            best = np.zeros(n)
-            bq = q[:, j]
-            for step in (-1, 1):
-                qn = np.clip(q[:, j] + step, 0, 15)
-                dl = sc[:, j] * (kv[qn] - kv[q[:, j]])            # change of the decoded weight
-                gain = dl * dl * hd[j] - 2 * dl * g[:, j]
-                take = gain < best
-                best = np.where(take, gain, best)
-                bq = np.where(take, qn, bq)
-            ch = np.flatnonzero(bq != q[:, j])
-            if ch.size:
-                dl = sc[ch, j] * (kv[bq[ch]] - kv[q[ch, j]])
-                e[ch, j] -= dl
-                g[ch] -= dl[:, None] * H[j]
-                q[ch, j] = bq[ch]
+        for j0 in range(0, k, BATCH):             # GPTQ's lazy batch: g of the batch's columns kept
+            j1 = min(k, j0 + BATCH)               # exact, the rest updated once per batch
+            gl = g[:, j0:j1].copy()
+            D = np.zeros((n, j1 - j0))
+            for j in range(j0, j1):
+                qj, c, gj = q[:, j], sc[:, j], gl[:, j - j0]
+                dn = c * (kv[np.maximum(qj - 1, 0)] - kv[qj])      # change of the decoded weight
+                up = c * (kv[np.minimum(qj + 1, 15)] - kv[qj])
+                gd = dn * dn * hd[j] - 2 * dn * gj
+                gu = up * up * hd[j] - 2 * up * gj
+                take_up = gu < np.minimum(gd, 0)
+                take_dn = ~take_up & (gd < 0)
+                dl = np.where(take_up, up, np.where(take_dn, dn, 0.0))
+                q[:, j] = qj + take_up - take_dn
+                e[:, j] -= dl
+                gl -= dl[:, None] * H[j, j0:j1]
+                D[:, j - j0] = dl
+            g[:, :j0] -= D @ H[j0:j1, :j0]
+            g[:, j1:] -= D @ H[j0:j1, j1:]
+            g[:, j0:j1] = gl
     L = q.reshape(n, ns, 8, 32)
     blk[..., 8:] = _pack_codes(L).reshape(n, ns, 128)
     cost = np.einsum("ni,ni->n", e, g) - np.einsum("ni,ij,nj->n", w, H, w)
@@ -241,7 +250,9 @@ def polish_grid(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     every other weight's error as it stands (the current point is a candidate, so ``f`` never rises).
     For a unit ``J`` with decoded values ``q``, error product ``gJ = (H e)_J`` and a candidate ``q'``,
     ``f`` changes by ``q'ᵀH_JJ q' - 2 q'ᵀ(H_JJ q + gJ)`` plus terms that do not depend on ``q'``;
-    the sign-pattern tabulation is that of :mod:`ggufq.quant.iq2_gptq`. Returns (blocks, ``f - wᵀHw``)."""
+    the sign-pattern tabulation is that of :mod:`ggufq.quant.iq2_gptq`. Returns (blocks, ``f - wᵀHw``).
+
+    Long because the grid search, the lazy batch update and the two formats' packing share its arrays."""
     from . import iq2_gptq, iq3_gptq
     sch = SCHEMES[qtype]
     cls = getattr(gq, qtype.name)
@@ -267,24 +278,33 @@ def polish_grid(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     gidx = np.empty((n, k // gs), np.int64)
     P = np.empty((1 << gs, grid.shape[0]))
     for _ in range(passes):
-        for u in range(k // gs):
-            J = slice(gs * u, gs * u + gs)
-            HJ = H[J, J]
-            pu = pat[:, u]
-            up = np.unique(pu)
-            P[up] = np.einsum("pm,mj->pj", sig2[up] * HJ.reshape(1, -1), g2T)
-            dq = sc[:, gs * u]
-            q = x[:, J]
-            b = np.einsum("ri,ik->rk", q, HJ) + g[:, J]
-            cost = P[pu] * (dq * dq)[:, None]
-            cost -= (2 * dq)[:, None] * np.einsum("ri,ij->rj", b * sig[pu], gT)
-            j = np.argmin(cost, axis=1)
-            qn = dq[:, None] * sig[pu] * grid[j]
-            dl = qn - q
-            e[:, J] -= dl
-            g -= dl @ H[J]
-            x[:, J] = qn
-            gidx[:, u] = j
+        for j0 in range(0, k, BATCH):             # lazy batch, as in polish_codes
+            j1 = min(k, j0 + BATCH)
+            gl = g[:, j0:j1].copy()
+            D = np.zeros((n, j1 - j0))
+            for u in range(j0 // gs, j1 // gs):
+                J = slice(gs * u, gs * u + gs)
+                L = slice(gs * u - j0, gs * u - j0 + gs)
+                HJ = H[J, J]
+                pu = pat[:, u]
+                up = np.unique(pu)
+                P[up] = np.einsum("pm,mj->pj", sig2[up] * HJ.reshape(1, -1), g2T)
+                dq = sc[:, gs * u]
+                q = x[:, J]
+                b = np.einsum("ri,ik->rk", q, HJ) + gl[:, L]
+                cost = P[pu] * (dq * dq)[:, None]
+                cost -= (2 * dq)[:, None] * np.einsum("ri,ij->rj", b * sig[pu], gT)
+                j = np.argmin(cost, axis=1)
+                qn = dq[:, None] * sig[pu] * grid[j]
+                dl = qn - q
+                e[:, J] -= dl
+                gl -= np.einsum("ri,ik->rk", dl, H[J, j0:j1])
+                D[:, L] = dl
+                x[:, J] = qn
+                gidx[:, u] = j
+            g[:, :j0] -= D @ H[j0:j1, :j0]
+            g[:, j1:] -= D @ H[j0:j1, j1:]
+            g[:, j0:j1] = gl
     per = QK_K // gs
     flat = blk.reshape(n * ns, -1)
     gi = gidx.reshape(n * ns, per)
@@ -301,18 +321,14 @@ Sweep = Callable[..., np.ndarray]
 
 
 def encode(sweep: Sweep, qtype: T, rows: np.ndarray, h: Hessian, start, importance: Optional[np.ndarray] = None,
-           prm: RefitParams = REFIT) -> np.ndarray:
-    """``sweep(qtype, rows, h, start, importance, scales=None)`` (an ``iq*_gptq.encode``), then
-    :func:`refit`; with ``prm.resweeps``, the sweep again under the refitted scales (``scales=``) and
-    another refit, each row keeping its least-cost candidate."""
+           prm: Optional[RefitParams] = None) -> np.ndarray:
+    """``sweep(qtype, rows, h, start, importance)`` (an ``iq*_gptq.encode``), then :func:`refit`, then
+    ``prm.polish`` rounds of the code descent (:func:`polish_codes` or :func:`polish_grid`) each
+    followed by a refit; ``prm`` defaults to the format's preset (``PRESETS``)."""
+    prm = PRESETS[qtype] if prm is None else prm
     H = h.moment_natural()
-    out, cost = refit(qtype, rows, H, sweep(qtype, rows, h, start, importance), prm)
+    out, _ = refit(qtype, rows, H, sweep(qtype, rows, h, start, importance), prm)
+    polish = polish_codes if qtype == T.IQ4_XS else polish_grid
     for _ in range(prm.polish):
-        out, cost = (polish_codes if qtype == T.IQ4_XS else polish_grid)(qtype, rows, H, out)
-        out, cost = refit(qtype, rows, H, out, prm)
-    for _ in range(prm.resweeps):
-        cand, c2 = refit(qtype, rows, H, sweep(qtype, rows, h, start, importance, scales=out), prm)
-        better = c2 < cost
-        out[better], cost[better] = cand[better], c2[better]
+        out, _ = refit(qtype, rows, H, polish(qtype, rows, H, out)[0], prm)
     return out
-
