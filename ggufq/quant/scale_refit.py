@@ -99,7 +99,7 @@ class RefitParams:
 
 REFIT = RefitParams()
 # per format, as measured (paired KLD on tinyllama, docs/IQ.md): the code descents pay at every type
-PRESETS = {T.IQ4_XS: RefitParams(polish=2), T.IQ3_S: RefitParams(polish=1), T.IQ2_S: RefitParams(polish=1)}
+PRESETS = {T.IQ4_XS: RefitParams(polish=2), T.IQ3_S: RefitParams(polish=2), T.IQ2_S: RefitParams(polish=2)}
 
 
 def _unit_values(qtype: T, sch: Scheme, blk: np.ndarray) -> np.ndarray:
