@@ -195,32 +195,33 @@ class SelfCalibration:
         return self.mm[o:o + n] / self.count
 
     def lazy(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0,
-             unit: int = 1) -> "LazyWeights":
+             unit: int = 1, keep_h: bool = True) -> "LazyWeights":
         """A callable the writer runs when it reaches ``name`` (``damp``: GPTQ damping, default gptq.DAMP;
-        ``group``, ``unit``: the encoder's sweep order, gptq.sweep_order); its ``prefetch`` starts the
+        ``group``, ``unit``: the encoder's sweep order, gptq.sweep_order; ``keep_h``: the encoder refits
+        scales against the moment itself, gptq.Hessian.from_moment); its ``prefetch`` starts the
         factorization early."""
-        return LazyWeights(self, name, imatrix, damp, group, unit)
+        return LazyWeights(self, name, imatrix, damp, group, unit, keep_h)
 
-    def _hessian_key(self, name: str, damp, group: int, unit: int) -> Optional[tuple]:
+    def _hessian_key(self, name: str, damp, group: int, unit: int, keep_h: bool = True) -> Optional[tuple]:
         """The factorization ``name`` needs, or None (no full moment: the diagonal, or nothing)."""
         k = self.key(name)
         if k is None or not self.count or self.index["keys"][k][2] != "full" or _diag_only(name):
             return None
-        return (k, damp, group, unit)
+        return (k, damp, group, unit, keep_h)
 
-    def _factor(self, name: str, damp, group: int, unit: int):
+    def _factor(self, name: str, damp, group: int, unit: int, keep_h: bool = True):
         from .quant.gptq import Hessian
         m = self.moment(name)
         # below ~1k inputs BLAS threads do not pay: on a busy machine they spin (SmolLM2's 576:
         # 0.44 CPU-s with 2 threads vs 0.036 s with one, per factorization)
         with blas.threads(1) if len(m) <= SMALL_FACTOR else contextlib.nullcontext():
-            h = Hessian.from_moment(m, damp, group, unit)
+            h = Hessian.from_moment(m, damp, group, unit, keep_h)
         h.spill = str(self.tmpdir)      # to encoder processes as a mapped file, not a pickled copy
         return h
 
-    def prefetch(self, name: str, damp=None, group: int = 0, unit: int = 1) -> None:
+    def prefetch(self, name: str, damp=None, group: int = 0, unit: int = 1, keep_h: bool = True) -> None:
         """Start factoring ``name``'s Hessian on a thread (no-op when it is done or under way, or needs none)."""
-        hk = self._hessian_key(name, damp, group, unit)
+        hk = self._hessian_key(name, damp, group, unit, keep_h)
         if hk is None:
             return
         with self._lock:
@@ -228,15 +229,15 @@ class SelfCalibration:
                 return
             if self._factor_pool is None:
                 self._factor_pool = ThreadPoolExecutor(1, thread_name_prefix="ggufq-factor")
-            self._hessians[hk] = self._factor_pool.submit(self._factor, name, damp, group, unit)
+            self._hessians[hk] = self._factor_pool.submit(self._factor, name, damp, group, unit, keep_h)
 
     def weights(self, name: str, imatrix: Optional[np.ndarray] = None, damp: Optional[float] = None, group: int = 0,
-                unit: int = 1):
+                unit: int = 1, keep_h: bool = True):
         """``name``'s imatrix (write.Imatrix): a Hessian from full moments (its diag replaced by ``imatrix``
         when given), the moment diagonal otherwise; ``imatrix`` itself where the sample never reached it.
         Factorizations asked for before this one are dropped (the writer goes in file order), and so is
         one started ahead for another tensor when this one was not the one started."""
-        hk = self._hessian_key(name, damp, group, unit)
+        hk = self._hessian_key(name, damp, group, unit, keep_h)
         if hk is None:
             m = self.moment(name)        # None, or a diagonal / per-expert diagonals
             return imatrix if m is None or imatrix is not None else m.astype(np.float32)
@@ -248,7 +249,7 @@ class SelfCalibration:
             fut = self._hessians.get(hk)
         if fut is None:
             fut = Future()
-            fut.set_result(self._factor(name, damp, group, unit))
+            fut.set_result(self._factor(name, damp, group, unit, keep_h))
             with self._lock:
                 self._hessians[hk] = fut
         h = fut.result()
@@ -544,12 +545,13 @@ class LazyWeights:
     order) and factored ahead on a thread when the writer reaches the tensor before it (``prefetch``).
     ``factor_key``: which factorization it needs (None: none), so the writer can look for the next one."""
 
-    def __init__(self, cal: SelfCalibration, name: str, imatrix, damp, group: int, unit: int):
-        self.cal, self.name, self.imatrix, self.damp, self.group, self.unit = cal, name, imatrix, damp, group, unit
-        self.factor_key = cal._hessian_key(name, damp, group, unit)
+    def __init__(self, cal: SelfCalibration, name: str, imatrix, damp, group: int, unit: int, keep_h: bool = True):
+        self.cal, self.name, self.imatrix, self.damp = cal, name, imatrix, damp
+        self.group, self.unit, self.keep_h = group, unit, keep_h
+        self.factor_key = cal._hessian_key(name, damp, group, unit, keep_h)
 
     def __call__(self):
-        return self.cal.weights(self.name, self.imatrix, self.damp, self.group, self.unit)
+        return self.cal.weights(self.name, self.imatrix, self.damp, self.group, self.unit, self.keep_h)
 
     def prefetch(self) -> None:
-        self.cal.prefetch(self.name, self.damp, self.group, self.unit)
+        self.cal.prefetch(self.name, self.damp, self.group, self.unit, self.keep_h)

@@ -147,8 +147,8 @@ def test_sweep_in_importance_order_lowers_the_output_error(qtype, gate):
 
 
 def test_hessian_travels_as_a_file(gate, tmp_path):
-    """Pickled with ``spill``, U goes once to a file there (not into every job's pickle); the copy maps
-    it and encodes the same bytes; the file goes with the parent's object."""
+    """Pickled with ``spill``, U and the damped moment H go once to a file each there (not into every
+    job's pickle); the copy maps them and encodes the same bytes; the files go with the parent's object."""
     import gc
     import pickle
     rows, m = gate
@@ -157,14 +157,15 @@ def test_hessian_travels_as_a_file(gate, tmp_path):
     blob = pickle.dumps(h)
     assert len(blob) < h.u.nbytes // 4 and len(pickle.dumps(h)) == len(blob)
     files = list(tmp_path.iterdir())
-    assert len(files) == 1                            # written once, whatever the number of jobs
+    assert len(files) == 2                            # written once, whatever the number of jobs
     h2 = pickle.loads(blob)
     assert isinstance(h2.u, np.memmap) and np.array_equal(h2.u, h.u) and np.array_equal(h2.perm, h.perm)
+    assert isinstance(h2.h, np.memmap) and np.array_equal(h2.h, h.h)
     assert np.array_equal(gptq.encode(T.Q4_K, rows, h2, start=quant.encode),
                           gptq.encode(T.Q4_K, rows, h, start=quant.encode))
     del h, h2
     gc.collect()
-    assert not files[0].exists()
+    assert not any(f.exists() for f in files)
 
 
 def test_inv_lower_is_the_inverse_and_from_moment_unchanged(monkeypatch):

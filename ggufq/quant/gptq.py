@@ -43,40 +43,57 @@ class Hessian:
     group: int = 0              # perm only reorders columns inside each run of ``group`` columns
     unit: int = 1               # ... and moves them in whole runs of ``unit`` columns, each kept in order
     spill: Optional[str] = None  # a directory: pickled, ``u`` travels as a file there (see __getstate__)
+    h: Optional[np.ndarray] = None  # float32 [n, n]: the damped moment H + damp itself, in sweep order (scale refits)
 
     def __getstate__(self) -> dict:
-        """With ``spill``, ``u`` (n^2 float64: 32 MiB at n = 2048, 128 MiB at 4096) is written once to a
-        file in that directory and pickled as its path; an encoder process maps it read-only. Every
-        row chunk of a matrix is one pickled job, so sending ``u`` itself cost the parent a copy per
-        chunk in flight (1.9 GiB RSS at -j 16 on a 1B model) and the pickling time. The file goes when
-        the parent's object does: the executor holds each job's arguments until its result is back."""
+        """With ``spill``, ``u`` (n^2 float64: 32 MiB at n = 2048, 128 MiB at 4096) and ``h`` are written
+        once to files in that directory and pickled as their paths; an encoder process maps them
+        read-only. Every row chunk of a matrix is one pickled job, so sending ``u`` itself cost the
+        parent a copy per chunk in flight (1.9 GiB RSS at -j 16 on a 1B model) and the pickling time.
+        The files go when the parent's object does: the executor holds each job's arguments until its
+        result is back."""
         st = dict(self.__dict__)
-        if self.spill is not None and not isinstance(self.u, np.memmap):
-            path = st.pop("_path", None) or self._spill_u()
-            st["u"] = ("file", path)
-        st.pop("_path", None)
+        paths = st.pop("_paths", {})
+        if self.spill is not None:
+            for key in ("u", "h"):
+                a = getattr(self, key)
+                if a is not None and not isinstance(a, np.memmap):
+                    st[key] = ("file", paths.get(key) or self._spill(key))
         return st
 
     def __setstate__(self, st: dict) -> None:
-        u = st["u"]
-        if isinstance(u, tuple) and u[0] == "file":
-            st["u"] = np.load(u[1], mmap_mode="r")
+        for key in ("u", "h"):
+            a = st.get(key)
+            if isinstance(a, tuple) and a[0] == "file":
+                st[key] = np.load(a[1], mmap_mode="r")
+        st.setdefault("h", None)
         self.__dict__.update(st)
 
-    def _spill_u(self) -> str:
+    def _spill(self, key: str) -> str:
         import os
         import tempfile
         import weakref
-        fd, path = tempfile.mkstemp(suffix=".npy", prefix="hessian-", dir=self.spill)
+        fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"hessian-{key}-", dir=self.spill)
         with os.fdopen(fd, "wb") as f:
-            np.save(f, self.u, allow_pickle=False)
-        self.__dict__["_path"] = path
+            np.save(f, getattr(self, key), allow_pickle=False)
+        self.__dict__.setdefault("_paths", {})[key] = path
         weakref.finalize(self, _unlink, path)
         return path
 
+    def moment_natural(self) -> np.ndarray:
+        """float64 [n, n]: the damped moment ``H`` the sweep works against, in column order (from ``u``
+        where ``h`` was not kept: ``H = (UᵀU)⁻¹``)."""
+        hm = np.array(self.h, np.float64) if self.h is not None else np.linalg.inv(np.asarray(self.u).T @ self.u)
+        if self.perm is None:
+            return hm
+        inv = np.argsort(self.perm)
+        return hm[np.ix_(inv, inv)]
+
     @classmethod
-    def from_moment(cls, m: np.ndarray, damp: Optional[float] = None, group: int = 0, unit: int = 1) -> "Hessian":
-        """``m``: E[x x^T] [n, n]. Dead inputs (never non-zero) get a unit diagonal.
+    def from_moment(cls, m: np.ndarray, damp: Optional[float] = None, group: int = 0, unit: int = 1,
+                    keep_h: bool = True) -> "Hessian":
+        """``m``: E[x x^T] [n, n]. Dead inputs (never non-zero) get a unit diagonal. ``keep_h``: keep the
+        damped moment itself (``h``, for :mod:`~ggufq.quant.scale_refit`'s formats; the others need ``u`` only).
 
         ``group`` > 0: the sweep takes the columns of each run of ``group`` (an encoder's
         block-column, whose block scales are fixed before its first column is rounded) in order of
@@ -106,7 +123,8 @@ class Hessian:
         lo = np.linalg.cholesky(h[::-1, ::-1])
         u = blas.inv_lower(lo)[::-1, ::-1]          # LAPACK's triangular inverse: 1/5 of a general one
         return cls(np.maximum(d, 0).astype(np.float32), np.ascontiguousarray(u), perm,
-                   group if perm is not None else 0, unit if perm is not None else 1)
+                   group if perm is not None else 0, unit if perm is not None else 1,
+                   h=h.astype(np.float32) if keep_h else None)
 
     @property
     def n(self) -> int:

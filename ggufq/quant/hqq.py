@@ -220,18 +220,24 @@ def _hessian_aware(enc):
     @functools.wraps(enc)
     def wrapped(qtype: T, rows: np.ndarray, imatrix=None) -> np.ndarray:
         if isinstance(imatrix, _gptq.Hessian):
+            sweep = None
             if qtype in (T.IQ3_XXS, T.IQ3_S):      # codebook error feedback, quad by quad
                 from . import iq3_gptq
-                return iq3_gptq.encode(qtype, rows, imatrix, start=enc)
+                sweep = iq3_gptq.encode
             if qtype in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S):    # the same, 8 weights per grid point
                 from . import iq2_gptq
-                return iq2_gptq.encode(qtype, rows, imatrix, start=enc)
+                sweep = iq2_gptq.encode
             if qtype in (T.IQ1_S, T.IQ1_M):                # the same over the 2048-point ternary grid
                 from . import iq1_gptq
                 return iq1_gptq.encode(qtype, rows, imatrix, start=enc)
             if qtype in (T.IQ4_NL, T.IQ4_XS):      # one code per weight into the kvalues table
                 from . import iq4_gptq
-                return iq4_gptq.encode(qtype, rows, imatrix, start=enc)
+                sweep = iq4_gptq.encode
+            if sweep is not None:
+                from . import scale_refit     # the scales refit to the sweep's codes under the full moment
+                if qtype in scale_refit.SCHEMES:
+                    return scale_refit.encode(sweep, qtype, rows, imatrix, start=enc)
+                return sweep(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
             return _gptq.encode(qtype, rows, imatrix, start=_AS_FIELDS.get(enc, enc))

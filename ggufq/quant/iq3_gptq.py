@@ -51,6 +51,27 @@ def _group_scales(qtype: T, blk: np.ndarray) -> np.ndarray:
     return d * (1 + 2 * ls)
 
 
+def _pack(qtype: T, blk: np.ndarray, gidx: np.ndarray, sbytes: np.ndarray) -> np.ndarray:
+    """Block bytes [n, bytes] with the quads' grid indices [n, 64] and the sign bytes [n, 32] (one per
+    8 weights), the scale bytes taken from ``blk`` (the start encoder's block)."""
+    n = blk.shape[0]
+    o = np.empty_like(blk)
+    o[:, 0:2] = blk[:, 0:2]
+    if qtype == T.IQ3_XXS:
+        o[:, 2:66] = gidx.astype(np.uint8)
+        s7 = (sbytes & 127).astype(np.uint32).reshape(n, 8, 4) << (7 * np.arange(4, dtype=np.uint32))
+        ls = blk[:, 66:98].copy().view("<u4") >> 28
+        sas = np.bitwise_or.reduce(s7, axis=2) | (ls << 28)
+        o[:, 66:98] = sas.astype("<u4").view(np.uint8)
+    else:
+        o[:, 2:66] = (gidx & 255).astype(np.uint8)
+        hb = ((gidx >> 8).astype(np.uint8).reshape(n, 8, 8)) << np.arange(8, dtype=np.uint8)
+        o[:, 66:74] = np.bitwise_or.reduce(hb, axis=2)
+        o[:, 74:106] = sbytes
+        o[:, 106:110] = blk[:, 106:110]
+    return o
+
+
 def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
            importance: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows [n, k] -> uint8 [n, k/256 * block bytes] of IQ3_XXS or IQ3_S, same contract as
@@ -107,18 +128,5 @@ def encode(qtype: T, rows: np.ndarray, h: Hessian, start: Encoder,
                 gidx[:, 2 * unit + half] = j
         if c1 < k:
             W[:, c1:] -= E @ U[c0:c1, c1:]
-        o = out[:, b]
-        o[:, 0:2] = blk[:, 0:2]
-        if xxs:
-            o[:, 2:66] = gidx.astype(np.uint8)
-            s7 = (sbytes & 127).astype(np.uint32).reshape(n, 8, 4) << (7 * np.arange(4, dtype=np.uint32))
-            ls = blk[:, 66:98].copy().view("<u4") >> 28
-            sas = np.bitwise_or.reduce(s7, axis=2) | (ls << 28)
-            o[:, 66:98] = sas.astype("<u4").view(np.uint8)
-        else:
-            o[:, 2:66] = (gidx & 255).astype(np.uint8)
-            hb = ((gidx >> 8).astype(np.uint8).reshape(n, 8, 8)) << np.arange(8, dtype=np.uint8)
-            o[:, 66:74] = np.bitwise_or.reduce(hb, axis=2)
-            o[:, 74:106] = sbytes
-            o[:, 106:110] = blk[:, 106:110]
+        out[:, b] = _pack(qtype, blk, gidx, sbytes)
     return out.reshape(n, -1)
