@@ -74,11 +74,14 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     hb = Lw >> np.uint64(2)
     hb &= _BYTE1
     hb <<= _BIT_OF_CHUNK
-    hmask = np.bitwise_or.reduce(hb, axis=1)
+    hb = hb[:, :4] | hb[:, 4:]                           # or over the 8 chunks as a tree (a reduce over
+    hb = hb[:, :2] | hb[:, 2:]                           # a middle axis of 8 is ~5x slower)
+    hmask = hb[:, 0] | hb[:, 1]
     lw = Lw & _BYTE3
     lw = lw.reshape(nblk, 2, 4, 4)
     lw <<= _SHIFT_OF_QUARTER
-    qs = np.bitwise_or.reduce(lw, axis=2)
+    lw = lw[:, :, :2] | lw[:, :, 2:]
+    qs = lw[:, :, 0] | lw[:, :, 1]
 
     out = np.empty((nblk, BLOCK_BYTES), dtype=np.uint8)
     out[:, 0:32] = hmask.view(np.uint8)

@@ -23,6 +23,8 @@ from .common import clip_ufunc, transpose_u8
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 _MAGIC = F32(12582912.0)
+_BIAS = 0x00400000      # nearest_int(v) = (bits(v + 12582912.f) & 0x7FFFFF) - _BIAS (any float v)
+_MANT = np.int32(0x007FFFFF)
 # groups per internal chunk: [16, 16384] float32 = 1 MiB per temporary
 CHUNK_GROUPS = 16384
 
