@@ -74,3 +74,9 @@ def transpose_u8(a: np.ndarray) -> np.ndarray:
     for j in (1, 2, 3):
         u |= a4[:, j].astype(np.uint32) << np.uint32(8 * j)
     return np.ascontiguousarray(u.T).view("<u1").reshape(n, r) if np.little_endian else np.ascontiguousarray(a.T)
+
+
+def nonzero2(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D array (row-major order), through ``flatnonzero``: NumPy's 2-D nonzero
+    runs ~10x slower on large sparse masks (760 us against 63 us on a [612, 512] one)."""
+    return np.divmod(np.flatnonzero(a), a.shape[1])
