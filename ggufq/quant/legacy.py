@@ -49,7 +49,9 @@ def _roundf(v: np.ndarray) -> np.ndarray:
 _LANE = np.dtype("V16")
 _BYTE1 = np.uint32(0x01010101)
 _NIB = np.uint32(0x0F0F0F0F)
-_GATHER4 = np.uint32(0x00204081)      # bits 0, 8, 16, 24 -> bits 21..24 (no carries)
+_GATHER4 = np.uint32(0x00204081)      # bits 4, 12, 20, 28 -> bits 25..28 (no carries)
+_BIT4 = np.uint32(0x10101010)
+_ROW_SHIFT = np.arange(0, 32, 4, dtype=np.uint32)[:, None]
 
 
 def _fields(*names_fmts) -> np.dtype:
@@ -165,12 +167,10 @@ def _put_qs(chunk: _Chunk, L32: np.ndarray) -> None:
 
 def _qh_X(L32: np.ndarray) -> np.ndarray:
     """5-bit codes as uint32 [8, c] -> qh uint32 [c]: bit j is bit 4 of weight j."""
-    h = L32 >> np.uint32(4)
-    h &= _BYTE1
-    h *= _GATHER4
-    h >>= np.uint32(21)
-    h &= np.uint32(0xF)                  # row r: bits 0..3 = weights 4r..4r+3
-    h <<= np.arange(0, 32, 4, dtype=np.uint32)[:, None]
+    h = L32 & _BIT4
+    h *= _GATHER4                        # bits 4, 12, 20, 28 -> 25, 26, 27, 28 (nothing else above 24)
+    h >>= np.uint32(25)
+    h <<= _ROW_SHIFT                     # row r: bits 4r..4r+3 = weights 4r..4r+3
     return np.bitwise_or.reduce(h, axis=0)
 
 
