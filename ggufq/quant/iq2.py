@@ -30,7 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register, row_nbytes
-from .common import fp16_bytes, nonzero2
+from .common import fp16_bytes, nonzero2, transpose_f32
 from .iq_grid import Grid, best_neighbour, iq_grid
 from .qx import make_qp_quants, nearest_int_exact
 
@@ -46,7 +46,7 @@ REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS})
 
 def seq_sum(a: np.ndarray) -> np.ndarray:
     """Sum ``a [G, n]`` over n element after element (the C loop; NumPy's inner-axis sum is pairwise)."""
-    return np.add.reduce(np.ascontiguousarray(a.T), axis=0)
+    return np.add.reduce(transpose_f32(a), axis=0)
 
 
 def _qw(imatrix: np.ndarray, n_rows: int) -> np.ndarray:

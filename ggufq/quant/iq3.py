@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from . import register
-from .common import fp16_bytes, nonzero2
+from .common import fp16_bytes, nonzero2, transpose_f32
 from .qx import F32, nearest_int_exact
 
 QK_K = 256
@@ -235,7 +235,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray], xxs: bool) -> np.nd
     nblk = xb.shape[0]
     ng = nblk * 8
     # float sumx2 = 0; for (i...) sumx2 += xbl[i]*xbl[i]; float sigma2 = 2*sumx2/QK_K;
-    xbT = np.ascontiguousarray(xb.T)                                   # [256, nblk]
+    xbT = transpose_f32(xb)                                            # [256, nblk]
     sigma2 = (F32(2) * np.add.reduce(xbT * xbT, axis=0)) / F32(QK_K)
     x = xb.reshape(ng, 32)
     if qw is not None:

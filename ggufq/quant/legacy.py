@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes
+from .common import fp16_bytes, transpose_f32
 
 QK8_0 = 32
 QK = 32
@@ -224,7 +224,7 @@ def _row_weights(rows: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
     """ggml's legacy imatrix weights: qw * sqrtf(sigma2 + x^2), sigma2 = sum(x^2)/n_per_row per row."""
     k = rows.shape[1]
     sq = rows * rows
-    sum_x2 = np.add.reduce(np.ascontiguousarray(sq.T), axis=0)   # sequential, as the C loop
+    sum_x2 = np.add.reduce(transpose_f32(sq), axis=0)   # sequential, as the C loop
     sigma2 = sum_x2 / F32(k)
     return (imatrix[None, :] * np.sqrt(sigma2[:, None] + sq)).astype(F32)
 

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes, fp16_round
+from .common import fp16_bytes, fp16_round, transpose_f32
 from .q6_k import encode_blocks_chunked, group_T, requantize
 from .qx import F32, make_q3_quants_T, make_qx_quants_T, nearest_int_exact
 
@@ -55,7 +55,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
         d = np.where(nonzero, F32(1) / iscale, F32(0)).astype(F32)
     else:
         # sigma2 = 2 * sum(x²) / 256, summed in C's order
-        xbT = np.ascontiguousarray(xb.T)   # axis-0 sums are sequential only on contiguous data
+        xbT = transpose_f32(xb)            # axis-0 sums are sequential only on contiguous data
         sigma2 = (F32(2) * np.add.reduce(xbT * xbT, axis=0)) / F32(QK_K)
         s2g = np.repeat(sigma2, 16)                          # per group
         wT = group_T(qw) * np.sqrt(s2g + xT * xT)

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import clip_ufunc, fp16_bytes, fp16_round, transpose_u8
+from .common import clip_ufunc, fp16_bytes, fp16_round, transpose_f32, transpose_u8
 from .qx import _BIAS, _MAGIC, _MANT, CHUNK_GROUPS, F32, GROUP_MAX_EPS, make_qx_quants_T, nearest_int_exact
 
 QK_K = 256
@@ -34,7 +34,7 @@ def _chunk_imatrix(imatrix: Optional[np.ndarray], k: int, b_lo: int, b_hi: int) 
 
 def group_T(a: np.ndarray) -> np.ndarray:
     """[n_blocks, 256] -> transposed groups [16, n_blocks*16] (group g = block*16 + j)."""
-    return np.ascontiguousarray(a.reshape(-1, 16).T)
+    return transpose_f32(a.reshape(-1, 16))
 
 
 def requantize(xT: np.ndarray, dq: np.ndarray, LT: np.ndarray, nmax: int) -> np.ndarray:
