@@ -74,3 +74,29 @@ def transpose_u8(a: np.ndarray) -> np.ndarray:
     for j in (1, 2, 3):
         u |= a4[:, j].astype(np.uint32) << np.uint32(8 * j)
     return np.ascontiguousarray(u.T).view("<u1").reshape(n, r) if np.little_endian else np.ascontiguousarray(a.T)
+
+
+def nonzero2(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D array (row-major order), through ``flatnonzero``: NumPy's 2-D nonzero
+    runs ~10x slower on large sparse masks (760 us against 63 us on a [612, 512] one)."""
+    return np.divmod(np.flatnonzero(a), a.shape[1])
+
+
+def transpose_f32(a: np.ndarray) -> np.ndarray:
+    """``a.T`` as a new C-contiguous array, for 2-D ``a`` (other than C-contiguous float32: a plain copy).
+
+    NumPy's transposed copy moves one float at a time with a strided read (~1 ns per
+    float for [n, 16], ~3 ns for [128, 2048] rows); moving lanes of 4 or 8 floats
+    first (16/32-byte elements) and then transposing each [n, lane] block, whose
+    reads stay within a few cache lines, is 1.3-4x faster and gives the same array.
+    """
+    if a.ndim != 2 or a.dtype != np.float32 or not a.flags.c_contiguous:
+        return np.ascontiguousarray(np.asarray(a).T)
+    n, k = a.shape
+    lane = 8 if k >= 1024 else 4
+    if k % lane or n == 0:
+        return np.ascontiguousarray(a.T)
+    v = np.dtype(f"V{4 * lane}")
+    y = np.empty((k // lane, n), dtype=v)
+    np.copyto(y, a.view(v).T)
+    return np.ascontiguousarray(y.view(np.float32).reshape(k // lane, n, lane).transpose(0, 2, 1)).reshape(k, n)

@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes
+from .common import fp16_bytes, nonzero2
 from .iq2 import QK_K, by_chunks, seq_sum
 from .iq_grid import Grid, best_neighbour, iq_grid
 from .qx import nearest_int_exact
@@ -111,7 +111,11 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
         score /= sq                                         # sq <= 0: -inf, nan or huge; checked below
         M = np.fmax.reduce(score, axis=0)                   # nan (0/0) is skipped
         # products best*sumq2 stay in float32's normal range
-        sqmin = np.where(sq > 0, sq, F32(np.inf)).min(axis=0)
+        sqmin = sq.min(axis=0)
+        npos = np.flatnonzero(~(sqmin > 0))                 # (rare) columns with some sumq2 <= 0
+        if npos.size:
+            sub = sq[:, npos]
+            sqmin[npos] = np.where(sub > 0, sub, F32(np.inf)).min(axis=0)
         sane = np.isfinite(M) & (M > 1e-30) & (M * sqmin >= 1e-30) & (M * sq.max(axis=0) <= 1e36)
         near = np.zeros((n, G), dtype=bool)
         todo = np.flatnonzero(sane)
@@ -124,14 +128,17 @@ def _record_scan(sx: np.ndarray, sq: np.ndarray):
             lo = np.where(nr, F32(-np.inf), sc)
             lo = np.fmax.reduce(lo, axis=0)
             ok = ~(lo >= thr * F32(1 - _GAP))               # nan: no other candidate
-            near[:, todo[ok]] = nr[:, ok]
+            if todo.size == G:      # every column: take nr whole (a column copy costs more);
+                near = nr           # the columns not settled here are all written again below
+            else:
+                near[:, todo[ok]] = nr[:, ok]
             todo = todo[~ok]
         rest = np.r_[todo, np.flatnonzero(~sane)]
         if rest.size:
             near[:, rest] = sq[:, rest] > 0
     win = np.full(G, -1, dtype=np.int64)
     scale = np.zeros(G, dtype=F32)
-    cand, grp = np.nonzero(near)                            # ordered by candidate, then group
+    cand, grp = nonzero2(near)                              # ordered by candidate, then group
     if grp.size == 0:
         return win, scale
     order = np.argsort(grp, kind="stable")                  # each group's members, in candidate order
@@ -215,7 +222,7 @@ def _snap1(g: Grid, L, xb, weight, scale, sel, xx):
     gi = g.kmap[u].astype(np.int64)
     off = gi < 0
     if off.any():
-        r, k = np.nonzero(off)
+        r, k = nonzero2(off)
         cols = (k * 8)[:, None] + np.arange(8)
         gi[r, k] = best_neighbour(g, u[r, k], xb[r[:, None], cols], weight[r[:, None], cols], scale[r],
                                   xx[sel[r, k]])

@@ -30,7 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register, row_nbytes
-from .common import fp16_bytes
+from .common import fp16_bytes, nonzero2, transpose_f32
 from .iq_grid import Grid, best_neighbour, iq_grid
 from .qx import make_qp_quants, nearest_int_exact
 
@@ -46,7 +46,7 @@ REQUIRES_IMATRIX = frozenset({T.IQ2_XXS, T.IQ2_XS})
 
 def seq_sum(a: np.ndarray) -> np.ndarray:
     """Sum ``a [G, n]`` over n element after element (the C loop; NumPy's inner-axis sum is pairwise)."""
-    return np.add.reduce(np.ascontiguousarray(a.T), axis=0)
+    return np.add.reduce(transpose_f32(a), axis=0)
 
 
 def _qw(imatrix: np.ndarray, n_rows: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def split_signs(xb: np.ndarray, weight: np.ndarray, parity: bool):
     if parity:
         odd = (neg8.sum(axis=2) & 1).astype(bool)
         if odd.any():
-            gi, ki = np.nonzero(odd)
+            gi, ki = nonzero2(odd)
             x8 = xb.reshape(G, n // 8, 8)[gi, ki]
             w8 = weight.reshape(G, n // 8, 8)[gi, ki]
             imin = np.argmin((w8 * x8) * x8, axis=1)        # ``ax < min``: first of equal values
@@ -98,7 +98,7 @@ def snap(g: Grid, l: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.n
     gi = g.kmap[u].astype(np.int64)
     on = gi >= 0
     if not on.all():
-        r, k = np.nonzero(~on)
+        r, k = nonzero2(~on)
         cols = (k * 8)[:, None] + np.arange(8)
         gi[r, k] = best_neighbour(g, u[r, k], xval[r[:, None], cols], waux[r[:, None], cols], scale[r], _qtab(g))
     return gi, on

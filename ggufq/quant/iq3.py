@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
 from . import register
-from .common import fp16_bytes
+from .common import fp16_bytes, nonzero2, transpose_f32
 from .qx import F32, nearest_int_exact
 
 QK_K = 256
@@ -209,7 +209,7 @@ def _group_search(g: Grid, xvT: np.ndarray, wT: np.ndarray, waT: np.ndarray, mx:
     if redo.any():
         r = np.flatnonzero(redo)
         rq = np.ones((8, r.size), dtype=bool) if not xxs else ~on_grid[:, r]
-        k, j = np.nonzero(rq)
+        k, j = nonzero2(rq)
         gidx = r[j]
         sc = scale[gidx]
         id2 = F32(1) / sc                                      # float id = 1/scale;  (scale > 0)
@@ -235,7 +235,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray], xxs: bool) -> np.nd
     nblk = xb.shape[0]
     ng = nblk * 8
     # float sumx2 = 0; for (i...) sumx2 += xbl[i]*xbl[i]; float sigma2 = 2*sumx2/QK_K;
-    xbT = np.ascontiguousarray(xb.T)                                   # [256, nblk]
+    xbT = transpose_f32(xb)                                            # [256, nblk]
     sigma2 = (F32(2) * np.add.reduce(xbT * xbT, axis=0)) / F32(QK_K)
     x = xb.reshape(ng, 32)
     if qw is not None:
@@ -253,7 +253,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray], xxs: bool) -> np.nd
         if odd.any():
             x8 = x.reshape(ng, 4, 8)
             imin = np.argmin((w.reshape(ng, 4, 8) * x8) * x8, axis=2)      # first minimum, as `<`
-            gi, k = np.nonzero(odd)
+            gi, k = nonzero2(odd)
             pos = 8 * k + imin[gi, k]
             xval[gi, pos] = -xval[gi, pos]
             signs[gi, k] ^= (np.uint8(1) << imin[gi, k].astype(np.uint8))
@@ -306,7 +306,7 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray], xxs: bool) -> np.nd
     # the groups after an all-zero one are written one slot earlier and the last slots stay zero
     act = active.reshape(nblk, 8)
     slot = np.cumsum(act, axis=1) - 1
-    b, ib = np.nonzero(act)
+    b, ib = nonzero2(act)
     qs = out[:, 2:66].reshape(nblk, 8, 8)
     qs[b, slot[b, ib]] = (gidx.reshape(nblk, 8, 8)[b, ib] & 255).astype(np.uint8)
     sg = out[:, 74:106].reshape(nblk, 8, 4)

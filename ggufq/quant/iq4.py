@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import IQ4_NL as _GGUF_IQ4_NL
 
 from . import register
-from .common import fp16_bytes
+from .common import fp16_bytes, transpose_f32
 
 F32 = np.float32
 QK_K = 256
@@ -167,8 +167,8 @@ def _search_all(x: np.ndarray, imatrix, sb: int) -> np.ndarray:
         else:
             sup = xs.reshape(-1, sb)
             sq = sup * sup
-            sigma2 = _seq_sum0(np.ascontiguousarray(sq.T)) * (F32(2) / F32(sb))
+            sigma2 = _seq_sum0(transpose_f32(sq)) * (F32(2) / F32(sb))
             qb = qw[np.arange(lo, hi) % per_row]
             ws = (qb.reshape(-1, sb) * np.sqrt(sigma2[:, None] + sq)).reshape(-1, 32)
-        out[lo:hi] = _search(np.ascontiguousarray(xs.T), np.ascontiguousarray(ws.T))
+        out[lo:hi] = _search(transpose_f32(xs), transpose_f32(ws))
     return out

@@ -27,6 +27,8 @@ from functools import cached_property, lru_cache
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from .common import nonzero2
+
 F32 = np.float32
 
 
@@ -106,7 +108,7 @@ def build_grid(levels: np.ndarray, bits: int, kmap_size: int, nwant: int) -> Gri
         for _ in range(nwant - 1):
             nxt = np.where(d2 > t[:, None], d2, big).min(axis=1)
             t = np.where(nxt == big, t, nxt)
-        r, j = np.nonzero(d2 <= t[:, None])          # row-major: j ascending within a row
+        r, j = nonzero2(d2 <= t[:, None])          # row-major: j ascending within a row
         # qsort on (d2, j): a stable sort on (row, d2) keeps j ascending among equal distances
         order = np.argsort(r.astype(np.int64) * 4096 + d2[r, j], kind="stable")
         flat.append(j[order].astype(np.int32))

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes
+from .common import fp16_bytes, transpose_f32
 
 QK8_0 = 32
 QK = 32
@@ -49,7 +49,9 @@ def _roundf(v: np.ndarray) -> np.ndarray:
 _LANE = np.dtype("V16")
 _BYTE1 = np.uint32(0x01010101)
 _NIB = np.uint32(0x0F0F0F0F)
-_GATHER4 = np.uint32(0x00204081)      # bits 0, 8, 16, 24 -> bits 21..24 (no carries)
+_GATHER4 = np.uint32(0x00204081)      # bits 4, 12, 20, 28 -> bits 25..28 (no carries)
+_BIT4 = np.uint32(0x10101010)
+_ROW_SHIFT = np.arange(0, 32, 4, dtype=np.uint32)[:, None]
 
 
 def _fields(*names_fmts) -> np.dtype:
@@ -77,35 +79,75 @@ class _Chunk:
                           offset=self.lo * self.block.itemsize + off, strides=(4, self.block.itemsize))
 
 
+class _Lanes:
+    """Work buffers of one chunk of ``c`` blocks: ``X`` [8, 4c] the weights in the lane layout (overwritten by
+    the encoders), ``E`` [2, 4c] per-lane extremes, ``R`` [2, c, 4] block values repeated over their 4 lanes,
+    ``U`` [8, 4c] the codes as bytes."""
+
+    def __init__(self, c: int):
+        self.X = np.empty((8, 4 * c), F32)
+        self.E = np.empty((2, 4 * c), F32)
+        self.R = np.empty((2, c, 4), F32)
+        self.U = np.empty((8, 4 * c), np.uint8)
+
+    def load(self, blocks: np.ndarray) -> "_Lanes":
+        """Blocks [c', 32] (c' <= c) into ``X``; the buffers are cut to c' blocks."""
+        n = blocks.shape[0]
+        if n != self.R.shape[1]:
+            self.X, self.E, self.R, self.U = (self.X[:, :4 * n], self.E[:, :4 * n], self.R[:, :n],
+                                              self.U[:, :4 * n])
+        np.copyto(self.X.view(_LANE), blocks.view(_LANE).T)
+        return self
+
+    def extremes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(max [c], min [c]) of each block."""
+        E = self.E
+        np.maximum.reduce(self.X, axis=0, out=E[0])
+        np.minimum.reduce(self.X, axis=0, out=E[1])
+        a = E.reshape(2, -1, 4)
+        hi = np.maximum(a[0, :, 0], a[0, :, 1])
+        np.maximum(hi, a[0, :, 2], out=hi)
+        np.maximum(hi, a[0, :, 3], out=hi)
+        lo = np.minimum(a[1, :, 0], a[1, :, 1])
+        np.minimum(lo, a[1, :, 2], out=lo)
+        np.minimum(lo, a[1, :, 3], out=lo)
+        return hi, lo
+
+    def repeat(self, i: int, v: np.ndarray) -> np.ndarray:
+        """Block values [c] -> [4c], each over its block's 4 lanes (four strided copies: np.repeat is ~2x slower)."""
+        r = self.R[i]
+        for j in range(4):
+            r[:, j] = v
+        return r.reshape(-1)
+
+    def codes(self) -> np.ndarray:
+        """(int8_t) of ``X`` (in [0, 256)) as bytes, viewed as uint32 [8, c]: one lane per block and row."""
+        np.copyto(self.U, self.X, casting="unsafe")
+        return self.U.view(np.uint32)
+
+
 def _by_lanes(rows: np.ndarray, block: np.dtype, encode_X) -> np.ndarray:
-    """Rows [n, k] -> bytes [n, k/32*block.itemsize]; ``encode_X(X [8, 4c], blocks [c, 32], chunk)``."""
+    """Rows [n, k] -> bytes [n, k/32*block.itemsize]; ``encode_X(lanes, blocks [c, 32], chunk)``."""
     rows = np.ascontiguousarray(rows, dtype=F32)
     blocks = rows.reshape(-1, QK)
     nb = blocks.shape[0]
     out = np.empty((nb, block.itemsize), dtype=np.uint8)
-    buf = np.empty((8, 4 * min(nb, CHUNK_BLOCKS)), dtype=F32)
+    work = _Lanes(min(nb, CHUNK_BLOCKS))
     for lo in range(0, nb, CHUNK_BLOCKS):
         hi = min(nb, lo + CHUNK_BLOCKS)
-        X = buf[:, :4 * (hi - lo)]
-        np.copyto(X.view(_LANE), blocks[lo:hi].view(_LANE).T)
-        encode_X(X, blocks[lo:hi], _Chunk(out, block, lo, hi))
+        encode_X(work.load(blocks[lo:hi]), blocks[lo:hi], _Chunk(out, block, lo, hi))
     return out.reshape(rows.shape[0], rows.shape[1] // QK * block.itemsize)
 
 
-def _lanes_of(blocks: np.ndarray) -> np.ndarray:
-    """Blocks [c, 32] -> X [8, 4c] (one chunk, for callers outside ``_by_lanes``)."""
-    return np.ascontiguousarray(np.ascontiguousarray(blocks, dtype=F32).view(_LANE).T).view(F32)
+def _lanes_of(blocks: np.ndarray) -> _Lanes:
+    """Blocks [c, 32] -> their lanes (one chunk, for callers outside ``_by_lanes``)."""
+    blocks = np.ascontiguousarray(blocks, dtype=F32)
+    return _Lanes(blocks.shape[0]).load(blocks)
 
 
 def _codes_of(L32: np.ndarray) -> np.ndarray:
     """Codes as uint32 [8, c] -> int32 [c, 32] in weight order."""
     return np.ascontiguousarray(L32.T).view(np.uint8).reshape(-1, QK).astype(np.int32)
-
-
-def _lane_reduce(a: np.ndarray, fn) -> np.ndarray:
-    """[4c] per-lane extremes -> [c] per block."""
-    a4 = a.reshape(-1, 4)
-    return fn(fn(a4[:, 0], a4[:, 1]), fn(a4[:, 2], a4[:, 3]))
 
 
 def _saturate(L32: np.ndarray, bit: int) -> np.ndarray:
@@ -125,22 +167,23 @@ def _put_qs(chunk: _Chunk, L32: np.ndarray) -> None:
 
 def _qh_X(L32: np.ndarray) -> np.ndarray:
     """5-bit codes as uint32 [8, c] -> qh uint32 [c]: bit j is bit 4 of weight j."""
-    h = L32 >> np.uint32(4)
-    h &= _BYTE1
-    h *= _GATHER4
-    h >>= np.uint32(21)
-    h &= np.uint32(0xF)                  # row r: bits 0..3 = weights 4r..4r+3
-    h <<= np.arange(0, 32, 4, dtype=np.uint32)[:, None]
+    h = L32 & _BIT4
+    h *= _GATHER4                        # bits 4, 12, 20, 28 -> 25, 26, 27, 28 (nothing else above 24)
+    h >>= np.uint32(25)
+    h <<= _ROW_SHIFT                     # row r: bits 4r..4r+3 = weights 4r..4r+3
     return np.bitwise_or.reduce(h, axis=0)
 
 
-def _q8_0_X(X, blocks, chunk):
+def _q8_0_X(w, blocks, chunk):
     # block_q8_0 { ggml_half d; int8_t qs[32]; } ; d = amax/127, q = roundf(x/d)
-    amax = np.maximum(_lane_reduce(X.max(axis=0), np.maximum), -_lane_reduce(X.min(axis=0), np.minimum))
+    hi, lo = w.extremes()
+    np.negative(lo, out=lo)
+    amax = np.maximum(hi, lo)
     amax += F32(0)                                  # fabsf: +0, never -0
     d = amax / F32(127)
-    v = X * np.repeat(_inv(d), 4)
-    q = _roundf(v).astype(np.int8)
+    X = w.X
+    np.multiply(X, w.repeat(0, _inv(d)), out=X)
+    q = _roundf(X).astype(np.int8)
     chunk.put_half("d", d)
     np.copyto(chunk.words("qs"), q.view(np.uint32))
 
@@ -181,7 +224,7 @@ def _row_weights(rows: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
     """ggml's legacy imatrix weights: qw * sqrtf(sigma2 + x^2), sigma2 = sum(x^2)/n_per_row per row."""
     k = rows.shape[1]
     sq = rows * rows
-    sum_x2 = np.add.reduce(np.ascontiguousarray(sq.T), axis=0)   # sequential, as the C loop
+    sum_x2 = np.add.reduce(transpose_f32(sq), axis=0)   # sequential, as the C loop
     sigma2 = sum_x2 / F32(k)
     return (imatrix[None, :] * np.sqrt(sigma2[:, None] + sq)).astype(F32)
 
@@ -210,10 +253,9 @@ def _asymmetric(rows: np.ndarray, imatrix, nmax: int):
     return d, -the_min, L
 
 
-def _symmetric_X(X: np.ndarray, blocks: np.ndarray, nmax: int):
-    """quantize_row_q{4,5}_0_ref in the lane layout: (d [c], codes uint8 [8, 4c] in [0, 2*nmax-1])."""
-    hi = _lane_reduce(X.max(axis=0), np.maximum)
-    neg = _lane_reduce(X.min(axis=0), np.minimum)
+def _symmetric_X(w: _Lanes, blocks: np.ndarray, nmax: int):
+    """quantize_row_q{4,5}_0_ref in the lane layout: (d [c], codes as uint32 [8, c], bytes in [0, 2*nmax-1])."""
+    hi, neg = w.extremes()
     np.negative(neg, out=neg)                       # -min
     mx = np.where(hi >= neg, hi, -neg)
     mx += F32(0)                                    # C's max stays 0.0f (+0) when no |v| > 0
@@ -224,16 +266,15 @@ def _symmetric_X(X: np.ndarray, blocks: np.ndarray, nmax: int):
         sub = blocks[both]
         mx[both] = sub[np.arange(both.size), np.argmax(np.abs(sub), axis=1)]
     d = mx / F32(-nmax)
-    v = X * np.repeat(_inv(d), 4)
-    v += F32(nmax + 0.5)                            # in [0.5, 2*nmax + 0.5]: (int8_t)v is in [0, 2*nmax]
-    L32 = v.astype(np.uint8).view(np.uint32)
-    return d, _saturate(L32, 4 if nmax == 8 else 5)  # MIN(2*nmax - 1, (int8_t)v)
+    X = w.X
+    np.multiply(X, w.repeat(0, _inv(d)), out=X)
+    np.add(X, F32(nmax + 0.5), out=X)               # in [0.5, 2*nmax + 0.5]: (int8_t)v is in [0, 2*nmax]
+    return d, _saturate(w.codes(), 4 if nmax == 8 else 5)  # MIN(2*nmax - 1, (int8_t)v)
 
 
-def _asymmetric_X(X: np.ndarray, blocks: np.ndarray, nmax: int):
-    """quantize_row_q{4,5}_1_ref in the lane layout: (d [c], m [c], codes uint8 [8, 4c] in [0, nmax])."""
-    mn = _lane_reduce(X.min(axis=0), np.minimum)
-    mx = _lane_reduce(X.max(axis=0), np.maximum)
+def _asymmetric_X(w: _Lanes, blocks: np.ndarray, nmax: int):
+    """quantize_row_q{4,5}_1_ref in the lane layout: (d [c], m [c], codes as uint32 [8, c], bytes in [0, nmax])."""
+    mx, mn = w.extremes()
     z = np.flatnonzero((mn == 0) | (mx == 0))
     if z.size:                                      # C keeps the first of equal extremes: the sign of a zero
         sub = blocks[z]
@@ -241,10 +282,11 @@ def _asymmetric_X(X: np.ndarray, blocks: np.ndarray, nmax: int):
         mn[z] = sub[cols, np.argmin(sub, axis=1)]
         mx[z] = sub[cols, np.argmax(sub, axis=1)]
     d = ((mx - mn) / F32(nmax)).astype(F32)
-    v = X - np.repeat(mn, 4)
-    v *= np.repeat(_inv(d), 4)
-    v += F32(0.5)                                   # in [0.5, nmax + 0.5]
-    L32 = v.astype(np.uint8).view(np.uint32)
+    X = w.X
+    np.subtract(X, w.repeat(0, mn), out=X)
+    np.multiply(X, w.repeat(1, _inv(d)), out=X)
+    np.add(X, F32(0.5), out=X)                      # in [0.5, nmax + 0.5]
+    L32 = w.codes()
     if nmax == 15:
         _saturate(L32, 4)                           # Q4_1: MIN(15, (int8_t)v); Q5_1: no clamp
     return d, mn, L32

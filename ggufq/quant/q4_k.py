@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import qkx, register
-from .common import clip_ufunc, fp16_bytes, fp16_round, transpose_u8
+from .common import clip_ufunc, fp16_bytes, fp16_round, transpose_f32, transpose_u8
 from .qkx import make_qkx_T
 from .qx import make_qp_quants
 
@@ -84,7 +84,7 @@ def _max0(v: np.ndarray) -> np.ndarray:
 def _imatrix_weights_T(rows_c: np.ndarray, xT: np.ndarray, qwT: np.ndarray, out: np.ndarray):
     """quantize_row_q{4,5}_K_impl's weights qw * sqrt(sigma2 + x²), sigma2 = 2*sum(x²)/256 over the
     super-block (summed in C's order), for transposed groups ``xT [32, c]``; ``qwT`` [32, c]."""
-    sup = np.ascontiguousarray(rows_c.reshape(-1, QK_K).T)          # [256, nb]: sequential sums
+    sup = transpose_f32(rows_c.reshape(-1, QK_K))          # [256, nb]: sequential sums
     sup *= sup
     sigma2 = F32(2) * np.add.reduce(sup, axis=0) / F32(QK_K)
     np.multiply(xT, xT, out=out)

@@ -15,11 +15,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from . import register
-from .common import fp16_bytes, fp16_round, transpose_u8
-from .qx import CHUNK_GROUPS, F32, GROUP_MAX_EPS, make_qx_quants_T, nearest_f, nearest_int_exact
+from .common import clip_ufunc, fp16_bytes, fp16_round, transpose_f32, transpose_u8
+from .qx import _BIAS, _MAGIC, _MANT, CHUNK_GROUPS, F32, GROUP_MAX_EPS, make_qx_quants_T, nearest_int_exact
 
 QK_K = 256
 BLOCK_BYTES = 210
+_NIB = np.uint64(0x0F0F0F0F0F0F0F0F)
+_BYTE3 = np.uint64(0x0303030303030303)
 
 
 def _chunk_imatrix(imatrix: Optional[np.ndarray], k: int, b_lo: int, b_hi: int) -> Optional[np.ndarray]:
@@ -32,7 +34,7 @@ def _chunk_imatrix(imatrix: Optional[np.ndarray], k: int, b_lo: int, b_hi: int) 
 
 def group_T(a: np.ndarray) -> np.ndarray:
     """[n_blocks, 256] -> transposed groups [16, n_blocks*16] (group g = block*16 + j)."""
-    return np.ascontiguousarray(a.reshape(-1, 16).T)
+    return transpose_f32(a.reshape(-1, 16))
 
 
 def requantize(xT: np.ndarray, dq: np.ndarray, LT: np.ndarray, nmax: int) -> np.ndarray:
@@ -40,19 +42,30 @@ def requantize(xT: np.ndarray, dq: np.ndarray, LT: np.ndarray, nmax: int) -> np.
 
     ``xT`` [16, n_groups] transposed groups, ``dq`` [n_groups] the effective group
     scales; where one is 0, the group keeps its codes from the search, ``LT``
-    [16, n_groups]. Computed transposed (the scales broadcast along rows), then
-    transposed back once, as bytes.
+    [16, n_groups]. Computed transposed (the scales broadcast along rows) with
+    nearest_int's own bit trick (``bits(v + 12582912.f) & 0x7FFFFF`` is
+    ``nearest_int(v) + 0x400000``, clamped and shifted as integers), then
+    transposed back once, four rows per 32-bit word.
     """
     ok = dq != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         q = xT / np.where(ok, dq, F32(1))
-    r = nearest_f(q, F32(-nmax), F32(nmax - 1), np.empty_like(q))
-    r += F32(nmax)
-    L = r.astype(np.uint8)
+    q += _MAGIC
+    m = q.view(np.int32)
+    m &= _MANT
+    clip_ufunc(m, np.int32(_BIAS - nmax), np.int32(_BIAS + nmax - 1), out=m)
+    m -= np.int32(_BIAS - nmax)                         # l + nmax, in [0, 2*nmax)
     if not ok.all():
         keep = ~ok
-        L[:, keep] = LT[:, keep].astype(np.uint8)
-    return transpose_u8(L).reshape(-1, QK_K)
+        m[:, keep] = LT[:, keep]
+    if not np.little_endian:
+        return transpose_u8(m.astype(np.uint8)).reshape(-1, QK_K)
+    r = m.reshape(4, 4, -1)                             # word a of a group's 16 bytes: rows 4a .. 4a+3
+    u = r[:, 3] << 24
+    u |= r[:, 2] << 16
+    u |= r[:, 1] << 8
+    u |= r[:, 0]
+    return np.ascontiguousarray(u.T).view(np.uint8).reshape(-1, QK_K)
 
 
 def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
@@ -75,15 +88,23 @@ def _encode_blocks(xb: np.ndarray, qw: Optional[np.ndarray]) -> np.ndarray:
     # groups whose scale is 0 keep the search codes
     dq = fp16_round(d)[:, None] * sc.astype(F32)
     L = requantize(xT, dq.reshape(-1), LT, 32)
-    L = L.reshape(nblk, 2, 4, 32)                        # [block, half, quarter, l]
-    lo4 = L & 0xF
-    ql = lo4[:, :, 0:2] | (lo4[:, :, 2:4] << 4)          # ql[h*64 + q*32 + l] = L[q] | L[q+2] << 4
-    hi2 = L >> 4
-    qh = hi2[:, :, 0] | (hi2[:, :, 1] << 2) | (hi2[:, :, 2] << 4) | (hi2[:, :, 3] << 6)
+    # on 64-bit words, eight codes each (the shifts stay within a byte after the masks):
+    # ql[h*64 + q*32 + l] = L[q] & 15 | (L[q+2] & 15) << 4, qh[h*32 + l] = sum_q (L[q] >> 4) << 2q
+    Lw = L.view(np.uint64).reshape(nblk, 2, 4, 4)       # [block, half, quarter, word of l]
+    lo4 = Lw & _NIB
+    ql = lo4[:, :, 2:4] << np.uint64(4)
+    ql |= lo4[:, :, 0:2]
+    hi2 = Lw >> np.uint64(4)
+    hi2 &= _BYTE3
+    hi2[:, :, 1] <<= np.uint64(2)
+    hi2[:, :, 2] <<= np.uint64(4)
+    hi2[:, :, 3] <<= np.uint64(6)
+    qh = hi2[:, :, :2] | hi2[:, :, 2:]
+    qh = qh[:, :, 0] | qh[:, :, 1]
 
     out = np.empty((nblk, BLOCK_BYTES), dtype=np.uint8)
-    out[:, 0:128] = ql.reshape(nblk, 128)
-    out[:, 128:192] = qh.reshape(nblk, 64)
+    out[:, 0:128] = ql.view(np.uint8).reshape(nblk, 128)
+    out[:, 128:192] = qh.view(np.uint8).reshape(nblk, 64)
     out[:, 192:208] = sc.view(np.uint8)
     out[:, 208:210] = fp16_bytes(d)
     out[zero] = 0

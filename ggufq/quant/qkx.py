@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .common import clip_ufunc, transpose_u8
+from .common import clip_ufunc, transpose_f32, transpose_u8
 
 F32 = np.float32
 CHUNK_GROUPS = 8192
@@ -141,7 +141,7 @@ def search_groups(x: np.ndarray, w: Weights, **kw):
         if w is None or callable(w):
             wt = None if w is None else w(xt)
         else:
-            wt = np.ascontiguousarray(np.asarray(w[lo:hi], dtype=F32).T)
+            wt = transpose_f32(np.asarray(w[lo:hi], dtype=F32))
         s, m, LT = make_qkx_T(xt, wt, bufs=bufs, **kw)
         scale[lo:hi], the_min[lo:hi], L[lo:hi] = s, m, transpose_u8(LT)
     return scale, the_min, L

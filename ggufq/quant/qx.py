@@ -18,11 +18,13 @@ from typing import Optional
 
 import numpy as np
 
-from .common import clip_ufunc, transpose_u8
+from .common import clip_ufunc, transpose_f32, transpose_u8
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 _MAGIC = F32(12582912.0)
+_BIAS = 0x00400000      # nearest_int(v) = (bits(v + 12582912.f) & 0x7FFFFF) - _BIAS (any float v)
+_MANT = np.int32(0x007FFFFF)
 # groups per internal chunk: [16, 16384] float32 = 1 MiB per temporary
 CHUNK_GROUPS = 16384
 
@@ -72,7 +74,7 @@ def _chunked(fn, arrays, n_groups, l_dtype=np.int8):
     out_l = None
     for lo in range(0, n_groups, CHUNK_GROUPS):
         hi = min(lo + CHUNK_GROUPS, n_groups)
-        parts = [None if a is None else np.ascontiguousarray(a[lo:hi].T, dtype=F32) for a in arrays]
+        parts = [None if a is None else transpose_f32(np.asarray(a[lo:hi], dtype=F32)) for a in arrays]
         s, LT = fn(*parts)
         if out_l is None:
             out_l = np.empty((n_groups, LT.shape[0]), dtype=LT.dtype)
