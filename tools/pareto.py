@@ -325,11 +325,14 @@ def plot(rows, png, label) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for r in rows:
-        key = r["kind"] if r["kind"] == "llama-quantize" else f"{r['kind']} ({r['method']})"
+        if r["kind"] == "extra" and r["preset"].startswith("lq-"):     # --extra llama-quantize files
+            r = dict(r, kind="llama-quantize", preset=r["preset"][3:].split(".")[0])
+        key = r["kind"] if r["kind"] in ("llama-quantize", "extra") else f"{r['kind']} ({r['method']})"
         series.setdefault(key, []).append(r)
     for key, rs in series.items():
         rs = sorted(rs, key=lambda r: r["bytes"])
-        ax.plot([r["bytes"] / 1e6 for r in rs], [r["kld"] for r in rs], "o-", label=key)
+        ax.plot([r["bytes"] / 1e6 for r in rs], [r["kld"] for r in rs], "s" if key == "extra" else "o-",
+                label="other files (--extra)" if key == "extra" else key)
         if key == "llama-quantize":
             for r in rs:
                 ax.annotate(r["preset"], (r["bytes"] / 1e6, r["kld"]), fontsize=7)
