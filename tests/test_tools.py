@@ -97,3 +97,23 @@ print(json.dumps(res))
     assert sorted(res) == names and len(names) >= 25
     bad = {n: v for n, v in res.items() if v[0] not in (0, None) or "usage:" not in v[1]}
     assert bad == {}
+
+
+def test_pareto_self_text_kld_on_held_out_sequences(tmp_path, tiny):
+    """tools.pareto --self-text: KLD against the F16 on the self-calibration sequences after the probe's
+    (zero for the F16 itself, positive for a quantized file); asking for more sequences than there are
+    after the probe's is refused."""
+    from types import SimpleNamespace
+
+    from ggufq.convert import convert
+    from tools.pareto import held_out_kld
+    f16, q = tmp_path / "f16.gguf", tmp_path / "q.gguf"
+    convert(tiny, f16, "F16", progress=False, jobs=1)
+    convert(tiny, q, "Q4_0", progress=False, jobs=1)
+    rng = np.random.default_rng(0)
+    cal = SimpleNamespace(tokens=np.concatenate([np.ones((3, 1), np.int64), rng.integers(3, 8000, (3, 63))], 1))
+    kld = held_out_kld(cal, f16, 2, None, 1)
+    assert kld(f16) == pytest.approx(0.0, abs=1e-6)
+    assert kld(q) > 1e-4
+    with pytest.raises(SystemExit, match="sequences"):
+        held_out_kld(cal, f16, 3, None, 1)

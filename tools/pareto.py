@@ -9,6 +9,13 @@ recipe keys. Every file's mean KLD against the F16 logits comes from llama-perpl
 own tool, same chunks). Also printed: the rank correlation of the predicted KLD (the recipe's) with
 the measured one over the allocations, with and without the probe's group scales.
 
+Costly runs (SmolLM2's per-tensor probe: 8 CPU minutes) are split: ``--table`` keeps the measured
+tables (pickled) and a later run solves them again without calibrating or probing; KLDs are cached
+per file version in WORK/kld-cache.json; ``--targets-only`` skips ggufq's own preset files; ``--extra``
+adds other files of the model (more mixtures, earlier targets) to the correlation; ``--self-text N``
+measures every file also on N held-out self-calibration sequences, which separates the prediction's
+own error from the shift between the model's text and the evaluation text.
+
 Example (tinyllama, 60 chunks of 512 of its held-out text)::
 
     python -m tools.pareto --model MODEL_DIR --text heldout.txt --chunks 60 --work SCRATCH \\
@@ -61,9 +68,27 @@ def main() -> None:
     ap.add_argument("--probe-sets", choices=["auto", "tensor", "layer"], default="auto",
                     help="the probe's sets (ggufq.alloc.probe.PROBE_SETS): auto = per tensor while their tokens fit "
                          "the self-calibration's, else per layer and role")
-    ap.add_argument("--ablation", action="store_true",
+    ap.add_argument("--ablation", nargs="*", default=None, metavar="PRESET",
                     help="also allocate with the probe's measurements fitted as s[layer] x c[role], as one scale per "
-                         "layer, and without the probe (scale 1 everywhere); first method only")
+                         "layer, and without the probe (scale 1 everywhere); first method only; at the sizes of the "
+                         "PRESETs named (none named: every size)")
+    ap.add_argument("--probe-type", default=None,
+                    help="the probe's type (default ggufq.alloc.probe.PROBE_TYPE), through each tensor's row fallback")
+    ap.add_argument("--probe-seqs", type=int, default=None,
+                    help="self-calibration sequences the probe decodes per set (default ggufq.alloc.probe.PROBE_SEQS)")
+    ap.add_argument("--table", default=None,
+                    help="pickle of the measured tables (one per method: error table, probe, scales): read when it "
+                         "exists (no calibration for kquant, no probe), else written after the allocation")
+    ap.add_argument("--self-text", type=int, default=0, metavar="N",
+                    help="also measure every file's KLD on N of the self-calibration's sequences that the probe did "
+                         "not decode (the text the prediction is calibrated on, held out) and print that correlation "
+                         "too")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="GGUF",
+                    help="more files of this model (other mixtures, earlier runs' targets): measured, predicted with "
+                         "the first method's table and counted in the rank correlation")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="do not write ggufq's own preset files (kquant's are llama-quantize's bytes; the others "
+                         "do not depend on the allocation): llama-quantize's files and the targets only")
     a = ap.parse_args()
     binp = llama_bin(a.llama_bin)
     work = Path(a.work)
@@ -77,12 +102,26 @@ def main() -> None:
              "-t", a.threads])
     rows = []
 
+    cache_p = work / "kld-cache.json"
+    cache = json.loads(cache_p.read_text()) if cache_p.exists() else {}
+
+    def kld_cached(path):
+        """llama-perplexity's KLD, once per file version (name, size, mtime) and chunk count."""
+        st = path.stat()
+        key = f"{path.name}|{st.st_size}|{st.st_mtime_ns}|{a.chunks}"
+        if key not in cache:
+            cache[key] = kld(binp, path, base, a.chunks, a.threads)
+            cache_p.write_text(json.dumps(cache, indent=1))
+        return cache[key]
+
     def measure(kind, method, path, cpu, preset=None, pred=None, pred_raw=None):
-        k = kld(binp, path, base, a.chunks, a.threads)
+        k = kld_cached(path)
+        ks = self_kld(path) if a.self_text else None
         rows.append({"kind": kind, "method": method, "preset": preset, "bytes": path.stat().st_size, "kld": k,
-                     "pred": pred, "pred_raw": pred_raw, "cpu_s": cpu})
+                     "pred": pred, "pred_raw": pred_raw, "cpu_s": cpu, "kld_self": ks})
         print(f"{kind:<16} {method:<11} {preset or '':<8} {path.stat().st_size:>10} B  KLD {k:.5f}"
-              + (f"  predicted {pred:.5f}" if pred is not None else ""), flush=True)
+              + (f"  predicted {pred:.5f}" if pred is not None else "")
+              + (f"  self-text KLD {ks:.5f}" if ks is not None else ""), flush=True)
 
     sizes = {}
     for pr in a.presets:
@@ -92,19 +131,34 @@ def main() -> None:
         sizes[pr] = out.stat().st_size
     # one self-calibration (seeded) serves every allocation and every calibrated file
     from ggufq import calib
+    import pickle
+    saved = pickle.loads(Path(a.table).read_bytes()) if a.table and Path(a.table).exists() else {}
     c0 = _cpu()
-    cal = calib.calibrate_folder(a.model, work, a.calib_tokens, jobs=a.jobs, progress=False)
+    cal = None
+    if a.self_text or any(m != "kquant" or m not in saved for m in a.methods):
+        cal = calib.calibrate_folder(a.model, work, a.calib_tokens, jobs=a.jobs, progress=False)
     cpu = {"calibration": _cpu() - c0}
+    self_kld = held_out_kld(cal, f16, a.self_text, a.probe_seqs, a.threads) if a.self_text else None
     tables = {}
+    kw = {"sets": a.probe_sets} | ({"seqs": a.probe_seqs} if a.probe_seqs else {}) | \
+        ({"probe_type": a.probe_type} if a.probe_type else {})
     for m in a.methods:
         c0 = _cpu()
+        if m in saved:
+            tables[m], cpu[f"allocation {m}"] = saved[m]
+            print(f"{m}: table and probe read from {a.table} (allocation CPU {cpu[f'allocation {m}']:.1f} s when made)")
+            continue
         opts = Options(method=m, jobs=a.jobs, calibration=cal, progress=False, target_size=min(sizes.values()),
-                       alloc_kw={"sets": a.probe_sets})
+                       alloc_kw=kw)
         tables[m] = allocation(a.model, opts, work)
         cpu[f"allocation {m}"] = _cpu() - c0
+        if a.table:
+            saved[m] = (tables[m], cpu[f"allocation {m}"])
+            Path(a.table).write_bytes(pickle.dumps(saved))
         chk = sorted(v for _, v in tables[m].sample_check())
         if chk:
-            print(f"{m}: row-sample estimate / whole tensor at Q2_K over {len(chk)} sampled tensors: median "
+            print(f"{m}: row-sample estimate / whole tensor at {tables[m].probe.probe_type.name} over {len(chk)} "
+                  f"sampled tensors: median "
                   f"{chk[len(chk) // 2]:.3f}, range {chk[0]:.3f} .. {chk[-1]:.3f}")
         if tables[m].probe is not None:
             print(f"{m}: probe KLD at {tables[m].probe.probe_type.name}: " + ", ".join(
@@ -136,9 +190,11 @@ def main() -> None:
             out = work / f"gt-{m}-{pr}.gguf"
             measure("ggufq target", m, out, write(m, out, types=types, ftype=pr, quantize_keys=al.metadata()), pr,
                     al.predicted_kld, unscaled)
-            out = work / f"gq-{m}-{pr}.gguf"
-            measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
-            if m == a.methods[0] and a.ablation:     # the same table without the probe's scales / role factors
+            if not a.targets_only:
+                out = work / f"gq-{m}-{pr}.gguf"
+                measure("ggufq preset", m, out, write(m, out, ftype=pr), pr, *predicted(m, out))
+            # the same table without the probe's scales / role factors
+            if m == a.methods[0] and a.ablation is not None and (not a.ablation or pr in a.ablation):
                 for kind, tag, scales in (("target no probe", "noprobe", {g: 1.0 for g in table.scales}),
                                           ("target no roles", "noroles", group_scales(table)),
                                           ("target layer x role", "product", product_scales(table))):
@@ -151,14 +207,17 @@ def main() -> None:
                             pr, table.predict(ft), flat.solution.loss)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
-    cal.close()
+    for x in a.extra:             # other files of this model, predicted with the first method's table
+        measure("extra", "-", Path(x), 0.0, Path(x).name, *predicted(a.methods[0], Path(x)))
+    if cal is not None:
+        cal.close()
     print()
     print_table(rows, a.presets, a.methods)
-    if a.ablation:
+    if a.ablation is not None:
         m = a.methods[0]
         print(f"\nablation ({m} table): | size of | target | target, layer x role fit | target, one scale per layer "
               f"| target, no probe |")
-        for pr in a.presets:
+        for pr in (a.ablation or a.presets):
             got = {r["kind"]: r["kld"] for r in rows if r["preset"] == pr and r["method"] == m}
             print(f"| {pr} | " + " | ".join(f"{got[k]:.5f}" if k in got else "-" for k in
                                             ("ggufq target", "target layer x role", "target no roles",
@@ -177,6 +236,11 @@ def main() -> None:
         print(f"rank correlation predicted vs measured KLD ({m}, {len(sel)} files: presets and targets): "
               f"scaled {_spearman([r['pred'] for r in sel], [r['kld'] for r in sel]):.3f}, "
               f"unscaled tr(EHE^T) {_spearman([r['pred_raw'] for r in sel], [r['kld'] for r in sel]):.3f}")
+        if a.self_text:
+            print(f"  on {a.self_text} held-out self-calibration sequences: scaled "
+                  f"{_spearman([r['pred'] for r in sel], [r['kld_self'] for r in sel]):.3f}; measured / predicted: "
+                  + ", ".join(f"{r['kind']} {r['preset']} {r['kld'] / r['pred']:.2f} (self-text "
+                              f"{r['kld_self'] / r['pred']:.2f})" for r in sel))
         for pr in a.presets:      # at one size: does the prediction order the files as measured?
             same = [r for r in sel if r["preset"] == pr]
             if len(same) >= 2:
@@ -186,6 +250,27 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.png:
         plot(rows, a.png, a.label or Path(a.model).name)
+
+
+def held_out_kld(cal, f16: Path, n: int, probe_seqs, threads: int):
+    """``path -> mean KLD`` against the F16 model on ``n`` self-calibration sequences the probe did not decode
+    (sequences ``PROBE_SEQS .. PROBE_SEQS + n``; second halves scored, as the probe): how well the prediction
+    holds on the text it is calibrated on, apart from the shift to the evaluation text."""
+    from ggufq.alloc import probe as P
+    first = probe_seqs or P.PROBE_SEQS
+    tok = np.asarray(cal.tokens)[first:first + n]
+    if len(tok) < n:
+        raise SystemExit(f"--self-text {n}: the self-calibration has {len(cal.tokens)} sequences, "
+                         f"the probe uses {first}")
+
+    def logits(path):
+        w = P._open(Path(path), tok.shape[1], threads)
+        try:
+            return P._logits(w, tok)
+        finally:
+            w.close()
+    ref = logits(f16)
+    return lambda path: P._mean_kld(logits(path), ref, tok)
 
 
 def group_scales(table) -> dict:
@@ -240,11 +325,14 @@ def plot(rows, png, label) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for r in rows:
-        key = r["kind"] if r["kind"] == "llama-quantize" else f"{r['kind']} ({r['method']})"
+        if r["kind"] == "extra" and r["preset"].startswith("lq-"):     # --extra llama-quantize files
+            r = dict(r, kind="llama-quantize", preset=r["preset"][3:].split(".")[0])
+        key = r["kind"] if r["kind"] in ("llama-quantize", "extra") else f"{r['kind']} ({r['method']})"
         series.setdefault(key, []).append(r)
     for key, rs in series.items():
         rs = sorted(rs, key=lambda r: r["bytes"])
-        ax.plot([r["bytes"] / 1e6 for r in rs], [r["kld"] for r in rs], "o-", label=key)
+        ax.plot([r["bytes"] / 1e6 for r in rs], [r["kld"] for r in rs], "s" if key == "extra" else "o-",
+                label="other files (--extra)" if key == "extra" else key)
         if key == "llama-quantize":
             for r in rs:
                 ax.annotate(r["preset"], (r["bytes"] / 1e6, r["kld"]), fontsize=7)
