@@ -54,7 +54,12 @@ KV_BYTES = 2 << 30           # f16 KV cache of the sequences decoded together
 BUFFER_BYTES = 512 << 20     # full-moment inputs buffered before they are folded into the sums (>= 1024 rows)
 Q8_PARAMS = 1_000_000_000    # the temporary model is Q8_0 from here up, else F16
 SMALL_FACTOR = 1024         # Hessians up to this size are factored on one BLAS thread
-DIAG_ONLY = ("ffn_down",)    # GGUF tensor roles whose moment is the diagonal only
+DIAG_ONLY = ("ffn_down",)    # GGUF tensor roles whose moment is the diagonal only ...
+# ... unless the matrix is planned at one of these low-bit types (error feedback into 2-3-bit blocks pays
+# where a 4-6-bit ffn_down did not: tinyllama IQ2_M KLD 0.2931 -> 0.2774, paired) and its inputs are at most
+# FULL_DOWN_MAX wide (the scratch holds n^2 float64s per layer: 128 MiB at 4096, and one more factorization)
+FULL_DOWN_TYPES = frozenset(("Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"))
+FULL_DOWN_MAX = 4096
 # An expert routed fewer tokens than this gets the data-free importance instead of its moments: a mean
 # of x^2 over n Gaussian-like samples is off by ~sqrt(2 / n) per column (35% at 16), more on heavy tails.
 FEW_EXPERT_TOKENS = 16
@@ -118,9 +123,17 @@ def start_token(vocab) -> int:
     return 0
 
 
-def wanted(tensors) -> dict[str, str]:
-    """GGUF matrices whose inputs are collected: name -> "full" | "diag". The token embedding is
-    a lookup (no input), also when the output matrix is tied to it."""
+def full_down(tensors, types: dict) -> frozenset:
+    """The DIAG_ONLY matrices that get a full moment all the same: planned (``types``: name -> GGML type
+    name) at a FULL_DOWN_TYPES type, with rows at most FULL_DOWN_MAX long."""
+    return frozenset(t.name for t in tensors if _role_diag(t.name) and len(t.shape) == 2
+                     and types.get(t.name) in FULL_DOWN_TYPES and t.row_len <= FULL_DOWN_MAX)
+
+
+def wanted(tensors, full: frozenset = frozenset()) -> dict[str, str]:
+    """GGUF matrices whose inputs are collected: name -> "full" | "diag" (``full``: DIAG_ONLY matrices
+    that get a full moment, :func:`full_down`). The token embedding is a lookup (no input), also when
+    the output matrix is tied to it."""
     out = {}
     for t in tensors:
         if len(t.shape) == 3 and "_exps." in t.name:     # stacked experts: llama.cpp's MUL_MAT_ID
@@ -128,7 +141,7 @@ def wanted(tensors) -> dict[str, str]:
             continue
         if len(t.shape) != 2 or t.name.startswith("token_embd."):
             continue
-        out[t.name] = "diag" if any(f".{r}." in f".{t.name}" for r in DIAG_ONLY) else "full"
+        out[t.name] = "diag" if _role_diag(t.name) and t.name not in full else "full"
     return out
 
 
@@ -179,6 +192,11 @@ class SelfCalibration:
         return out
 
     # ---- moments -----------------------------------------------------------------------
+    def _diag_only(self, name: str) -> bool:
+        """``name`` asked for its moment's diagonal only (a DIAG_ONLY role not in the calibration's ``full``)."""
+        w = self.index.get("wanted")
+        return w.get(name) == "diag" if w is not None else _role_diag(name)
+
     def key(self, name: str) -> Optional[str]:
         return self.index["weight_key"].get(name)
 
@@ -211,7 +229,7 @@ class SelfCalibration:
                 m = np.where(few[:, None], scaled, m).astype(np.float32)
             return m.reshape(-1)
         if kind == "full":
-            if _diag_only(name):
+            if self._diag_only(name):
                 return self._diagonal(o, n) / self.count
             m = self._read(o, n * n).reshape(n, n)
             m /= self.count
@@ -229,7 +247,7 @@ class SelfCalibration:
     def _hessian_key(self, name: str, damp, group: int, unit: int, keep_h: bool = True) -> Optional[tuple]:
         """The factorization ``name`` needs, or None (no full moment: the diagonal, or nothing)."""
         k = self.key(name)
-        if k is None or not self.count or self.index["keys"][k][2] != "full" or _diag_only(name):
+        if k is None or not self.count or self.index["keys"][k][2] != "full" or self._diag_only(name):
             return None
         return (k, damp, group, unit, keep_h)
 
@@ -374,7 +392,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _diag_only(name: str) -> bool:
+def _role_diag(name: str) -> bool:
     return any(f".{r}." in f".{name}" for r in DIAG_ONLY)
 
 
@@ -409,7 +427,8 @@ def write_temp_model(prepared, add_metadata, path: Path, jobs: int, progress: bo
 def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_SEQ * N_TOK, *,
                    seq_len: int = N_TOK, seed: int = 0, temperature: float = 1.0, jobs: int = 1,
                    gpu_layers: Optional[int] = 0, kv_bytes: int = KV_BYTES, buffer_bytes: int = BUFFER_BYTES,
-                   progress: bool = True, tokens: Optional[np.ndarray] = None, rpc: Sequence[str] = ()) -> SelfCalibration:
+                   progress: bool = True, tokens: Optional[np.ndarray] = None, rpc: Sequence[str] = (),
+                   full: frozenset = frozenset()) -> SelfCalibration:
     """Sample ``n_tokens`` (in sequences of ``seq_len``) with llama.cpp and collect the moments.
 
     ``add_metadata(plan, writer)`` writes the GGUF header keys (convert's). The temporary folder
@@ -417,6 +436,7 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
     ``tokens`` [n_seq, seq_len]: decode these instead of sampling (moments of a given text).
     ``rpc``: ``HOST:PORT`` of llama.cpp rpc-servers that hold the offloaded layers (``gpu_layers``; the
     libraries need the RPC backend: :func:`check_rpc`); the moments still accumulate here.
+    ``full``: DIAG_ONLY matrices that get a full moment (:func:`full_down`).
 
     Long because the temporary model, the worker process and its scratch share one cleanup."""
     from .progress import Progress
@@ -442,7 +462,7 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
         req = {"model": str(model), "gpu_layers": gpu_layers, "threads": jobs, "n_seq": n_seq, "n_tok": seq_len,
                "seed": seed, "temperature": temperature, "start": start_token(vocab),
                "scratch": str(tmpdir / "moments.f64"), "kv_bytes": kv_bytes, "buffer_bytes": buffer_bytes,
-               "weights": wanted(prepared.tensors), "tokens": None if tokens is None else tokens.tolist(),
+               "weights": wanted(prepared.tensors, full), "tokens": None if tokens is None else tokens.tolist(),
                "rpc": list(rpc)}
         from .eval import proto
         env = dict(os.environ)
@@ -490,6 +510,7 @@ def self_calibrate(prepared, vocab, add_metadata, out: Path, n_tokens: int = N_S
         stats = dict(msg)
         stats.update(model_type=mtype, model_bytes=mbytes, model_seconds=t_model,
                      worker_rss=msg.get("peak_rss", 0))
+        msg["wanted"] = req["weights"]
         return SelfCalibration(tmpdir, msg, arr, stats)
     except BaseException:
         from .procs import deferred

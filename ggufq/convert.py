@@ -348,7 +348,8 @@ def calibrate_stage(p: Prepared, opts: Options, meth, planned: Planned, vocab, m
     hessians = calib.self_calibrate(
         p, vocab, functools.partial(write_header, p, md, vocab), path, opts.calib_tokens, jobs=opts.jobs,
         gpu_layers=opts.gpu_layers, kv_bytes=calib.KV_BYTES if opts.calib_cache is None else opts.calib_cache,
-        progress=opts.progress, rpc=tuple(opts.rpc))
+        progress=opts.progress, rpc=tuple(opts.rpc),
+        full=calib.full_down(p.tensors, {e.name: e.qtype.name for e in plan.entries}) if meth.moments else frozenset())
     _expert_fallback(p, hessians, free)
     if opts.log is not None:
         opts.log(hessians.summary())

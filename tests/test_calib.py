@@ -463,3 +463,27 @@ def test_writer_prefetches_the_next_different_factorization(sample):
     assert list(sample._hessians) == [jobs[0].imatrix.factor_key, jobs[3].imatrix.factor_key]
     write._prefetch_next(jobs, 4)
     assert len(sample._hessians) == 2
+
+
+def test_low_bit_ffn_down_gets_a_full_moment(tiny_p):
+    """ffn_down keeps a diagonal moment, except where the plan puts it at a 2-3-bit type with rows of at most
+    FULL_DOWN_MAX: there the error feedback gets its full moment (and the worker is asked for it)."""
+    downs = [t.name for t in tiny_p.tensors if ".ffn_down." in t.name]
+    types = {n: ("IQ2_XS" if i % 2 else "Q4_K") for i, n in enumerate(downs)} | {"blk.0.attn_q.weight": "IQ2_XS"}
+    full = calib.full_down(tiny_p.tensors, types)
+    assert full == {n for i, n in enumerate(downs) if i % 2}
+    w = calib.wanted(tiny_p.tensors, full)
+    assert all(w[n] == ("full" if n in full else "diag") for n in downs)
+    assert calib.wanted(tiny_p.tensors)[downs[1]] == "diag" and w["blk.0.attn_q.weight"] == "full"
+
+
+def test_calibrated_iq2_feeds_back_into_ffn_down(tiny, tmp_path):
+    """--method calibrated at IQ2_XS: the ffn_downs get Hessians (full moments) from the self-calibration."""
+    from ggufq.quant.gptq import Hessian
+    p = prepare(tiny)
+    c = _cal(tiny, tmp_path, 512, seed=3, full=calib.full_down(p.tensors, {"blk.1.ffn_down.weight": "IQ2_XS"}))
+    try:
+        assert isinstance(c.weights("blk.1.ffn_down.weight"), Hessian)
+        assert c.weights("blk.0.ffn_down.weight").ndim == 1
+    finally:
+        c.close()
