@@ -160,7 +160,7 @@ class SelfCalibration:
         # a 1B IQ2_M, 335 MiB at 0.25B), where a read copy is freed with the array
         self._fd = os.open(scratch, os.O_RDONLY) if index["scratch_bytes"] else None
         self.count = int(index["count"])
-        # factored Hessians by (input key, damp, group, unit), in the order asked for: the one in use and the
+        # factored Hessians by (input key, damp, group, unit, keep_h), in the order asked for: the one in use and the
         # next one, factored ahead on one thread (LAPACK releases the GIL) while the writer waits on encoders
         self._hessians: dict[tuple, "Future"] = {}
         self._lock = threading.Lock()
