@@ -31,7 +31,8 @@ def _loaded_openblas() -> list[str]:
     return sorted(p for p in libs if os.path.isabs(p))
 
 
-def _fns(kind: str) -> list:
+def _exported(names) -> list:
+    """Per loaded OpenBLAS library, ``(function, name)`` for the first of ``names`` it exports."""
     import numpy  # noqa: F401  (loads the BLAS)
     out = []
     for path in _loaded_openblas():
@@ -39,12 +40,16 @@ def _fns(kind: str) -> list:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in _NAMES:
-            fn = getattr(lib, name.replace("set_", kind + "_"), None)
+        for name in names:
+            fn = getattr(lib, name, None)
             if fn is not None:
-                out.append(fn)
+                out.append((fn, name))
                 break
     return out
+
+
+def _fns(kind: str) -> list:
+    return [fn for fn, _ in _exported([n.replace("set_", kind + "_") for n in _NAMES])]
 
 
 def set_threads(n: int) -> bool:
@@ -91,23 +96,14 @@ _trtri_fn: list = []
 
 def _trtri():
     if not _trtri_fn:
-        import numpy  # noqa: F401  (loads the BLAS)
-        found = None
-        for path in _loaded_openblas():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for name, it in _TRTRI:
-                fn = getattr(lib, name, None)
-                if fn is not None:
-                    fn.restype = it
-                    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, it, ctypes.c_void_p, it]
-                    found = fn
-                    break
-            if found is not None:
-                break
-        _trtri_fn.append(found)
+        found = _exported([name for name, _ in _TRTRI])
+        fn = None
+        if found:
+            fn, name = found[0]
+            it = dict(_TRTRI)[name]
+            fn.restype = it
+            fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, it, ctypes.c_void_p, it]
+        _trtri_fn.append(fn)
     return _trtri_fn[0]
 
 
