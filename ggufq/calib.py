@@ -55,10 +55,13 @@ BUFFER_BYTES = 512 << 20     # full-moment inputs buffered before they are folde
 Q8_PARAMS = 1_000_000_000    # the temporary model is Q8_0 from here up, else F16
 SMALL_FACTOR = 1024         # Hessians up to this size are factored on one BLAS thread
 DIAG_ONLY = ("ffn_down",)    # GGUF tensor roles whose moment is the diagonal only ...
-# ... unless the matrix is planned at one of these low-bit types (error feedback into 2-3-bit blocks pays
-# where a 4-6-bit ffn_down did not: tinyllama IQ2_M KLD 0.2931 -> 0.2774, paired) and its inputs are at most
-# FULL_DOWN_MAX wide (the scratch holds n^2 float64s per layer: 128 MiB at 4096, and one more factorization)
-FULL_DOWN_TYPES = frozenset(("Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"))
+# ... unless the matrix is planned at one of these types (error feedback into blocks of under 8 bits, with the
+# refits of quant.kq_refit / quant.scale_refit) and its inputs are at most FULL_DOWN_MAX wide (the scratch holds
+# n^2 float64s per layer: 128 MiB at 4096, and one more factorization). Paired KLD with the full moment:
+# tinyllama IQ2_M 0.2931 -> 0.2774, Q4_K_M 0.02699 -> 0.02679; SmolLM2 IQ4_XS (whose IQ4_XS blocks are the
+# ffn_downs alone) 0.1401 -> 0.1261
+FULL_DOWN_TYPES = frozenset(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                             "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"))
 FULL_DOWN_MAX = 4096
 # An expert routed fewer tokens than this gets the data-free importance instead of its moments: a mean
 # of x^2 over n Gaussian-like samples is off by ~sqrt(2 / n) per column (35% at 16), more on heavy tails.
@@ -125,7 +128,7 @@ def start_token(vocab) -> int:
 
 def full_down(tensors, types: dict) -> frozenset:
     """The DIAG_ONLY matrices that get a full moment all the same: planned (``types``: name -> GGML type
-    name) at a FULL_DOWN_TYPES type, with rows at most FULL_DOWN_MAX long."""
+    name) at a FULL_DOWN_TYPES type (not F16, Q8_0, TQ*, MXFP4), with rows at most FULL_DOWN_MAX long."""
     return frozenset(t.name for t in tensors if _role_diag(t.name) and len(t.shape) == 2
                      and types.get(t.name) in FULL_DOWN_TYPES and t.row_len <= FULL_DOWN_MAX)
 

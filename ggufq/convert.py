@@ -20,7 +20,8 @@ from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
 from .arch.protocol import Arch
 from .imatrix import load as load_imatrix
 from .quant.gptq import sweep_order
-from .quant.scale_refit import SCHEMES as REFIT_FORMATS
+from .quant.kq_refit import FORMATS as KQ_REFIT
+from .quant.scale_refit import SCHEMES as IQ_REFIT
 from .source import Model, open_model
 from .write import Job, check_target, write_gguf
 
@@ -388,7 +389,7 @@ def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imat
             if self_imatrix:
                 weights = functools.partial(hessians.importance, t.name)
             elif hessians is not None and hessians.covers(t.name):
-                weights = hessians.lazy(t.name, real, damp, *sweep_order(qtype), keep_h=qtype in REFIT_FORMATS)
+                weights = hessians.lazy(t.name, real, damp, *sweep_order(qtype), keep_h=qtype in IQ_REFIT or qtype in KQ_REFIT)
         job_list.append(Job(t, qtype, weights))
     return job_list
 

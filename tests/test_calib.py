@@ -466,10 +466,10 @@ def test_writer_prefetches_the_next_different_factorization(sample):
 
 
 def test_low_bit_ffn_down_gets_a_full_moment(tiny_p):
-    """ffn_down keeps a diagonal moment, except where the plan puts it at a 2-3-bit type with rows of at most
-    FULL_DOWN_MAX: there the error feedback gets its full moment (and the worker is asked for it)."""
+    """ffn_down keeps a diagonal moment, except where the plan puts it at a type of under 8 bits with rows of
+    at most FULL_DOWN_MAX: there the error feedback gets its full moment (and the worker is asked for it)."""
     downs = [t.name for t in tiny_p.tensors if ".ffn_down." in t.name]
-    types = {n: ("IQ2_XS" if i % 2 else "Q4_K") for i, n in enumerate(downs)} | {"blk.0.attn_q.weight": "IQ2_XS"}
+    types = {n: ("IQ2_XS" if i % 2 else "Q8_0") for i, n in enumerate(downs)} | {"blk.0.attn_q.weight": "IQ2_XS"}
     full = calib.full_down(tiny_p.tensors, types)
     assert full == {n for i, n in enumerate(downs) if i % 2}
     w = calib.wanted(tiny_p.tensors, full)

@@ -15,10 +15,22 @@ from gguf.quants import dequantize
 from quant_helpers import ffn_gate_moments, out_err
 from ggufq.quant import encode, gptq, iq2_gptq, iq3_gptq, iq4_gptq, scale_refit
 
-SWEEP = {T.IQ4_XS: iq4_gptq.encode, T.IQ3_S: iq3_gptq.encode, T.IQ2_S: iq2_gptq.encode}
+SWEEP = {T.IQ4_XS: iq4_gptq.encode, T.IQ4_NL: iq4_gptq.encode, T.IQ3_S: iq3_gptq.encode,
+         T.IQ3_XXS: iq3_gptq.encode, T.IQ2_S: iq2_gptq.encode, T.IQ2_XS: iq2_gptq.encode,
+         T.IQ2_XXS: iq2_gptq.encode}
 TYPES = list(scale_refit.SCHEMES)
-# the bytes that hold the codes (grid indices, signs, table codes): the refit leaves them alone
-CODES = {T.IQ4_XS: slice(8, 136), T.IQ3_S: slice(2, 106), T.IQ2_S: slice(2, 74)}
+
+
+def code_bits(qtype) -> np.ndarray:
+    """Per byte of a block, the bits that hold codes (grid indices, signs, table codes): the refit
+    leaves them alone, the code descents leave the rest alone."""
+    sch = scale_refit.SCHEMES[qtype]
+    m = np.zeros(sch.bsz, np.uint8)
+    m[{T.IQ4_XS: slice(8, 136), T.IQ3_S: slice(2, 106), T.IQ2_S: slice(2, 74), T.IQ2_XS: slice(2, 66),
+       T.IQ2_XXS: slice(2, 66), T.IQ3_XXS: slice(2, 98)}.get(qtype, slice(2, None))] = 0xFF
+    if sch.stride:                        # the scale nibble on top of a sign word
+        m[sch.lo + sch.stride * np.arange(sch.per)] = 0x0F
+    return m
 
 
 def test_every_scheme_has_its_sweep():
@@ -65,19 +77,17 @@ def test_refit_never_raises_the_product_error(qtype, seed):
     assert (after <= before * (1 + 1e-9) + 1e-15).all()
     assert after.sum() < before.sum() * (0.999 if qtype == T.IQ4_XS else 0.99)
     assert np.allclose(cost + wHw, after, rtol=1e-6, atol=1e-12)
-    bsz = scale_refit.SCHEMES[qtype].bsz
+    bsz, bits = scale_refit.SCHEMES[qtype].bsz, code_bits(qtype)
     a, b = got.reshape(len(rows), -1, bsz), swept.reshape(len(rows), -1, bsz)
-    assert (a[..., CODES[qtype]] == b[..., CODES[qtype]]).all()
-    polish = scale_refit.polish_codes if qtype == T.IQ4_XS else scale_refit.polish_grid
+    assert ((a & bits) == (b & bits)).all()
+    polish = scale_refit.polish_codes if qtype in scale_refit.CODES else scale_refit.polish_grid
     pol, cost = polish(qtype, rows, H, got)
     last = row_err(qtype, rows, pol, H)
     assert (last <= after * (1 + 1e-9) + 1e-15).all()
     assert last.sum() < after.sum() * 0.99
     assert np.allclose(cost + wHw, last, rtol=1e-6, atol=1e-12)
     c = pol.reshape(len(rows), -1, bsz)
-    heads = np.ones(bsz, bool)
-    heads[CODES[qtype]] = False
-    assert (c[..., heads] == a[..., heads]).all()
+    assert ((c & ~bits) == (a & ~bits)).all()
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -85,10 +95,10 @@ def test_fields_round_trip(qtype):
     """read(write(d, l)) = (d, l) over the whole range of l, and the unit values times the decoded
     scales are what gguf-py decodes."""
     rows, m = random_case(2, k=256, n=8)
-    blk = encode(qtype, rows, np.diag(m).copy()).reshape(8, 1, -1)
     sch = scale_refit.SCHEMES[qtype]
+    blk = encode(qtype, rows, np.diag(m).copy()).reshape(8, -1, sch.bsz)
     d = sch.read(blk)[0]
-    ls2 = np.arange(8 * sch.per).reshape(8, 1, sch.per) % (sch.lmax + 1)
+    ls2 = np.arange(blk.size // sch.bsz * sch.per).reshape(8, -1, sch.per) % (sch.lmax + 1)
     b2 = blk.copy()
     sch.write(b2, d, ls2)
     assert np.array_equal(sch.read(b2)[1], ls2) and np.array_equal(sch.read(b2)[0], d)
@@ -113,7 +123,8 @@ def test_calibrated_encoder_refits_on_real_moments(qtype, moments):
 
 
 def test_calibrated_file_with_refitted_scales_loads_in_llama_cpp(tmp_path):
-    """`convert --method calibrated` with one matrix of each refitted type (the rest F16): llama.cpp
+    """`convert --method calibrated` with matrices of refitted types, i-quant (scale_refit) and k-quant/legacy
+    (kq_refit), the rest F16: llama.cpp
     loads the file and its next-token logits stay those of the F16 file (a misplaced scale field
     would scramble them)."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -125,7 +136,10 @@ def test_calibrated_file_with_refitted_scales_loads_in_llama_cpp(tmp_path):
     rules = tmp_path / "map.toml"
     rules.write_text("".join(f'[[rule]]\npattern = "{p}"\ntype = "{t}"\n' for p, t in
                              (("blk.1.ffn_up.weight", "IQ2_S"), ("blk.2.attn_output.weight", "IQ3_S"),
-                              ("blk.3.ffn_gate.weight", "IQ4_XS"))))
+                              ("blk.3.ffn_gate.weight", "IQ4_XS"), ("blk.0.ffn_up.weight", "IQ2_XS"),
+                              ("blk.1.attn_output.weight", "IQ3_XXS"), ("blk.2.ffn_gate.weight", "IQ4_NL"),
+                              ("blk.0.attn_q.weight", "Q4_K"), ("blk.3.attn_v.weight", "Q5_1"),
+                              ("blk.1.ffn_gate.weight", "Q3_K"))))
     logits = {}
     for name, kw in (("f16", {}), ("cal", {"method": "calibrated", "calib_tokens": 512,
                                           "plan_kw": {"rules": load_map(rules)}})):
@@ -138,5 +152,7 @@ def test_calibrated_file_with_refitted_scales_loads_in_llama_cpp(tmp_path):
         del llm
     a, b = logits["f16"], logits["cal"]
     assert np.isfinite(b).all()
-    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
-    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.75
+    # nine low-bit matrices of a 10M model on 512 calibration tokens: corr 0.987 here (kquant's file 0.992);
+    # a scale field read from the wrong bits scrambles a matrix and drops it far below
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.97
+    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() >= 0.5

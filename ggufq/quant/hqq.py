@@ -240,6 +240,9 @@ def _hessian_aware(enc):
                 return sweep(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
+            from . import kq_refit        # the scales and mins refit to the sweep's codes under the full moment
+            if qtype in kq_refit.FORMATS:
+                return kq_refit.encode(_gptq.encode, qtype, rows, imatrix, start=_AS_FIELDS.get(enc, enc))
             return _gptq.encode(qtype, rows, imatrix, start=_AS_FIELDS.get(enc, enc))
         return enc(qtype, rows, imatrix)
     return wrapped

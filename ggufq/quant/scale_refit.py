@@ -43,10 +43,12 @@ BATCH = 64       # columns per lazy update of the error's product with H in the 
 @dataclass(frozen=True)
 class Scheme:
     """Where a format keeps its scales: ``s = d · (alpha + beta · l)``, ``l`` in ``[0, lmax]``, one per
-    ``sub`` weights, ``d`` fp16 in bytes 0:2 of each ``bsz``-byte 256-block; ``l`` as 4-bit nibbles
-    at bytes ``lo`` (two per byte, low first) and, for 6-bit ``l``, its top two bits packed in the
-    16-bit word at bytes 2:4; ``l_unit``: an ``l`` with a non-zero multiplier (decoding the codes at
-    unit scale)."""
+    ``sub`` weights, ``d`` fp16 in bytes 0:2 of each ``bsz``-byte block of ``qk`` weights; ``l`` as
+    4-bit nibbles at bytes ``lo`` (two per byte, low first) or, with ``stride``, as the high nibble of
+    byte ``lo + stride · b`` (the top bits of IQ2_XXS's and IQ3_XXS's sign words); for 6-bit ``l``
+    its top two bits packed in the 16-bit word at bytes 2:4. ``lmax = 0``: no ``l`` (one fp16 scale
+    per block: IQ4_NL). ``l_unit``: an ``l`` with a non-zero multiplier (decoding the
+    codes at unit scale)."""
     bsz: int
     sub: int
     alpha: float
@@ -54,17 +56,26 @@ class Scheme:
     lmax: int
     lo: int
     l_unit: int
+    stride: int = 0
+    qk: int = QK_K
 
     @property
     def per(self) -> int:
-        return QK_K // self.sub
+        return self.qk // self.sub
 
     def mult(self, ls: np.ndarray) -> np.ndarray:
         return self.alpha + self.beta * ls.astype(np.float64)
 
+    def _at(self) -> np.ndarray:
+        return self.lo + self.stride * np.arange(self.per)
+
     def read(self, blk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """blocks [n, ns, bsz] -> d [n, ns] float64, l [n, ns, per] int64."""
         d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+        if self.lmax == 0:
+            return d, np.zeros((*blk.shape[:-1], self.per), np.int64)
+        if self.stride:
+            return d, (blk[..., self._at()] >> 4).astype(np.int64)
         nib = blk[..., self.lo:self.lo + self.per // 2].astype(np.int64)
         ls = np.stack([nib & 15, nib >> 4], axis=-1).reshape(*blk.shape[:-1], self.per)
         if self.lmax > 15:
@@ -75,6 +86,12 @@ class Scheme:
     def write(self, blk: np.ndarray, d: np.ndarray, ls: np.ndarray) -> None:
         """Store d [n, ns] and l [n, ns, per] into blocks [n, ns, bsz] in place."""
         blk[..., 0:2] = d.astype(np.float16)[..., None].view(np.uint8)
+        if self.lmax == 0:
+            return
+        if self.stride:
+            at = self._at()
+            blk[..., at] = (blk[..., at] & 15) | (ls.astype(np.uint8) << 4)
+            return
         low = (ls & 15).astype(np.uint8)
         blk[..., self.lo:self.lo + self.per // 2] = low[..., 0::2] | (low[..., 1::2] << 4)
         if self.lmax > 15:
@@ -86,7 +103,41 @@ SCHEMES = {
     T.IQ4_XS: Scheme(136, 32, -32.0, 1.0, 63, 4, 33),
     T.IQ3_S: Scheme(110, 32, 1.0, 2.0, 15, 106, 0),
     T.IQ2_S: Scheme(82, 16, 0.125, 0.25, 15, 74, 0),
+    T.IQ2_XS: Scheme(74, 16, 0.125, 0.25, 15, 66, 0),
+    T.IQ2_XXS: Scheme(66, 32, 0.125, 0.25, 15, 9, 0, stride=8),
+    T.IQ3_XXS: Scheme(98, 32, 0.25, 0.5, 15, 69, 0, stride=4),
+    T.IQ4_NL: Scheme(18, 32, 1.0, 0.0, 0, 0, 0, qk=32),
 }
+
+
+@dataclass(frozen=True)
+class Codes:
+    """One code per weight, decoding to ``values[code]`` at unit scale: the low nibbles of bytes
+    ``off .. off + qk/2`` hold weights 0-15 of each 32, the high ones 16-31 (ggml's order)."""
+    values: np.ndarray
+    off: int
+
+    def read(self, blk: np.ndarray, qk: int) -> np.ndarray:
+        """blocks [n, ns, bsz] of ``qk`` weights -> codes [n, ns * qk] int64 in column order."""
+        n, ns, _ = blk.shape
+        qs = blk[..., self.off:self.off + qk // 2].reshape(n, ns, qk // 32, 16).astype(np.int64)
+        return np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, -1)
+
+    def write(self, blk: np.ndarray, q: np.ndarray, qk: int) -> None:
+        """Store codes [n, ns * qk] into blocks [n, ns, bsz] of ``qk`` weights in place."""
+        n, ns, _ = blk.shape
+        L = q.reshape(n, ns, qk // 32, 32)
+        nib = (L[..., :16] & 15) | ((L[..., 16:] & 15) << 4)
+        blk[..., self.off:self.off + qk // 2] = nib.astype(np.uint8).reshape(n, ns, qk // 2)
+
+
+def _codes() -> dict:
+    from .iq4 import KVALUES
+    kv = KVALUES.astype(np.float64)
+    return {T.IQ4_XS: Codes(kv, 8), T.IQ4_NL: Codes(kv, 2)}
+
+
+CODES = _codes()
 
 
 @dataclass(frozen=True)
@@ -99,7 +150,7 @@ class RefitParams:
 
 REFIT = RefitParams()
 # per format, as measured (paired KLD on tinyllama, docs/IQ.md): the code descents pay at every type
-PRESETS = {T.IQ4_XS: RefitParams(polish=2), T.IQ3_S: RefitParams(polish=2), T.IQ2_S: RefitParams(polish=2)}
+PRESETS = {t: RefitParams(polish=2) for t in SCHEMES}
 
 
 def _unit_values(qtype: T, sch: Scheme, blk: np.ndarray) -> np.ndarray:
@@ -142,7 +193,7 @@ def refit_fields(sch: Scheme, G: np.ndarray, r: np.ndarray, d: np.ndarray, ls: n
     s = dd * sch.mult(ls)
     diag = np.einsum("nbb->nb", G)
     for _ in range(prm.rounds):
-        for _ in range(prm.passes):
+        for _ in range(prm.passes if sch.lmax else 0):
             for b in range(nb):
                 ok = (diag[:, b] > 0) & (dd[:, b] != 0)
                 # the row's exact minimum in s_b given the rest, then the nearest stored l
@@ -177,7 +228,7 @@ def refit(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     ``qtype`` -> (the blocks with refitted scale fields, ``f - wᵀHw`` per row after the refit)."""
     sch = SCHEMES[qtype]
     n, k = rows.shape
-    ns, nb = k // QK_K, k // sch.sub
+    ns, nb = k // sch.qk, k // sch.sub
     out = np.array(blocks, np.uint8).reshape(n, ns, sch.bsz)
     cost = np.empty(n)
     step = max(1, prm.chunk // (nb * nb))
@@ -193,26 +244,21 @@ def refit(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     return out.reshape(n, -1), cost
 
 
-def _iq4_codes(blk: np.ndarray) -> np.ndarray:
-    """IQ4_XS blocks [n, ns, 136] -> table indices [n, ns * 256] in column order."""
-    qs = blk[..., 8:].reshape(*blk.shape[:2], 8, 16)
-    return np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(blk.shape[0], -1).astype(np.int64)
-
-
 def polish_codes(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
                  passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """IQ4_XS: coordinate descent over the codes under the stored scales: each weight in turn takes
-    the table entry next to its own (one up, one down) where that lowers ``f`` for its row, the
-    error's product with ``H`` kept up to date. ``f`` never rises. Returns (blocks, ``f - wᵀHw``)."""
-    from .iq4 import KVALUES
-    from .iq4_gptq import _pack_codes, _scales
-    kv = KVALUES.astype(np.float64)
-    sch = SCHEMES[qtype]
+    """IQ4_XS, IQ4_NL (``CODES``, one table code per weight): coordinate descent
+    over the codes under the stored scales: each weight in turn takes the table entry next to its
+    own (one up, one down) where that lowers ``f`` for its row, the error's product with ``H`` kept
+    up to date. ``f`` never rises. Returns (blocks, ``f - wᵀHw``)."""
+    sch, cod = SCHEMES[qtype], CODES[qtype]
+    kv = cod.values
+    top = len(kv) - 1
     n, k = rows.shape
-    ns = k // QK_K
+    ns = k // sch.qk
     blk = np.array(blocks, np.uint8).reshape(n, ns, sch.bsz)
-    q = _iq4_codes(blk)
-    sc = np.repeat(_scales(qtype, blk.reshape(n * ns, -1)).reshape(n, -1), 32, axis=1)   # [n, k]
+    q = cod.read(blk, sch.qk)
+    d, ls = sch.read(blk)
+    sc = np.repeat((d[..., None] * sch.mult(ls)).reshape(n, -1), sch.sub, axis=1)      # [n, k]
     w = np.asarray(rows, np.float64)
     e = w - sc * kv[q]
     g = e @ H
@@ -225,7 +271,7 @@ def polish_codes(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
             for j in range(j0, j1):
                 qj, c, gj = q[:, j], sc[:, j], gl[:, j - j0]
                 dn = c * (kv[np.maximum(qj - 1, 0)] - kv[qj])      # change of the decoded weight
-                up = c * (kv[np.minimum(qj + 1, 15)] - kv[qj])
+                up = c * (kv[np.minimum(qj + 1, top)] - kv[qj])
                 gd = dn * dn * hd[j] - 2 * dn * gj
                 gu = up * up * hd[j] - 2 * up * gj
                 take_up = gu < np.minimum(gd, 0)
@@ -238,15 +284,14 @@ def polish_codes(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
             g[:, :j0] -= D @ H[j0:j1, :j0]
             g[:, j1:] -= D @ H[j0:j1, j1:]
             g[:, j0:j1] = gl
-    L = q.reshape(n, ns, 8, 32)
-    blk[..., 8:] = _pack_codes(L).reshape(n, ns, 128)
-    cost = np.einsum("ni,ni->n", e, g) - np.einsum("ni,ij,nj->n", w, H, w)
+    cod.write(blk, q, sch.qk)
+    cost = np.einsum("ni,ni->n", e, g) - np.einsum("ni,ni->n", w @ H, w)
     return blk.reshape(n, -1), cost
 
 
 def polish_grid(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
                  passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """IQ2_S, IQ3_S: coordinate descent over the grid points under the stored scales and signs: each
+    """IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: coordinate descent over the grid points under the stored scales and signs: each
     unit of ``g`` weights (8 or 4) in turn takes the grid point that minimises ``f`` for its row with
     every other weight's error as it stands (the current point is a candidate, so ``f`` never rises).
     For a unit ``J`` with decoded values ``q``, error product ``gJ = (H e)_J`` and a candidate ``q'``,
@@ -266,7 +311,7 @@ def polish_grid(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     sig2 = (sig[:, :, None] * sig[:, None, :]).reshape(-1, gs * gs)
     bits = (1 << np.arange(gs)).astype(np.int64)
     n, k = rows.shape
-    ns = k // QK_K
+    ns = k // sch.qk
     blk = np.array(blocks, np.uint8).reshape(n, ns, sch.bsz)
     V = _unit_values(qtype, sch, blk)
     d, ls = sch.read(blk)
@@ -309,12 +354,12 @@ def polish_grid(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
     per = QK_K // gs
     flat = blk.reshape(n * ns, -1)
     gi = gidx.reshape(n * ns, per)
-    if qtype == T.IQ2_S:
+    if qtype in (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S):      # IQ2_XXS/XS: the kept signs keep their even parity
         new = iq2_gptq._pack(qtype, flat, gi, pat.reshape(n * ns, per).astype(np.uint8))
     else:
         p2 = pat.reshape(n * ns, 32, 2)
         new = iq3_gptq._pack(qtype, flat, gi, (p2[..., 0] | (p2[..., 1] << 4)).astype(np.uint8))
-    cost = np.einsum("ni,ni->n", e, g) - np.einsum("ni,ij,nj->n", w, H, w)
+    cost = np.einsum("ni,ni->n", e, g) - np.einsum("ni,ni->n", w @ H, w)
     return new.reshape(n, -1), cost
 
 
@@ -337,7 +382,7 @@ def encode(sweep: Sweep, qtype: T, rows: np.ndarray, h: Hessian, start, importan
     # default two threads vs 6.7 with one for sweep + refit; 47.2 vs 16.7 with two descents)
     with blas.threads(1) if h.n <= SMALL else contextlib.nullcontext():
         out, _ = refit(qtype, rows, H, swept, prm)
-        polish = polish_codes if qtype == T.IQ4_XS else polish_grid
+        polish = polish_codes if qtype in CODES else polish_grid
         for _ in range(prm.polish):
             out, _ = refit(qtype, rows, H, polish(qtype, rows, H, out)[0], prm)
     return out
