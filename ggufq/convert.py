@@ -20,7 +20,6 @@ from . import GgufqError, arch as archs, plan as plans, quant, vocab as vocabs
 from .arch.protocol import Arch
 from .imatrix import load as load_imatrix
 from .quant.gptq import sweep_order
-from .quant.kq_refit import FORMATS as KQ_REFIT
 from .quant.scale_refit import SCHEMES as IQ_REFIT
 from .source import Model, open_model
 from .write import Job, check_target, write_gguf
@@ -217,7 +216,8 @@ def convert(model_dir: os.PathLike | str, out: Optional[os.PathLike | str], ftyp
             notes.extend(a.notes())
         # moments measured for the allocator alone do not reach a method that does not use them
         enc_moments = hessians if (meth.moments or planned.self_imatrix) else None
-        job_list = make_jobs(p, plan, im, free, enc_moments, planned.self_imatrix, opts.damp)
+        job_list = make_jobs(p, plan, im, free, enc_moments, planned.self_imatrix, opts.damp,
+                             getattr(meth.encoder, "refit_types", frozenset()))
         paths = write_stage(p, opts, meth, plan, path, job_list, inputs, notes, hessians,
                             lambda w: write_header(p, md, vocab, plan, w, im, qkeys), cluster)
     finally:
@@ -374,8 +374,9 @@ def _expert_fallback(p: Prepared, hessians, free: Optional[dict]) -> None:
 
 
 def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imatrix: bool,
-              damp: Optional[float] = None) -> list[Job]:
-    """One writer job per tensor: its planned type and the importance it is encoded with."""
+              damp: Optional[float] = None, kq_refit: frozenset = frozenset()) -> list[Job]:
+    """One writer job per tensor: its planned type and the importance it is encoded with (``kq_refit``: the
+    k-quant/legacy types the method's encoder refits, whose Hessians keep the damped moment too)."""
     by_name = {e.name: e for e in plan.entries}
     job_list = []
     for t in p.tensors:
@@ -389,7 +390,7 @@ def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imat
             if self_imatrix:
                 weights = functools.partial(hessians.importance, t.name)
             elif hessians is not None and hessians.covers(t.name):
-                weights = hessians.lazy(t.name, real, damp, *sweep_order(qtype), keep_h=qtype in IQ_REFIT or qtype in KQ_REFIT)
+                weights = hessians.lazy(t.name, real, damp, *sweep_order(qtype), keep_h=qtype in IQ_REFIT or qtype in kq_refit)
         job_list.append(Job(t, qtype, weights))
     return job_list
 

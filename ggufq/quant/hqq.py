@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import gptq as _gptq, layout, refine as _refine
+from . import gptq as _gptq, kq_refit, layout, refine as _refine
 from .layout import TRAITS, Fields
 
 
@@ -214,9 +214,13 @@ def hqq_fields(qtype: T, x: np.ndarray, w: Optional[np.ndarray], prm: HqqParams 
 
 # --- encoders (module-level, picklable: write_gguf(encoder=...)) ----------------
 
-def _hessian_aware(enc):
+def _hessian_aware(enc=None, *, refit: frozenset = kq_refit.CALIBRATED):
     """Let ``enc`` take a :class:`gptq.Hessian` as its ``imatrix``: error-feedback rounding
-    (:func:`gptq.encode`) whose block scales ``enc`` picks, weighted by the Hessian's diagonal."""
+    (:func:`gptq.encode`) whose block scales ``enc`` picks, weighted by the Hessian's diagonal; the
+    ``refit`` types then go through :func:`kq_refit.encode` (``@_hessian_aware(refit=...)``)."""
+    if enc is None:
+        return functools.partial(_hessian_aware, refit=refit)
+
     @functools.wraps(enc)
     def wrapped(qtype: T, rows: np.ndarray, imatrix=None) -> np.ndarray:
         if isinstance(imatrix, _gptq.Hessian):
@@ -240,11 +244,11 @@ def _hessian_aware(enc):
                 return sweep(qtype, rows, imatrix, start=enc)
             if qtype not in TRAITS:
                 return enc(qtype, rows, imatrix.diag)
-            from . import kq_refit        # the scales and mins refit to the sweep's codes under the full moment
-            if qtype in kq_refit.FORMATS:
+            if qtype in refit:            # the scales and mins refit to the sweep's codes under the full moment
                 return kq_refit.encode(_gptq.encode, qtype, rows, imatrix, start=_AS_FIELDS.get(enc, enc))
             return _gptq.encode(qtype, rows, imatrix, start=_AS_FIELDS.get(enc, enc))
         return enc(qtype, rows, imatrix)
+    wrapped.refit_types = refit
     return wrapped
 
 
@@ -291,7 +295,7 @@ def _start(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray]) -> np.ndar
     return encode(qtype, rows, imatrix)
 
 
-@_hessian_aware
+@_hessian_aware(refit=kq_refit.FORMATS)
 def encode_hqq_max(qtype: T, rows: np.ndarray, imatrix: Optional[np.ndarray] = None) -> np.ndarray:
     """The slowest, best-by-weight-error pipeline (``--method hqq-max``): two starts -- the k-quant
     encoder's bytes and the HQQ solution -- each refined against the importance

@@ -39,7 +39,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "text, block scales from a refined k-quant search. No user data; same types, same size.",
            importance=True, moments=True, aliases=("hqq",)),
     Method("calibrated-max", hqq.encode_hqq_max,
-           "as calibrated, block scales from the better of two starts (k-quant, HQQ) per block; slower.",
+           "as calibrated, block scales from the better of two starts (k-quant, HQQ) per block, and the "
+           "Q4_K/Q5_K/Q6_K scales, mins and codes refit under the full moment as calibrated does at 2-3 bits; "
+           "slower.",
            importance=True, moments=True, aliases=("hqq-max",)),
     Method("refine", hqq.encode_hqq_fast,
            "data-free: the k-quant blocks refined (codes, scales, mins) against importance derived from the "
