@@ -40,6 +40,7 @@ from .gptq import Hessian
 from .layout import TRAITS, Fields
 
 SMALL = 1024       # up to this many columns the products run on one BLAS thread (as scale_refit.SMALL)
+GRAM_ROWS = 2048   # rows per float32 Gram product in a refit (S x rows x 256 floats of scratch)
 BATCH = 32         # columns per lazy update of the error's product with H in the code descent
 
 
@@ -79,14 +80,17 @@ def _block_gram(u: np.ndarray, HJ: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     ``Gaa`` [n, S, S] = ``Σ u_i H_ij u_j`` over sub-block pairs, ``Gab`` [n, S, S] = ``Σ u_i H_ij``
     (the min's unit is 1 on its sub-block) and ``Gbb`` [S, S] = ``Σ H_ij``."""
     n, S, L = u.shape
-    uf = u.reshape(n, S * L)
+    Hr = HJ.astype(np.float32).reshape(S, L, S * L)                           # [t, l, qk]
+    Hs = HJ.reshape(S * L, S, L).sum(axis=2)                                  # [qk, S]: Σ_{j in t} H_ij
+    Hs3 = Hs.astype(np.float32).reshape(S, L, S)
     Gaa = np.empty((n, S, S))
     Gab = np.empty((n, S, S))
-    Hs = HJ.reshape(S * L, S, L).sum(axis=2)                                  # [qk, S]: Σ_{j in t} H_ij
-    for t in range(S):
-        y = uf[:, t * L:(t + 1) * L] @ HJ[t * L:(t + 1) * L]                 # [n, qk]
-        Gaa[:, :, t] = (uf * y).reshape(n, S, L).sum(axis=2)
-    Gab[:] = (uf[:, :, None] * Hs[None]).reshape(n, S, L, S).sum(axis=2)     # [n, s, t]
+    for r0 in range(0, n, GRAM_ROWS):       # float32 products (u are small integers), S batched GEMMs
+        r1 = min(n, r0 + GRAM_ROWS)
+        us = np.ascontiguousarray(u[r0:r1].transpose(1, 0, 2), np.float32)     # [S, rows, L]
+        Y = np.matmul(us, Hr).reshape(S, r1 - r0, S, L)                        # Y[t, n, s, l] = (H_J,t u_t)_(s,l)
+        Gaa[r0:r1] = np.einsum("snl,tnsl->nst", us, Y)
+        Gab[r0:r1] = np.matmul(us, Hs3).transpose(1, 0, 2)
     Gbb = Hs.reshape(S, L, S).sum(axis=1)
     return Gaa, Gab, Gbb
 
