@@ -390,7 +390,8 @@ def make_jobs(p: Prepared, plan: plans.Plan, im, free: dict, hessians, self_imat
             if self_imatrix:
                 weights = functools.partial(hessians.importance, t.name)
             elif hessians is not None and hessians.covers(t.name):
-                weights = hessians.lazy(t.name, real, damp, *sweep_order(qtype), keep_h=qtype in IQ_REFIT or qtype in kq_refit)
+                weights = hessians.lazy(t.name, real, damp, *sweep_order(qtype),
+                                        keep_h=qtype in IQ_REFIT or qtype in kq_refit)
         job_list.append(Job(t, qtype, weights))
     return job_list
 

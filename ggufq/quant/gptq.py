@@ -93,7 +93,8 @@ class Hessian:
     def from_moment(cls, m: np.ndarray, damp: Optional[float] = None, group: int = 0, unit: int = 1,
                     keep_h: bool = True) -> "Hessian":
         """``m``: E[x x^T] [n, n]. Dead inputs (never non-zero) get a unit diagonal. ``keep_h``: keep the
-        damped moment itself (``h``, for :mod:`~ggufq.quant.scale_refit`'s formats; the others need ``u`` only).
+        damped moment itself (``h``, for the formats :mod:`~ggufq.quant.scale_refit` or
+        :mod:`~ggufq.quant.kq_refit` refit; the others need ``u`` only).
 
         ``group`` > 0: the sweep takes the columns of each run of ``group`` (an encoder's
         block-column, whose block scales are fixed before its first column is rounded) in order of

@@ -140,7 +140,8 @@ def _refit_block(blk: _Block, HJ: np.ndarray, xb: np.ndarray, gJ: np.ndarray, pr
     def cost(A, B):
         q = np.einsum("ns,nst,nt->n", A, Gaa, A) - 2 * (A * ra).sum(axis=1)
         if has_min:
-            q += 2 * np.einsum("ns,nst,nt->n", A, Gab, B) + np.einsum("ns,st,nt->n", B, Gbb, B) - 2 * (B * rb).sum(axis=1)
+            q += 2 * np.einsum("ns,nst,nt->n", A, Gab, B) + np.einsum("ns,st,nt->n", B, Gbb, B) \
+                - 2 * (B * rb).sum(axis=1)
         return q
 
     A0, B0 = blk.A(), blk.B()

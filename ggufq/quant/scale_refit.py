@@ -291,10 +291,10 @@ def polish_codes(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
 
 def polish_grid(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray,
                  passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: coordinate descent over the grid points under the stored scales and signs: each
-    unit of ``g`` weights (8 or 4) in turn takes the grid point that minimises ``f`` for its row with
-    every other weight's error as it stands (the current point is a candidate, so ``f`` never rises).
-    For a unit ``J`` with decoded values ``q``, error product ``gJ = (H e)_J`` and a candidate ``q'``,
+    """IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: coordinate descent over the grid points under the stored
+    scales and signs: each unit of ``g`` weights (8 or 4) in turn takes the grid point that minimises
+    ``f`` for its row with every other weight's error as it stands (the current point is a candidate,
+    so ``f`` never rises). For a unit ``J`` with decoded values ``q``, error product ``gJ = (H e)_J`` and a candidate ``q'``,
     ``f`` changes by ``q'ᵀH_JJ q' - 2 q'ᵀ(H_JJ q + gJ)`` plus terms that do not depend on ``q'``;
     the sign-pattern tabulation is that of :mod:`ggufq.quant.iq2_gptq`. Returns (blocks, ``f - wᵀHw``).
 
