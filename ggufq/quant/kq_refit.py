@@ -22,9 +22,10 @@ The i-quants have the same refit over their scale fields in :mod:`ggufq.quant.sc
 at once (their scale fields are few); a k-quant row has 16 scales and 16 mins per 256 weights, so a
 block at a time keeps the work at one ``[n, 256] x [256, 256]`` product per block.
 
-Paired KLD on tinyllama (60x512 held-out tokens, ``--method calibrated``), sweep only -> one pass -> two
-(the default): Q4_K_M 0.02777 -> 0.02714 -> 0.02702, Q3_K_M 0.09636 -> 0.09310 -> 0.09261, Q2_K 0.3590 ->
-0.3410 -> 0.3362.
+Paired KLD on tinyllama (60x512 held-out tokens, ``--method calibrated`` with every k-quant refit, as
+``calibrated-max`` does), sweep only -> one pass -> two (``RefitParams.sweeps``, the default): Q4_K_M 0.02777
+-> 0.02714 -> 0.02702, Q3_K_M 0.09636 -> 0.09310 -> 0.09261, Q2_K 0.3590 -> 0.3410 -> 0.3362. Which types
+each method refits: ``CALIBRATED``, ``FORMATS`` below.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from gguf import GGMLQuantizationType as T
 
 from . import layout
 from .gptq import Hessian
-from .layout import TRAITS, Fields
+from .layout import TRAITS
 
 SMALL = 1024       # up to this many columns the products run on one BLAS thread (as scale_refit.SMALL)
 GRAM_ROWS = 2048   # rows per float32 Gram product in a refit (S x rows x 256 floats of scratch)
