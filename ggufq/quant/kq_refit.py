@@ -122,29 +122,59 @@ class _Block:
         return (self.A()[..., None] * self.u + self.B()[..., None]).reshape(n, -1)
 
 
+@dataclass
+class _Quad:
+    """A block's objective in ``theta = (A, B)`` (its decode ``A_s u + B_s``) with the rest of the row held:
+    ``theta' G theta - 2 theta' r``, ``G`` from :func:`_block_gram`, ``r`` from ``c = H_JJ xb + g_J`` (``xb``
+    the block's decode, ``g_J`` the row error's product with ``H`` on its columns)."""
+    Gaa: np.ndarray
+    Gab: np.ndarray
+    Gbb: np.ndarray
+    ra: np.ndarray
+    rb: np.ndarray
+    has_min: bool
+
+    @classmethod
+    def of(cls, blk: "_Block", HJ: np.ndarray, xb: np.ndarray, gJ: np.ndarray) -> "_Quad":
+        u = blk.u
+        n, S, L = u.shape
+        c = (xb @ HJ + gJ).reshape(n, S, L)
+        return cls(*_block_gram(u, HJ), (u * c).sum(axis=2), c.sum(axis=2), blk.tr.has_min)
+
+    def cost(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        q = np.einsum("ns,nst,nt->n", A, self.Gaa, A) - 2 * (A * self.ra).sum(axis=1)
+        if self.has_min:
+            q += 2 * np.einsum("ns,nst,nt->n", A, self.Gab, B) + np.einsum("ns,st,nt->n", B, self.Gbb, B) \
+                - 2 * (B * self.rb).sum(axis=1)
+        return q
+
+    def scalars(self, a1: np.ndarray, b1: np.ndarray, d: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The least-squares fp16 ``d`` (and ``dmin`` or ``m`` with a min) of ``A = d a1``, ``B = m b1``;
+        rows whose system is singular keep ``d``, ``m``."""
+        g11 = np.einsum("ns,nst,nt->n", a1, self.Gaa, a1)
+        r1 = (a1 * self.ra).sum(axis=1)
+        if not self.has_min:
+            return _fp16(np.where(g11 > 0, r1 / np.where(g11 > 0, g11, 1.0), d)), m
+        g12 = np.einsum("ns,nst,nt->n", a1, self.Gab, b1)
+        g22 = np.einsum("ns,st,nt->n", b1, self.Gbb, b1)
+        r2 = (b1 * self.rb).sum(axis=1)
+        det = g11 * g22 - g12 * g12
+        ok = det > 1e-12 * g11 * g22
+        sdet = np.where(ok, det, 1.0)
+        return (_fp16(np.where(ok, (r1 * g22 - r2 * g12) / sdet, d)),
+                _fp16(np.where(ok, (g11 * r2 - g12 * r1) / sdet, m)))
+
+
 def _refit_block(blk: _Block, HJ: np.ndarray, xb: np.ndarray, gJ: np.ndarray, prm: RefitParams) -> None:
     """The block's fields (in place) that lower ``δᵀ H_JJ δ - 2 δᵀ g_J`` (``δ`` the change of its decode
     ``xb``, ``g_J`` the row error's product with ``H`` on its columns) from the current ones: integer
     coordinate descent, then least-squares fp16 scalars; rows keep their fields where nothing is lower."""
     tr = blk.tr
-    n, S = blk.sc.shape
-    L = tr.sub_len
+    S = blk.sc.shape[1]
     (slo, shi), (mlo, mhi) = blk.ranges
-    u = blk.u
-    Gaa, Gab, Gbb = _block_gram(u, HJ)
-    # theta = (A, B) with decode A_s u + B_s: theta' G theta - 2 theta' r, r from c = H_JJ xb + g_J
-    c = (xb @ HJ + gJ).reshape(n, S, L)
-    ra = (u * c).sum(axis=2)
-    rb = c.sum(axis=2)
+    Q = _Quad.of(blk, HJ, xb, gJ)
+    Gaa, Gab, Gbb, ra, rb = Q.Gaa, Q.Gab, Q.Gbb, Q.ra, Q.rb
     has_min, kmin = tr.has_min, blk.kmin
-
-    def cost(A, B):
-        q = np.einsum("ns,nst,nt->n", A, Gaa, A) - 2 * (A * ra).sum(axis=1)
-        if has_min:
-            q += 2 * np.einsum("ns,nst,nt->n", A, Gab, B) + np.einsum("ns,st,nt->n", B, Gbb, B) \
-                - 2 * (B * rb).sum(axis=1)
-        return q
-
     A0, B0 = blk.A(), blk.B()
     A, B = A0.copy(), B0.copy()
     db, mb = blk.d.copy(), blk.dmin.copy()
@@ -171,28 +201,15 @@ def _refit_block(blk: _Block, HJ: np.ndarray, xb: np.ndarray, gJ: np.ndarray, pr
         # least squares over the fp16 scalars under the integers: A = d a1, B = dmin b1
         a1 = scb.astype(np.float64)
         b1 = blk.bsign * mnb.astype(np.float64)
-        g11 = np.einsum("ns,nst,nt->n", a1, Gaa, a1)
-        r1 = (a1 * ra).sum(axis=1)
-        if has_min:
-            g12 = np.einsum("ns,nst,nt->n", a1, Gab, b1)
-            g22 = np.einsum("ns,st,nt->n", b1, Gbb, b1)
-            r2 = (b1 * rb).sum(axis=1)
-            det = g11 * g22 - g12 * g12
-            okd = det > 1e-12 * g11 * g22
-            sdet = np.where(okd, det, 1.0)
-            dn = _fp16(np.where(okd, (r1 * g22 - r2 * g12) / sdet, db))
-            mnew = _fp16(np.where(okd, (g11 * r2 - g12 * r1) / sdet, mb))
-        else:
-            dn = _fp16(np.where(g11 > 0, r1 / np.where(g11 > 0, g11, 1.0), db))
-            mnew = mb
+        dn, mnew = Q.scalars(a1, b1, db, mb)
         fin = np.isfinite(dn) & np.isfinite(mnew)
         dn, mnew = np.where(fin, dn, db), np.where(fin, mnew, mb)
         An, Bn = dn[:, None] * a1, (mnew[:, None] * b1 if has_min else B)
-        better = cost(An, Bn) < cost(A, B)
+        better = Q.cost(An, Bn) < Q.cost(A, B)
         db, mb = np.where(better, dn, db), np.where(better, mnew, mb)
         A = np.where(better[:, None], An, A)
         B = np.where(better[:, None], Bn, B)
-    keep = cost(A, B) < cost(A0, B0)
+    keep = Q.cost(A, B) < Q.cost(A0, B0)
     blk.d = np.where(keep, db, blk.d)
     blk.dmin = np.where(keep, mb, blk.dmin)
     blk.sc = np.where(keep[:, None], scb, blk.sc)
