@@ -275,6 +275,13 @@ class WorkerPool(ProcessPoolExecutor):
         with deferred():                 # the first submit forks the workers
             return super().submit(*args, **kwargs)
 
+    def start(self) -> None:
+        """Start the workers now (with ``fork``, all of them at once) and wait until one has run: a
+        fork made later, while another thread of this process is inside a BLAS call (a Hessian
+        factored ahead), copies OpenBLAS's held server lock into the child, whose first BLAS call
+        then waits for it forever."""
+        self.submit(_noop).result()
+
     def close(self, ok: bool = True) -> None:
         with deferred(raise_at_exit=False):
             self._close(ok)
@@ -316,6 +323,10 @@ class WorkerPool(ProcessPoolExecutor):
     def __exit__(self, exc_type, exc, tb):
         self.close(ok=exc_type is None)
         return False
+
+
+def _noop() -> None:
+    return None
 
 
 def _init_worker(parent_pid: int, initializer, initargs) -> None:

@@ -215,7 +215,13 @@ def _pool(n_jobs: int, jobs: Sequence[Job]) -> tuple[Optional[WorkerPool], bool]
         return None, False
     if "fork" in mp.get_all_start_methods():
         _FORKED_JOBS = jobs
-        return WorkerPool(n_jobs, mp_context=mp.get_context("fork"), initializer=blas.one_thread), True
+        pool = WorkerPool(n_jobs, mp_context=mp.get_context("fork"), initializer=blas.one_thread)
+        try:
+            pool.start()        # every fork before _encoded's first prefetch thread (WorkerPool.start)
+        except BaseException:
+            pool.close(ok=False)
+            raise
+        return pool, True
     return WorkerPool(n_jobs, mp_context=mp.get_context("spawn"), initializer=blas.one_thread), False
 
 

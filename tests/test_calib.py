@@ -451,6 +451,25 @@ def test_worker_sums_the_same_in_the_background(tmp_path):
         assert np.array_equal(out[0][k], out[1][k]) and np.array_equal(out[0][k], out[2][k])
 
 
+def test_encoder_workers_fork_before_the_first_prefetch(tiny, tmp_path, monkeypatch):
+    """`convert --method calibrated -j 2` forks both encoder workers before the writer starts factoring a
+    Hessian on a thread: a fork during that thread's BLAS call copies OpenBLAS's held lock into the worker,
+    whose first BLAS call (its one-thread initializer) then hangs (seen in tools.pareto on SmolLM2)."""
+    import multiprocessing as mp
+
+    from ggufq.convert import convert
+    seen = []
+    orig = calib.LazyWeights.prefetch
+
+    def spy(self):
+        seen.append(len(mp.active_children()))
+        return orig(self)
+
+    monkeypatch.setattr(calib.LazyWeights, "prefetch", spy)
+    convert(tiny, tmp_path / "o.gguf", "Q4_K_M", method="calibrated", calib_tokens=512, jobs=2, progress=False)
+    assert seen and min(seen) >= 2
+
+
 def test_writer_prefetches_the_next_different_factorization(sample):
     """write._prefetch_next: at q (whose k and v share its input) the writer starts attn_output's
     factorization, the next different one, and nothing at the last tensor."""
