@@ -216,11 +216,11 @@ def _refit_block(blk: _Block, HJ: np.ndarray, xb: np.ndarray, gJ: np.ndarray, pr
     blk.mn = np.where(keep[:, None], mnb, blk.mn)
 
 
-def _polish_block(blk: _Block, HJ: np.ndarray, gJ: np.ndarray) -> np.ndarray:
+def _polish_block(blk: _Block, HJ: np.ndarray, gJ: np.ndarray) -> None:
     """Coordinate descent over the block's codes under its fields: each weight in turn moves one code
     up or down (within ``0 .. 2^bits - 1``) where that lowers the row's error, ``gJ`` [n, qk] (the
-    error's product with ``H`` on the block's columns) kept exact as it goes. Returns the change of
-    the decode [n, qk]; ``blk.q`` and ``gJ`` are updated in place."""
+    error's product with ``H`` on the block's columns) kept exact as it goes; ``blk.q`` and ``gJ`` are
+    updated in place."""
     tr = blk.tr
     n = len(blk.d)
     step = np.repeat(blk.A(), tr.sub_len, axis=1).T.copy()                  # [qk, n]: value per code step
@@ -245,7 +245,13 @@ def _polish_block(blk: _Block, HJ: np.ndarray, gJ: np.ndarray) -> np.ndarray:
         gT[j1:] -= HJ[j1:, j0:j1] @ D[j0:j1]
     blk.q = qT.T.copy()
     gJ[:] = gT.T
-    return D.T
+
+
+def _refit_and_update(blk: _Block, HJ: np.ndarray, gJ: np.ndarray, prm: RefitParams) -> None:
+    """:func:`_refit_block`, then ``gJ`` (in place) as the block's new decode leaves it."""
+    before = blk.decode()
+    _refit_block(blk, HJ, before, gJ, prm)
+    gJ -= (blk.decode() - before) @ HJ
 
 
 def improve(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray, prm: RefitParams = DEFAULT,
@@ -274,16 +280,12 @@ def improve(qtype: T, rows: np.ndarray, H: np.ndarray, blocks: np.ndarray, prm: 
             HJ = H[J, J]
             xb = x[:, J].copy()
             gJ = g[:, J].copy()
-            steps = ([_refit_block] if refit else []) + ([_polish_block] if polish else []) \
-                + ([_refit_block] if refit and polish else [])
-            for step in steps:
-                before = bl.decode()
-                if step is _polish_block:
-                    step(bl, HJ, gJ)
-                else:
-                    step(bl, HJ, before, gJ, prm)
-                    dl = bl.decode() - before
-                    gJ -= dl @ HJ
+            if refit:
+                _refit_and_update(bl, HJ, gJ, prm)
+            if polish:
+                _polish_block(bl, HJ, gJ)
+                if refit:
+                    _refit_and_update(bl, HJ, gJ, prm)
             delta = bl.decode() - xb
             x[:, J] += delta
             if J.stop < k:

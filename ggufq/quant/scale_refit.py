@@ -125,10 +125,9 @@ class Codes:
 
     def write(self, blk: np.ndarray, q: np.ndarray, qk: int) -> None:
         """Store codes [n, ns * qk] into blocks [n, ns, bsz] of ``qk`` weights in place."""
+        from .iq4_gptq import _pack_codes
         n, ns, _ = blk.shape
-        L = q.reshape(n, ns, qk // 32, 32)
-        nib = (L[..., :16] & 15) | ((L[..., 16:] & 15) << 4)
-        blk[..., self.off:self.off + qk // 2] = nib.astype(np.uint8).reshape(n, ns, qk // 2)
+        blk[..., self.off:self.off + qk // 2] = _pack_codes(q.reshape(n, ns, qk // 32, 32)).reshape(n, ns, qk // 2)
 
 
 def _codes() -> dict:
